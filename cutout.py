@@ -1,0 +1,925 @@
+"""The Cut-Out: reference server for the sync protocol in SPEC.md.
+
+    python cutout.py                                  # http://127.0.0.1:8088/, data in ./cutout-data
+    python cutout.py gc --data-dir ./cutout-data      # collect garbage once
+
+Written to be read first; durable and fast second, never at the cost of the first.
+It is one process on one machine's files: not a database server, not a framework.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import secrets
+import signal
+import socketserver
+import struct
+import sys
+import tarfile
+import time
+import zlib
+from array import array
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import bottle
+
+__version__ = "0.1.0"
+__all__ = ["AppendOnlyDB", "AppendConflict", "DataDir", "GarbageReport", "StorageError", "main"]
+
+log = logging.getLogger("cutout")
+
+
+###############################################################################
+# Errors
+###############################################################################
+# Storage raises StorageError for damage it must not guess at; the HTTP layer
+# (next issue) renders the protocol's own errors.
+
+
+class StorageError(Exception):
+    """A collection's files are damaged beyond what repair may decide alone."""
+
+    def __init__(self, path, problem):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+
+
+class AppendConflict(Exception):
+    """A conditional append found records the caller has not seen."""
+
+    def __init__(self, last_counter):
+        super().__init__(f"the collection holds records up to counter {last_counter}")
+        self.last_counter = last_counter
+
+
+###############################################################################
+# Storage: a data file of framed records + an index of fixed-width entries
+###############################################################################
+# A collection is a directory holding two files (SPEC.md, "On-disk representation"):
+#
+#   data   a 512-byte header (magic, then a space-padded JSON object naming the
+#          collection_id, its secret, and the file's generation), then records
+#          laid end to end, each behind a 32-byte FRAME: counter, length,
+#          appended_at, its place in its batch, and a CRC-32 of frame and record.
+#   index  a 24-byte header (magic, the data file's generation), then one
+#          INDEX_ENTRY (counter, offset of the record, length) per record.
+#
+# The data file is the database and the index is an accelerator derived from
+# it. An append writes the batch's frames, fdatasyncs the data file (the one
+# sync per append: it is the commit point), and only then writes the index
+# entries. So every index entry points at durable data, and a crash leaves at
+# worst a torn batch after the last entry, which the next open cuts off, or
+# whole batches the index has not caught up with, which it indexes. Both are
+# logged. An index entry that points at data that is not there is damage, never
+# a crash, and raises StorageError.
+#
+# Concurrency: every operation opens the files, takes flock() on the collection
+# directory, and closes everything when done, so an idle collection holds no
+# open file. Writers take the lock exclusively for the whole append, which
+# serialises appends between threads (each open has its own lock) and between
+# processes. Readers take it shared only long enough to note how far the files
+# reach; they then read without it, because the bytes below that point never
+# change in these inodes: appends only add, and garbage collection writes new
+# files and renames them over the old ones. flock() is released by the kernel
+# when a process dies, so a killed writer never leaves the collection locked.
+# It is not reliable on network filesystems; the data directory must be local.
+
+DATA_MAGIC = b"CUTOUTDB"
+DATA_HEADER_SIZE = 512        # bytes: magic + space-padded JSON; frames start here
+FRAME = struct.Struct("<QQIIII")  # counter, length, appended_at (unix s), batch_index, batch_count, crc32
+INDEX_MAGIC = b"CUTOUTIX"
+INDEX_HEADER = struct.Struct("<8sQQ")  # magic, generation of the data file, reserved (0)
+INDEX_ENTRY = struct.Struct("<QQQ")    # counter, offset of the record (after its frame), length
+FORMAT_VERSION = 1
+READ_PAGE_ENTRIES = 4096      # index entries per read: bounds a streaming reader's memory
+SCAN_CHUNK = 1 << 20          # bytes read at a time when scanning frames
+assert INDEX_HEADER.size == INDEX_ENTRY.size  # entry i then sits at (i + 1) * INDEX_ENTRY.size
+
+
+def _entry_position(i):
+    return (i + 1) * INDEX_ENTRY.size
+
+
+def _frame_crc(header_without_crc, record):
+    return zlib.crc32(record, zlib.crc32(header_without_crc))
+
+
+def _pack_frame(counter, record, appended_at, batch_index, batch_count):
+    head = FRAME.pack(counter, len(record), appended_at, batch_index, batch_count, 0)[:-4]
+    return head + struct.pack("<I", _frame_crc(head, record))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataHeader:
+    """What the first DATA_HEADER_SIZE bytes of a data file say."""
+
+    collection_id: str
+    secret: str
+    generation: int        # changes whenever the data file is replaced; the index names it
+    counter_floor: int     # counters given from now on are above this, even if no record is
+    purge_horizon: int     # tombstones with counters up to this may have been purged
+
+    @classmethod
+    def new(cls, counter_floor=0):
+        # Random, never from the clock: two collections made in the same
+        # instant must not share an id (a flaw of the original).
+        return cls(secrets.token_hex(16), secrets.token_hex(32), 1, counter_floor, 0)
+
+    def encode(self):
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        room = DATA_HEADER_SIZE - len(DATA_MAGIC) - 1
+        if len(text) > room:
+            raise ValueError("data header does not fit")
+        return DATA_MAGIC + text.ljust(room) + b"\n"
+
+    @classmethod
+    def decode(cls, raw, path):
+        if len(raw) < DATA_HEADER_SIZE or not raw.startswith(DATA_MAGIC):
+            raise StorageError(path, "not a Cut-Out data file (bad or missing header)")
+        try:
+            fields = json.loads(raw[len(DATA_MAGIC):DATA_HEADER_SIZE])
+            return cls(**fields)
+        except (ValueError, TypeError) as error:
+            raise StorageError(path, f"unreadable data header: {error}") from None
+
+
+@dataclasses.dataclass
+class _Frame:
+    offset: int            # of the record, just past its frame
+    counter: int
+    length: int
+    appended_at: int
+    batch_index: int
+    batch_count: int
+    record: bytes
+
+    @property
+    def end(self):
+        return self.offset + self.length
+
+    @property
+    def ends_batch(self):
+        return self.batch_index == self.batch_count - 1
+
+
+def _read_frame(fd, record_offset, file_size):
+    """The intact frame whose record starts at record_offset, or None."""
+    start = record_offset - FRAME.size
+    if start < DATA_HEADER_SIZE or record_offset > file_size:
+        return None
+    head = os.pread(fd, FRAME.size, start)
+    if len(head) < FRAME.size:
+        return None
+    counter, length, appended_at, batch_index, batch_count, crc = FRAME.unpack(head)
+    if record_offset + length > file_size:
+        return None
+    record = os.pread(fd, length, record_offset)
+    if len(record) < length or _frame_crc(head[:-4], record) != crc or batch_index >= batch_count:
+        return None
+    return _Frame(record_offset, counter, length, appended_at, batch_index, batch_count, record)
+
+
+def _scan_frames(fd, start, end):
+    """Yield the intact frames laid end to end from byte start; stop at the first that is not."""
+    buffer, buffer_start, position = b"", start, start
+    while position + FRAME.size <= end:
+        if position + FRAME.size > buffer_start + len(buffer):
+            buffer, buffer_start = os.pread(fd, min(SCAN_CHUNK, end - position), position), position
+        head_at = position - buffer_start
+        counter, length, appended_at, batch_index, batch_count, crc = FRAME.unpack_from(buffer, head_at)
+        record_offset = position + FRAME.size
+        if record_offset + length > end or batch_index >= batch_count:
+            return
+        if record_offset + length > buffer_start + len(buffer):
+            buffer, buffer_start = os.pread(fd, max(SCAN_CHUNK, FRAME.size + length), position), position
+            head_at = 0
+        record = buffer[head_at + FRAME.size:head_at + FRAME.size + length]
+        if _frame_crc(buffer[head_at:head_at + FRAME.size - 4], record) != crc:
+            return
+        yield _Frame(record_offset, counter, length, appended_at, batch_index, batch_count, record)
+        position = record_offset + length
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path, content):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, content)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+class _OpenCollection:
+    """The files of one collection, opened and checked under the directory lock."""
+
+    def __init__(self, db, exclusive):
+        self.db = db
+        self.dir_fd = self.data_fd = self.index_fd = None
+        try:
+            self.dir_fd = os.open(db.path, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(self.dir_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            mode = os.O_RDWR if exclusive else os.O_RDONLY
+            self.data_fd = os.open("data", mode, dir_fd=self.dir_fd)
+            self.index_fd = os.open("index", os.O_RDWR if exclusive else os.O_RDONLY, dir_fd=self.dir_fd)
+            self.header = DataHeader.decode(os.pread(self.data_fd, DATA_HEADER_SIZE, 0), db.data_path)
+            if not self._files_agree():
+                if not exclusive:
+                    # flock() cannot upgrade atomically, so check again once exclusive.
+                    fcntl.flock(self.dir_fd, fcntl.LOCK_EX)
+                    os.close(self.index_fd)
+                    self.index_fd = os.open("index", os.O_RDWR, dir_fd=self.dir_fd)
+                    os.close(self.data_fd)
+                    self.data_fd = os.open("data", os.O_RDWR, dir_fd=self.dir_fd)
+                if not self._files_agree():
+                    self._repair()
+                if not exclusive:
+                    fcntl.flock(self.dir_fd, fcntl.LOCK_SH)
+        except BaseException:
+            self.close()
+            raise
+
+    def _files_agree(self):
+        """Whether the index ends exactly where the data's last intact batch ends.
+
+        Sets data_size, entry_count and last_counter as it goes. Checking the
+        last frame is enough: index entries are written only after their
+        batch is durable, so an index that reaches the end of the data file
+        covers no torn batch.
+        """
+        self.data_size = os.fstat(self.data_fd).st_size
+        index_size = os.fstat(self.index_fd).st_size
+        head = os.pread(self.index_fd, INDEX_HEADER.size, 0)
+        if len(head) < INDEX_HEADER.size or head[:8] != INDEX_MAGIC:
+            return False
+        if INDEX_HEADER.unpack(head)[1] != self.header.generation:
+            return False
+        if index_size % INDEX_ENTRY.size:
+            return False
+        self.entry_count = index_size // INDEX_ENTRY.size - 1
+        self.last_counter = self.header.counter_floor
+        if self.entry_count == 0:
+            return self.data_size == DATA_HEADER_SIZE
+        counter, offset, length = self.entry(self.entry_count - 1)
+        if offset + length != self.data_size:
+            return False
+        frame = _read_frame(self.data_fd, offset, self.data_size)
+        if frame is None or frame.counter != counter or not frame.ends_batch:
+            return False
+        self.last_counter = max(counter, self.header.counter_floor)
+        return True
+
+    def entry(self, i):
+        return INDEX_ENTRY.unpack(os.pread(self.index_fd, INDEX_ENTRY.size, _entry_position(i)))
+
+    def _repair(self):
+        """Bring the index and the data's tail into agreement; log what changed.
+
+        If the index's last entry is intact, the frames after it are indexed
+        and a torn batch after them is cut off. Otherwise the index is rebuilt
+        from the whole data file. Raises StorageError, changing nothing, when
+        the index lists more records than the data file holds: those records
+        were acknowledged, so their absence is damage, not a crash.
+        """
+        db = self.db
+        index_size = os.fstat(self.index_fd).st_size
+        head = os.pread(self.index_fd, INDEX_HEADER.size, 0)
+        index_usable = (len(head) == INDEX_HEADER.size and head[:8] == INDEX_MAGIC
+                        and INDEX_HEADER.unpack(head)[1] == self.header.generation)
+        listed = max(index_size // INDEX_ENTRY.size - 1, 0) if index_usable else 0
+        kept, previous = 0, None
+        if listed:
+            counter, offset, _ = self.entry(listed - 1)
+            previous = _read_frame(self.data_fd, offset, self.data_size)
+            if previous is not None and previous.counter == counter:
+                kept = listed
+            else:
+                previous = None
+        resume_at = DATA_HEADER_SIZE if previous is None else previous.end
+        expected_index = 0 if previous is None or previous.ends_batch else previous.batch_index + 1
+        last_counter = 0 if previous is None else previous.counter
+        entries, pending, good_end = array("Q"), array("Q"), resume_at
+        for frame in _scan_frames(self.data_fd, resume_at, self.data_size):
+            if frame.batch_index != expected_index or frame.counter <= last_counter:
+                break
+            pending.extend((frame.counter, frame.offset, frame.length))
+            last_counter = frame.counter
+            if frame.ends_batch:
+                entries.extend(pending)
+                del pending[:]
+                good_end, expected_index = frame.end, 0
+            else:
+                expected_index += 1
+        if kept + len(entries) // 3 < listed:
+            raise StorageError(db.data_path, f"the index lists {listed} records but the data file holds "
+                               f"only {kept + len(entries) // 3} intact ones (shorter than the index says?)")
+        if good_end < self.data_size:
+            log.warning("%s: cut off a torn append of %d bytes at offset %d",
+                        db.data_path, self.data_size - good_end, good_end)
+            os.ftruncate(self.data_fd, good_end)
+            os.fdatasync(self.data_fd)
+        if kept == 0:
+            log.warning("%s: rebuilt the index from the data file", db.index_path)
+            os.pwrite(self.index_fd, INDEX_HEADER.pack(INDEX_MAGIC, self.header.generation, 0), 0)
+        elif entries:
+            log.warning("%s: indexed %d records the index had not caught up with",
+                        db.index_path, len(entries) // 3)
+        elif index_size % INDEX_ENTRY.size:
+            log.warning("%s: dropped a partly written index entry", db.index_path)
+        if sys.byteorder == "big":
+            entries.byteswap()
+        os.pwrite(self.index_fd, entries.tobytes(), _entry_position(kept))
+        os.ftruncate(self.index_fd, _entry_position(kept + len(entries) // 3))
+        os.fdatasync(self.index_fd)
+        if not self._files_agree():
+            raise StorageError(db.data_path, "repair did not bring index and data into agreement")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        for fd in (self.index_fd, self.data_fd, self.dir_fd):
+            if fd is not None:
+                os.close(fd)
+        self.dir_fd = self.data_fd = self.index_fd = None
+
+
+class Snapshot:
+    """A consistent view of a collection as it was when the snapshot was taken.
+
+    Records appended later are not seen. The snapshot keeps the files open
+    (not locked) until close(); use it as a context manager.
+    """
+
+    def __init__(self, db):
+        opened = _OpenCollection(db, exclusive=False)
+        fcntl.flock(opened.dir_fd, fcntl.LOCK_UN)
+        self._files = opened
+        self.path = db.path
+        self.collection_id = opened.header.collection_id
+        self.secret = opened.header.secret
+        self.purge_horizon = opened.header.purge_horizon
+        self.last_counter = opened.last_counter
+        self.record_count = opened.entry_count
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        self._files.close()
+
+    def records_after(self, since=0, limit=None):
+        """Iterate (counter, record) for records with counter > since, oldest first."""
+        first = self._first_entry_after(since)
+        stop = self.record_count if limit is None else min(self.record_count, first + limit)
+        return itertools.chain.from_iterable(self._pages(first, stop))
+
+    def _first_entry_after(self, since):
+        """Index of the first entry whose counter is above since.
+
+        Clients poll for the newest records, so the search gallops back from
+        the end before it bisects: its cost grows with how far back `since`
+        is, not with the size of the collection.
+        """
+        files, high = self._files, self.record_count
+        if high == 0 or self.last_counter <= since:
+            return high
+        step = 1
+        while high - step > 0 and files.entry(high - step)[0] > since:
+            high, step = high - step, step * 2
+        low = max(high - step, 0)
+        while low < high:
+            middle = (low + high) // 2
+            if files.entry(middle)[0] > since:
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+    def _pages(self, first, stop):
+        files = self._files
+        for page_first in range(first, stop, READ_PAGE_ENTRIES):
+            count = min(READ_PAGE_ENTRIES, stop - page_first)
+            entries = array("Q", os.pread(files.index_fd, count * INDEX_ENTRY.size,
+                                          _entry_position(page_first)))
+            if sys.byteorder == "big":
+                entries.byteswap()
+            counters, offsets, lengths = entries[0::3], entries[1::3], entries[2::3]
+            start, end = offsets[0] - FRAME.size, offsets[-1] + lengths[-1]
+            # Entries of one page describe contiguous frames; a zeroed or torn
+            # index region breaks this sum, so it cannot pass unnoticed.
+            if len(counters) != count or end - start != sum(lengths) + count * FRAME.size:
+                raise StorageError(files.db.index_path, f"damaged entries {page_first}..{page_first + count - 1}")
+            data = os.pread(files.data_fd, end - start, start)
+            if len(data) < end - start:
+                raise StorageError(files.db.data_path, "data file is shorter than the index says")
+            for i in (0, count - 1):
+                head = FRAME.unpack_from(data, offsets[i] - FRAME.size - start)
+                if head[:2] != (counters[i], lengths[i]):
+                    raise StorageError(files.db.index_path, f"entry {page_first + i} disagrees with the data file")
+            yield [(counter, data[offset - start:offset - start + length])
+                   for counter, offset, length in zip(counters, offsets, lengths)]
+
+
+class _ReplacementWriter:
+    """Writes a whole new data file and index beside the live ones, then swaps them in.
+
+    Garbage collection, import and creation all replace a collection this way,
+    so a reader never meets a half-written file: it holds the old inodes open,
+    or opens the new ones after the rename. The data file is renamed first; a
+    crash between the two renames leaves an index of the old generation,
+    which the next open rebuilds from the new data file.
+    """
+
+    def __init__(self, db):
+        self.db = db
+        self.data_fd = os.open(db.data_path + ".new", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.index_fd = os.open(db.index_path + ".new", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.position = DATA_HEADER_SIZE    # the header is written last, when it is known
+        self.record_count = 0
+        self.frames, self.entries = [], array("Q")
+
+    def add(self, counter, record, appended_at, batch_index=0, batch_count=1):
+        self.frames += (_pack_frame(counter, record, appended_at, batch_index, batch_count), record)
+        self.entries.extend((counter, self.position + FRAME.size, len(record)))
+        self.position += FRAME.size + len(record)
+        self.record_count += 1
+        if len(self.entries) >= 3 * READ_PAGE_ENTRIES:
+            self._flush()
+
+    def add_received(self, frame):
+        """Index a frame that is already in place in the new data file."""
+        self.entries.extend((frame.counter, frame.offset, frame.length))
+        self.position = frame.end
+        self.record_count += 1
+        if len(self.entries) >= 3 * READ_PAGE_ENTRIES:
+            self._flush()
+
+    def _flush(self):
+        written = self.position - sum(map(len, self.frames))
+        os.pwrite(self.data_fd, b"".join(self.frames), written)
+        if sys.byteorder == "big":
+            self.entries.byteswap()
+        os.pwrite(self.index_fd, self.entries.tobytes(),
+                  _entry_position(self.record_count - len(self.entries) // 3))
+        self.frames, self.entries = [], array("Q")
+
+    def install(self, header):
+        """Sync the new files and rename them over the old (caller holds the exclusive lock)."""
+        try:
+            self._flush()
+            os.pwrite(self.data_fd, header.encode(), 0)
+            os.pwrite(self.index_fd, INDEX_HEADER.pack(INDEX_MAGIC, header.generation, 0), 0)
+            os.fdatasync(self.data_fd)
+            os.fdatasync(self.index_fd)
+        except BaseException:
+            self.abandon()
+            raise
+        self._close()
+        os.rename(self.db.data_path + ".new", self.db.data_path)
+        os.rename(self.db.index_path + ".new", self.db.index_path)
+        _fsync_dir(self.db.path)
+
+    def abandon(self):
+        self._close()
+        for path in (self.db.data_path + ".new", self.db.index_path + ".new"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def _close(self):
+        for fd in (self.data_fd, self.index_fd):
+            if fd is not None:
+                os.close(fd)
+        self.data_fd = self.index_fd = None
+
+
+_DROP, _KEEP, _PURGE = 0, 1, 2   # a record's fate in garbage collection
+
+
+@dataclasses.dataclass
+class GarbageReport:
+    """What one garbage collection of one collection did."""
+
+    path: str
+    records_before: int = 0
+    records_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    replaced: int = 0      # records replaced by a later record of the same (type, id)
+    expired: int = 0       # records whose `expires` had passed
+    tombstones_purged: int = 0
+    purge_horizon: int = 0
+    seconds: float = 0.0
+
+    @property
+    def removed(self):
+        return self.records_before - self.records_after
+
+
+class AppendOnlyDB:
+    """One collection's durable, ordered stream of records (bytes), in one directory.
+
+    Created on first use. Counters grow strictly and are never reused, even
+    when garbage collection removes the newest records.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.data_path = os.path.join(self.path, "data")
+        self.index_path = os.path.join(self.path, "index")
+
+    def exists(self):
+        return os.path.exists(self.data_path)
+
+    def _create_if_missing(self):
+        if self.exists():
+            return
+        os.makedirs(self.path, exist_ok=True)
+        dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)
+            if not self.exists():
+                _ReplacementWriter(self).install(DataHeader.new())
+        finally:
+            os.close(dir_fd)
+        # A new directory is durable only once its parents record it.
+        for path in (self.path, os.path.dirname(self.path)):
+            _fsync_dir(path)
+
+    def snapshot(self):
+        """A Snapshot of the collection, creating the collection if it is new."""
+        self._create_if_missing()
+        return Snapshot(self)
+
+    def append(self, records, if_last_counter=None, now=None):
+        """Store records (a list of bytes) as one batch; return their counters.
+
+        All of them are stored or none. With if_last_counter, the batch is
+        stored only if no record newer than that counter exists, otherwise
+        AppendConflict is raised. Returns once the records are on disk.
+        """
+        if not isinstance(records, (list, tuple)) or not all(isinstance(r, bytes) for r in records):
+            raise TypeError("records must be a list of bytes")
+        if not records:
+            if if_last_counter is not None:
+                with self.snapshot() as snapshot:
+                    if snapshot.last_counter > if_last_counter:
+                        raise AppendConflict(snapshot.last_counter)
+            return []
+        appended_at = int(time.time() if now is None else now)
+        self._create_if_missing()
+        files = _OpenCollection(self, exclusive=True)
+        try:
+            if if_last_counter is not None and files.last_counter > if_last_counter:
+                raise AppendConflict(files.last_counter)
+            first = files.last_counter + 1
+            counters = list(range(first, first + len(records)))
+            frames = b"".join(_pack_frame(counter, record, appended_at, i, len(records)) + record
+                              for i, (counter, record) in enumerate(zip(counters, records)))
+            entries = array("Q")
+            position = files.data_size
+            for counter, record in zip(counters, records):
+                entries.extend((counter, position + FRAME.size, len(record)))
+                position += FRAME.size + len(record)
+            if sys.byteorder == "big":
+                entries.byteswap()
+            # The commit point: once the frames are synced the batch is durable,
+            # and only then may the index point at it.
+            os.pwrite(files.data_fd, frames, files.data_size)
+            os.fdatasync(files.data_fd)
+            os.pwrite(files.index_fd, entries.tobytes(), _entry_position(files.entry_count))
+            return counters
+        finally:
+            files.close()
+
+    @contextlib.contextmanager
+    def _maintenance(self):
+        """Serialise the operations that replace files (gc, import) with each other."""
+        fd = os.open(os.path.join(self.path, "maintenance.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def collect_garbage(self, now=None, purge_tombstones_before=None):
+        """Drop the records no client needs any more; return a GarbageReport.
+
+        A record goes when a later record has the same (type, id) or when its
+        `expires` (unix seconds) has passed. The newest tombstone of each
+        (type, id) stays, unless it was appended before purge_tombstones_before
+        (unix seconds): then it goes too, and the collection's purge_horizon
+        rises to its counter so that the protocol can send a client whose
+        `since` is older back to the start instead of letting it miss the
+        delete. Records that are not JSON objects with an `id` are kept.
+        Kept records keep their counters.
+
+        Readers and writers go on while it runs; it holds the lock only to
+        copy what was appended meanwhile and to swap the files.
+        """
+        report = GarbageReport(self.path)
+        if not self.exists():
+            return report
+        now = time.time() if now is None else now
+        started = time.perf_counter()
+        with self._maintenance(), self.snapshot() as snapshot:
+            files = snapshot._files
+            report.records_before, report.bytes_before = snapshot.record_count, files.data_size
+            fates = self._decide_fates(files, now, purge_tombstones_before, report)
+            writer = _ReplacementWriter(self)
+            try:
+                horizon = files.header.purge_horizon
+                frames = _scan_frames(files.data_fd, DATA_HEADER_SIZE, files.data_size)
+                for frame, fate in zip(frames, fates):
+                    if fate == _KEEP:
+                        # Survivors of a batch no longer form it, so each becomes a batch of one.
+                        writer.add(frame.counter, frame.record, frame.appended_at)
+                    elif fate == _PURGE:
+                        horizon = max(horizon, frame.counter)
+                with _OpenCollection(self, exclusive=True) as live:
+                    if live.header.generation != files.header.generation:
+                        raise StorageError(self.path, "replaced while garbage was being collected")
+                    for frame in _scan_frames(live.data_fd, files.data_size, live.data_size):
+                        writer.add(frame.counter, frame.record, frame.appended_at,
+                                   frame.batch_index, frame.batch_count)
+                    header = dataclasses.replace(
+                        live.header, generation=live.header.generation + 1,
+                        counter_floor=live.last_counter, purge_horizon=horizon)
+                    report.records_after = writer.record_count
+                    report.bytes_after = writer.position
+                    report.purge_horizon = horizon
+                    writer.install(header)
+            except BaseException:
+                writer.abandon()
+                raise
+        report.seconds = time.perf_counter() - started
+        return report
+
+    @staticmethod
+    def _decide_fates(files, now, purge_tombstones_before, report):
+        """One byte per record, in order: _KEEP, _DROP or _PURGE (a purged tombstone).
+
+        Memory: one byte per record plus one dict entry per (type, id).
+        """
+        fates = bytearray()
+        newest = {}                  # 8-byte digest of (type, id) -> position of its newest record
+        for position, frame in enumerate(_scan_frames(files.data_fd, DATA_HEADER_SIZE, files.data_size)):
+            fate = _KEEP
+            try:
+                obj = json.loads(frame.record)
+                key = hashlib.blake2b(json.dumps([obj.get("type"), obj["id"]]).encode(), digest_size=8).digest()
+            except (ValueError, TypeError, KeyError, AttributeError):
+                fates.append(fate)
+                continue
+            expires = obj.get("expires")
+            if isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires <= now:
+                fate = _DROP
+                report.expired += 1
+            elif (obj.get("deleted") is True and purge_tombstones_before is not None
+                  and frame.appended_at < purge_tombstones_before):
+                fate = _PURGE   # final only if no later record replaces this tombstone
+            older = newest.get(key)
+            if older is not None and fates[older] != _DROP:
+                fates[older] = _DROP
+                report.replaced += 1
+            newest[key] = position
+            fates.append(fate)
+        if len(fates) != files.entry_count:
+            raise StorageError(files.db.data_path, f"record {len(fates) + 1} is damaged (CRC or frame)")
+        report.tombstones_purged = fates.count(_PURGE)
+        return fates
+
+    def export(self, out):
+        """Write the collection to the binary file out as a tar stream of `data` then `index`.
+
+        The export is a snapshot; appends made while it is written are not in it.
+        """
+        with self.snapshot() as snapshot, tarfile.open(fileobj=out, mode="w|") as tar:
+            files = snapshot._files
+            for name, fd, size in (("data", files.data_fd, files.data_size),
+                                   ("index", files.index_fd, _entry_position(files.entry_count))):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = size, 0o600, int(time.time())
+                with os.fdopen(os.dup(fd), "rb") as member:
+                    member.seek(0)
+                    tar.addfile(info, member)
+
+    def import_export(self, stream):
+        """Replace the collection by the one exported to stream; all at once or not at all.
+
+        Every frame is verified and the index must match the data. The old copy
+        serves reads and writes until the new one is complete; writes made to
+        it meanwhile are replaced with it. Keeps the exported collection_id and
+        secret. Raises StorageError if the stream is not a whole, intact export.
+        """
+        os.makedirs(self.path, exist_ok=True)
+        with self._maintenance():
+            writer = _ReplacementWriter(self)
+            try:
+                header, exported_index = self._receive(stream, writer)
+                with _OpenCollection(self, exclusive=True) if self.exists() else contextlib.nullcontext() as live:
+                    generation = max(header.generation, live.header.generation if live else 0) + 1
+                    if _entry_position(writer.record_count) != len(exported_index) or (
+                            os.pread(writer.index_fd, len(exported_index), 0)[INDEX_HEADER.size:]
+                            != exported_index[INDEX_HEADER.size:]):
+                        raise StorageError(self.path, "the exported index does not match its data")
+                    writer.install(dataclasses.replace(header, generation=generation))
+            except BaseException:
+                writer.abandon()
+                raise
+        _fsync_dir(os.path.dirname(self.path))
+
+    def _receive(self, stream, writer):
+        """Read an export into writer; return its data header and its index bytes."""
+        try:
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                members = iter(tar)
+                data_member = next(members, None)
+                if data_member is None or data_member.name != "data" or not data_member.isfile():
+                    raise StorageError(self.path, "an export starts with its data file")
+                data = tar.extractfile(data_member)
+                header = DataHeader.decode(data.read(DATA_HEADER_SIZE), f"{self.path} (import)")
+                os.pwrite(writer.data_fd, header.encode(), 0)
+                received = DATA_HEADER_SIZE
+                while chunk := data.read(SCAN_CHUNK):
+                    os.pwrite(writer.data_fd, chunk, received)
+                    received += len(chunk)
+                index_member = next(members, None)
+                if index_member is None or index_member.name != "index" or not index_member.isfile():
+                    raise StorageError(self.path, "an export ends with its index")
+                exported_index = tar.extractfile(index_member).read()
+        except tarfile.TarError as error:
+            raise StorageError(self.path, f"not a readable export: {error}") from None
+        last_counter, expected_index = 0, 0
+        for frame in _scan_frames(writer.data_fd, DATA_HEADER_SIZE, received):
+            if frame.batch_index != expected_index or frame.counter <= last_counter:
+                break
+            writer.add_received(frame)
+            last_counter, expected_index = frame.counter, 0 if frame.ends_batch else expected_index + 1
+        if writer.position != received or expected_index:
+            raise StorageError(self.path, f"the exported data is damaged at offset {writer.position}")
+        writer._flush()
+        return header, exported_index
+
+
+###############################################################################
+# The data directory: one collection directory per (domain, user, bucket)
+###############################################################################
+# A collection lives at DATA_DIR/<domain>/<user>/<bucket>/, each part escaped
+# by escape_name(). Escaped names use only letters, digits and "-_.@+", never
+# start with ".", and are at most MAX_NAME_BYTES long, so no name (`..`, a
+# slash, NUL, a very long or unicode name) can reach outside the data directory.
+
+SAFE_NAME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.@+")
+MAX_NAME_BYTES = 200    # escaped bytes per path part; filesystems allow 255
+
+
+def escape_name(name):
+    """The directory name for one part of a collection's path.
+
+    Bytes outside SAFE_NAME_BYTES, and a leading ".", become %XX. A name whose
+    escaped form is too long keeps a readable prefix and ends in "~" and a
+    hash of the whole name ("~" is otherwise always escaped, so the two kinds
+    of names cannot collide). Raises ValueError for an empty name.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("a collection path part must be a non-empty string")
+    raw = name.encode("utf-8", "surrogatepass")
+    escaped = "".join(chr(b) if b in SAFE_NAME_BYTES and not (i == 0 and b == ord(".")) else f"%{b:02X}"
+                      for i, b in enumerate(raw))
+    if len(escaped) <= MAX_NAME_BYTES:
+        return escaped
+    digest = hashlib.sha256(raw).hexdigest()
+    prefix = escaped[:MAX_NAME_BYTES - len(digest) - 1]
+    split_escape = prefix.rfind("%", len(prefix) - 2)    # a %XX the cut broke in two
+    if split_escape != -1:
+        prefix = prefix[:split_escape]
+    return prefix + "~" + digest
+
+
+class DataDir:
+    """The data directory: finds the AppendOnlyDB of each (domain, user, bucket)."""
+
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+
+    def collection(self, domain, user, bucket):
+        return AppendOnlyDB(os.path.join(self.root, escape_name(domain), escape_name(user), escape_name(bucket)))
+
+    def collections(self):
+        """Every collection that exists, in a stable order."""
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            if os.path.relpath(dirpath, self.root).count(os.sep) == 2 and "data" in filenames:
+                dirnames.clear()
+                yield AppendOnlyDB(dirpath)
+
+
+###############################################################################
+# Server and command line
+###############################################################################
+
+app = bottle.Bottle()
+
+
+class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    """The standard library's WSGI server, one thread per connection."""
+
+    daemon_threads = True   # a client holding a connection open does not block shutdown
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def address_string(self):
+        return self.client_address[0]    # no reverse DNS lookup per request
+
+    def log_message(self, format, *args):
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+def _stop_on_sigterm():
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
+
+
+def serve(args):
+    os.makedirs(args.data_dir, exist_ok=True)
+    app.config["cutout.data_dir"] = DataDir(args.data_dir)
+    server = make_server(args.host, args.port, app, ThreadingWSGIServer, _QuietHandler)
+    _stop_on_sigterm()
+    print(f"The Cut-Out serving http://{args.host}:{server.server_port}/ "
+          f"(data in {args.data_dir})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    print("The Cut-Out stopped", flush=True)
+
+
+def collect_garbage(args):
+    purge_before = None
+    if args.purge_tombstones_days is not None:
+        purge_before = time.time() - args.purge_tombstones_days * 86400
+    data_dir = DataDir(args.data_dir)
+    total = GarbageReport(data_dir.root)
+    for db in data_dir.collections():
+        report = db.collect_garbage(purge_tombstones_before=purge_before)
+        print(f"{os.path.relpath(db.path, data_dir.root)}: removed {report.removed} of "
+              f"{report.records_before} records ({report.replaced} replaced, {report.expired} expired, "
+              f"{report.tombstones_purged} tombstones purged), {report.bytes_before - report.bytes_after} bytes")
+        for field in ("records_before", "records_after", "bytes_before", "bytes_after",
+                      "replaced", "expired", "tombstones_purged", "seconds"):
+            setattr(total, field, getattr(total, field) + getattr(report, field))
+    megabytes = total.bytes_before / 1e6
+    rate = megabytes / total.seconds if total.seconds else 0.0
+    print(f"total: removed {total.removed} of {total.records_before} records, "
+          f"{total.bytes_before - total.bytes_after} bytes; read {megabytes:.1f} MB in "
+          f"{total.seconds:.2f} s ({rate:.1f} MB/s)")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="cutout.py", description="The Cut-Out sync server.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8088, help="port to listen on; 0 picks a free one")
+    parser.add_argument("--data-dir", default="./cutout-data", help="where collections live")
+    parser.add_argument("--debug", action="store_true", help="log every request")
+    parser.set_defaults(run=serve)
+    commands = parser.add_subparsers(title="commands")
+    gc = commands.add_parser("gc", help="collect garbage in every collection once")
+    gc.add_argument("--data-dir", default="./cutout-data", help="where collections live")
+    gc.add_argument("--purge-tombstones-days", type=float, metavar="DAYS",
+                    help="also purge tombstones appended more than DAYS days ago")
+    gc.set_defaults(run=collect_garbage)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
