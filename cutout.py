@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import logging
+import operator
 import os
 import secrets
 import signal
@@ -157,7 +158,7 @@ class _Frame:
     appended_at: int
     batch_index: int
     batch_count: int
-    record: bytes
+    record: bytes          # None when only the frame was checked
 
     @property
     def end(self):
@@ -168,8 +169,20 @@ class _Frame:
         return self.batch_index == self.batch_count - 1
 
 
+def _pread_exactly(fd, length, offset):
+    """length bytes at offset, fewer only at the end of the file (one pread stops at 2 GiB)."""
+    parts, wanted = [], length
+    while wanted:
+        part = os.pread(fd, min(wanted, 1 << 30), offset + length - wanted)
+        if not part:
+            break
+        parts.append(part)
+        wanted -= len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def _read_frame(fd, record_offset, file_size):
-    """The intact frame whose record starts at record_offset, or None."""
+    """The intact frame whose record starts at record_offset (without the record), or None."""
     start = record_offset - FRAME.size
     if start < DATA_HEADER_SIZE or record_offset > file_size:
         return None
@@ -177,12 +190,15 @@ def _read_frame(fd, record_offset, file_size):
     if len(head) < FRAME.size:
         return None
     counter, length, appended_at, batch_index, batch_count, crc = FRAME.unpack(head)
-    if record_offset + length > file_size:
+    if record_offset + length > file_size or batch_index >= batch_count:
         return None
-    record = os.pread(fd, length, record_offset)
-    if len(record) < length or _frame_crc(head[:-4], record) != crc or batch_index >= batch_count:
+    computed = zlib.crc32(head[:-4])
+    for chunk_start in range(record_offset, record_offset + length, SCAN_CHUNK):
+        chunk = os.pread(fd, min(SCAN_CHUNK, record_offset + length - chunk_start), chunk_start)
+        computed = zlib.crc32(chunk, computed)
+    if computed != crc:
         return None
-    return _Frame(record_offset, counter, length, appended_at, batch_index, batch_count, record)
+    return _Frame(record_offset, counter, length, appended_at, batch_index, batch_count, None)
 
 
 def _scan_frames(fd, start, end):
@@ -197,8 +213,8 @@ def _scan_frames(fd, start, end):
         if record_offset + length > end or batch_index >= batch_count:
             return
         if record_offset + length > buffer_start + len(buffer):
-            buffer, buffer_start = os.pread(fd, max(SCAN_CHUNK, FRAME.size + length), position), position
-            head_at = 0
+            buffer = _pread_exactly(fd, max(SCAN_CHUNK, FRAME.size + length), position)
+            buffer_start, head_at = position, 0
         record = buffer[head_at + FRAME.size:head_at + FRAME.size + length]
         if _frame_crc(buffer[head_at:head_at + FRAME.size - 4], record) != crc:
             return
@@ -232,18 +248,13 @@ class _OpenCollection:
         try:
             self.dir_fd = os.open(db.path, os.O_RDONLY | os.O_DIRECTORY)
             fcntl.flock(self.dir_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            mode = os.O_RDWR if exclusive else os.O_RDONLY
-            self.data_fd = os.open("data", mode, dir_fd=self.dir_fd)
-            self.index_fd = os.open("index", os.O_RDWR if exclusive else os.O_RDONLY, dir_fd=self.dir_fd)
-            self.header = DataHeader.decode(os.pread(self.data_fd, DATA_HEADER_SIZE, 0), db.data_path)
+            self._open_files(writable=exclusive)
             if not self._files_agree():
                 if not exclusive:
-                    # flock() cannot upgrade atomically, so check again once exclusive.
+                    # flock() cannot upgrade atomically: the files may have been
+                    # replaced meanwhile, so open and check them again.
                     fcntl.flock(self.dir_fd, fcntl.LOCK_EX)
-                    os.close(self.index_fd)
-                    self.index_fd = os.open("index", os.O_RDWR, dir_fd=self.dir_fd)
-                    os.close(self.data_fd)
-                    self.data_fd = os.open("data", os.O_RDWR, dir_fd=self.dir_fd)
+                    self._open_files(writable=True)
                 if not self._files_agree():
                     self._repair()
                 if not exclusive:
@@ -251,6 +262,17 @@ class _OpenCollection:
         except BaseException:
             self.close()
             raise
+
+    def _open_files(self, writable):
+        for fd in (self.data_fd, self.index_fd):
+            if fd is not None:
+                os.close(fd)
+        self.data_fd = self.index_fd = None
+        mode = os.O_RDWR if writable else os.O_RDONLY
+        self.data_fd = os.open("data", mode, dir_fd=self.dir_fd)
+        # A missing index is made empty, and so rebuilt: it is only an accelerator.
+        self.index_fd = os.open("index", mode | os.O_CREAT, 0o600, dir_fd=self.dir_fd)
+        self.header = DataHeader.decode(os.pread(self.data_fd, DATA_HEADER_SIZE, 0), self.db.data_path)
 
     def _files_agree(self):
         """Whether the index ends exactly where the data's last intact batch ends.
@@ -424,12 +446,15 @@ class Snapshot:
             if sys.byteorder == "big":
                 entries.byteswap()
             counters, offsets, lengths = entries[0::3], entries[1::3], entries[2::3]
-            start, end = offsets[0] - FRAME.size, offsets[-1] + lengths[-1]
-            # Entries of one page describe contiguous frames; a zeroed or torn
-            # index region breaks this sum, so it cannot pass unnoticed.
-            if len(counters) != count or end - start != sum(lengths) + count * FRAME.size:
+            # Frames lie end to end and counters grow, so each entry can be
+            # checked against its neighbours without a Python-level loop.
+            contiguous = array("Q", itertools.accumulate(map(operator.add, lengths, itertools.repeat(FRAME.size)),
+                                                         initial=offsets[0]))
+            if (len(counters) != count or contiguous[:-1] != offsets
+                    or not all(map(operator.lt, counters, counters[1:]))):
                 raise StorageError(files.db.index_path, f"damaged entries {page_first}..{page_first + count - 1}")
-            data = os.pread(files.data_fd, end - start, start)
+            start, end = offsets[0] - FRAME.size, offsets[-1] + lengths[-1]
+            data = _pread_exactly(files.data_fd, end - start, start)
             if len(data) < end - start:
                 raise StorageError(files.db.data_path, "data file is shorter than the index says")
             for i in (0, count - 1):
@@ -661,6 +686,8 @@ class AppendOnlyDB:
                     for frame in _scan_frames(live.data_fd, files.data_size, live.data_size):
                         writer.add(frame.counter, frame.record, frame.appended_at,
                                    frame.batch_index, frame.batch_count)
+                    report.records_before += live.entry_count - snapshot.record_count
+                    report.bytes_before = live.data_size
                     header = dataclasses.replace(
                         live.header, generation=live.header.generation + 1,
                         counter_floor=live.last_counter, purge_horizon=horizon)

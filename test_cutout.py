@@ -1,0 +1,727 @@
+"""Tests of cutout.py's own parts: storage, data directory, command line.
+
+The protocol's conformance suite is test_protocol.py. These tests use real
+files, real processes (killed with SIGKILL) and a real server on loopback.
+CUTOUT_CRASH_KILLS sets how many times the crash test kills a writer.
+"""
+
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zlib
+
+import pytest
+
+import cutout
+from cutout import AppendConflict, AppendOnlyDB, DataDir, StorageError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CRASH_KILLS = int(os.environ.get("CUTOUT_CRASH_KILLS", "150"))
+
+
+def note(type_, id_, data=None, **extra):
+    return json.dumps({"type": type_, "id": id_, "data": data, **extra}).encode()
+
+
+def tombstone(type_, id_):
+    return json.dumps({"type": type_, "id": id_, "deleted": True}).encode()
+
+
+def read_all(db, since=0, limit=None):
+    with db.snapshot() as snapshot:
+        return list(snapshot.records_after(since, limit))
+
+
+@pytest.fixture
+def db(tmp_path):
+    return AppendOnlyDB(tmp_path / "collection")
+
+
+# ---------------------------------------------------------------- appending and reading
+
+
+def test_append_returns_strictly_growing_counters_and_reads_them_back(db):
+    assert db.append([b"a", b"bb"]) == [1, 2]
+    assert db.append([b"ccc"]) == [3]
+    assert read_all(db) == [(1, b"a"), (2, b"bb"), (3, b"ccc")]
+
+
+def test_read_after_counter_with_and_without_limit(db):
+    for start in range(0, 50, 5):
+        db.append([b"r%d" % i for i in range(start, start + 5)])
+    assert [c for c, _ in read_all(db, since=47)] == [48, 49, 50]
+    assert [c for c, _ in read_all(db, since=10, limit=3)] == [11, 12, 13]
+    assert read_all(db, since=50) == []
+    assert read_all(db, since=10**12) == []
+    assert [c for c, _ in read_all(db, since=0, limit=0)] == []
+    for since in range(0, 51):
+        assert [c for c, _ in read_all(db, since)] == list(range(since + 1, 51))
+
+
+def test_reads_span_many_pages(db):
+    count = cutout.READ_PAGE_ENTRIES * 2 + 17
+    db.append([b"%d" % i for i in range(count)])
+    records = read_all(db)
+    assert [c for c, _ in records] == list(range(1, count + 1))
+    assert all(record == b"%d" % (c - 1) for c, record in records)
+    assert len(read_all(db, since=5, limit=cutout.READ_PAGE_ENTRIES + 3)) == cutout.READ_PAGE_ENTRIES + 3
+
+
+def test_snapshot_does_not_see_later_appends(db):
+    db.append([b"before"])
+    with db.snapshot() as snapshot:
+        db.append([b"after"])
+        assert list(snapshot.records_after(0)) == [(1, b"before")]
+        assert snapshot.last_counter == 1
+    assert read_all(db)[-1] == (2, b"after")
+
+
+def test_empty_records_and_empty_batches(db):
+    assert db.append([]) == []
+    assert db.append([b""]) == [1]
+    assert read_all(db) == [(1, b"")]
+
+
+def test_conditional_append_wins_or_is_refused_whole(db):
+    db.append([b"one"])
+    assert db.append([b"two"], if_last_counter=1) == [2]
+    with pytest.raises(AppendConflict) as refused:
+        db.append([b"three", b"four"], if_last_counter=1)
+    assert refused.value.last_counter == 2
+    with pytest.raises(AppendConflict):
+        db.append([], if_last_counter=0)
+    assert read_all(db) == [(1, b"one"), (2, b"two")]
+
+
+@pytest.mark.parametrize("records", [[b"ok", "text"], [None], "not a list", [bytearray(b"x")], b"bytes"])
+def test_non_bytes_records_are_refused_and_nothing_is_stored(db, records):
+    db.append([b"first"])
+    with pytest.raises(TypeError):
+        db.append(records)
+    assert read_all(db) == [(1, b"first")]
+
+
+def test_collection_id_and_secret_are_random_and_stable(tmp_path):
+    ids = set()
+    for i in range(20):
+        db = AppendOnlyDB(tmp_path / str(i))
+        with db.snapshot() as first, db.snapshot() as second:
+            assert first.collection_id == second.collection_id
+            assert first.secret == second.secret
+            assert len(first.collection_id) == 32 and len(first.secret) == 64
+            ids.add(first.collection_id)
+    assert len(ids) == 20
+
+
+def test_offsets_past_4_gib_are_stored_in_64_bits(tmp_path):
+    """A first record of 4 GiB + 100 bytes, a hole in a sparse file so that no
+    disk is used, pushes the records after it past what 32 bits can hold.
+    Its CRC is left unset: nothing here reads it, and computing it would
+    mean reading 4 GiB."""
+    db = AppendOnlyDB(tmp_path / "big")
+    db.append([])
+    with db.snapshot():
+        pass    # creates the files
+    big = (1 << 32) + 100
+    second_at = cutout.DATA_HEADER_SIZE + cutout.FRAME.size + big
+    with open(db.data_path, "r+b") as data:
+        data.seek(cutout.DATA_HEADER_SIZE)
+        data.write(cutout.FRAME.pack(1, big, 0, 0, 1, 0))
+        data.seek(second_at)
+        data.write(cutout._pack_frame(2, b"second", 0, 0, 1) + b"second")
+    with open(db.index_path, "ab") as index:
+        index.write(cutout.INDEX_ENTRY.pack(1, cutout.DATA_HEADER_SIZE + cutout.FRAME.size, big))
+        index.write(cutout.INDEX_ENTRY.pack(2, second_at + cutout.FRAME.size, 6))
+    assert db.append([b"third"]) == [3]
+    assert read_all(db, since=1) == [(2, b"second"), (3, b"third")]
+    with open(db.index_path, "rb") as index:
+        index.seek(cutout.INDEX_ENTRY.size * 3)
+        counter, offset, length = cutout.INDEX_ENTRY.unpack(index.read(cutout.INDEX_ENTRY.size))
+    assert (counter, length) == (3, 5) and offset == second_at + 2 * cutout.FRAME.size + 6 > 1 << 32
+
+
+def test_idle_collections_hold_no_open_files(tmp_path):
+    data_dir = DataDir(tmp_path)
+    db = data_dir.collection("example.com", "alice", "notes")
+    db.append([note("n", 1)])
+    read_all(db)
+    with db.snapshot() as snapshot:
+        iterator = snapshot.records_after(0)
+        next(iterator)
+    db.collect_garbage()
+    exported = io.BytesIO()
+    db.export(exported)
+    exported.seek(0)
+    data_dir.collection("example.com", "bob", "notes").import_export(exported)
+    open_paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            open_paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass    # the listing's own descriptor, already closed
+    assert not [path for path in open_paths if path.startswith(str(tmp_path))]
+
+
+# ---------------------------------------------------------------- crashes and torn files
+
+
+def _three_batches(db):
+    db.append([note("n", 1, "a" * 10), note("n", 2, "b" * 20)])
+    db.append([note("n", 3, "c")])
+    return [c for c, _ in read_all(db)]
+
+
+def _copy(db, tmp_path, name):
+    target = tmp_path / name
+    shutil.copytree(db.path, target)
+    return AppendOnlyDB(target)
+
+
+def test_torn_in_flight_append_is_cut_at_every_byte_offset(db, tmp_path, caplog):
+    """The writer died during its data write, before the index was written:
+    the data file ends in part of a batch the index does not list."""
+    _three_batches(db)
+    index_before = os.path.getsize(db.index_path)
+    data_before = os.path.getsize(db.data_path)
+    db.append([note("n", 4, "d" * 5), note("n", 5), note("n", 6, "f" * 30)])
+    data_after = os.path.getsize(db.data_path)
+    expected = read_all(db)
+    caplog.set_level(logging.WARNING, logger="cutout")
+    for cut in range(data_before, data_after + 1):
+        copy = _copy(db, tmp_path, f"cut{cut}")
+        os.truncate(copy.index_path, index_before)
+        os.truncate(copy.data_path, cut)
+        survivors = read_all(copy)
+        if cut == data_after:
+            assert survivors == expected     # the whole in-flight append made it: it is kept
+        else:
+            assert survivors == expected[:3]
+        assert os.path.getsize(copy.data_path) in (data_before, data_after)
+        assert copy.append([b"next"]) == [survivors[-1][0] + 1]
+        shutil.rmtree(copy.path)
+    assert "cut off a torn append" in caplog.text
+    assert "indexed 3 records the index had not caught up with" in caplog.text
+
+
+def test_index_cut_at_every_byte_offset_is_caught_up_from_the_data(db, tmp_path):
+    """The writer died after the data was synced, during or before its index write."""
+    _three_batches(db)
+    expected = read_all(db)
+    index_size = os.path.getsize(db.index_path)
+    for cut in range(0, index_size + 1):
+        copy = _copy(db, tmp_path, f"cut{cut}")
+        os.truncate(copy.index_path, cut)
+        assert read_all(copy) == expected
+        assert os.path.getsize(copy.index_path) == index_size
+        shutil.rmtree(copy.path)
+
+
+def test_missing_index_is_rebuilt(db, caplog):
+    _three_batches(db)
+    expected = read_all(db)
+    os.unlink(db.index_path)
+    caplog.set_level(logging.WARNING, logger="cutout")
+    assert read_all(db) == expected
+    assert "rebuilt the index" in caplog.text
+
+
+def test_data_file_shorter_than_the_index_says_is_an_error_naming_the_file(db):
+    _three_batches(db)
+    data_size = os.path.getsize(db.data_path)
+    for cut in range(cutout.DATA_HEADER_SIZE, data_size):
+        os.truncate(db.data_path, cut)
+        with pytest.raises(StorageError, match="shorter than the index says") as error:
+            read_all(db)
+        assert error.value.path == db.data_path
+        with pytest.raises(StorageError):
+            db.append([b"x"])
+        assert os.path.getsize(db.data_path) == cut     # nothing was "repaired" away
+
+
+def test_corrupt_index_entry_in_the_middle_is_an_error_naming_the_index(db):
+    db.append([note("n", i) for i in range(10)])
+    db.append([note("n", 10)])
+    with open(db.index_path, "r+b") as index:
+        index.seek(cutout.INDEX_ENTRY.size * 4 + 8)       # the offset of entry 3
+        index.write((12345).to_bytes(8, "little"))
+    with pytest.raises(StorageError) as error:
+        read_all(db)
+    assert error.value.path == db.index_path
+    assert "index" in str(error.value)
+
+
+def test_zeroed_index_region_is_an_error_not_a_wrong_answer(db):
+    db.append([note("n", i) for i in range(300)])
+    db.append([note("n", 300)])
+    with open(db.index_path, "r+b") as index:
+        index.seek(4096)
+        index.write(bytes(4096))
+    with pytest.raises(StorageError):
+        read_all(db)
+
+
+def test_corrupt_data_frame_is_found_by_garbage_collection(db):
+    db.append([note("n", i, "x" * 50) for i in range(10)])
+    db.append([note("n", 10)])
+    with open(db.data_path, "r+b") as data:
+        data.seek(cutout.DATA_HEADER_SIZE + 200)
+        byte = data.read(1)
+        data.seek(-1, 1)
+        data.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(StorageError, match="damaged") as error:
+        db.collect_garbage()
+    assert error.value.path == db.data_path
+
+
+def test_not_a_data_file_is_an_error(db):
+    db.append([b"x"])
+    with open(db.data_path, "r+b") as data:
+        data.write(b"GARBAGE!")
+    with pytest.raises(StorageError, match="not a Cut-Out data file"):
+        read_all(db)
+
+
+_WRITER = r"""
+import json, random, sys
+sys.path.insert(0, sys.argv[1])
+import cutout
+db = cutout.AppendOnlyDB(sys.argv[2])
+batch, rng = int(sys.argv[3]), random.Random(int(sys.argv[3]))
+print("ready", flush=True)
+while True:
+    size = rng.randint(1, 12)
+    records = [json.dumps({"batch": batch, "i": i, "size": size, "pad": "x" * ((batch * 7 + i) % 300)}).encode()
+               for i in range(size)]
+    counters = db.append(records)
+    print(batch, counters[0], size, flush=True)
+    batch += 1
+"""
+
+
+def _expected_record(batch, i, size):
+    return json.dumps({"batch": batch, "i": i, "size": size, "pad": "x" * ((batch * 7 + i) % 300)}).encode()
+
+
+def _check_whole_batches(records):
+    """Every record is one the writer made, in whole batches, in order; returns {batch: first counter}."""
+    batches, position = {}, 0
+    counters = [c for c, _ in records]
+    assert counters == sorted(set(counters)), "counters must grow strictly"
+    while position < len(records):
+        counter, record = records[position]
+        fields = json.loads(record)
+        batch, size = fields["batch"], fields["size"]
+        assert batch not in batches, f"batch {batch} stored twice"
+        for i in range(size):
+            assert position + i < len(records), f"batch {batch} is cut short"
+            assert records[position + i][1] == _expected_record(batch, i, size)
+        batches[batch] = counter
+        position += size
+    return batches
+
+
+def test_kill_9_at_random_moments_loses_no_acknowledged_append(tmp_path, caplog):
+    """A writer process appends in a loop and is killed with SIGKILL at a random
+    moment, CRASH_KILLS times; after each kill, every append it acknowledged is
+    there, whole, and nothing else is torn."""
+    caplog.set_level(logging.WARNING, logger="cutout")
+    db = AppendOnlyDB(tmp_path / "crash")
+    rng = random.Random(2012)
+    acknowledged, next_batch = {}, 1
+    for kill in range(CRASH_KILLS):
+        writer = subprocess.Popen([sys.executable, "-c", _WRITER, HERE, db.path, str(next_batch)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline() == "ready\n"
+        time.sleep(rng.uniform(0, 0.04))
+        writer.send_signal(signal.SIGKILL)
+        for line in writer.stdout:
+            if line.endswith("\n"):    # a line cut short by the kill acknowledges nothing
+                batch, first, size = map(int, line.split())
+                acknowledged[batch] = first
+        writer.wait()
+        writer.stdout.close()
+        stored = _check_whole_batches(read_all(db))
+        for batch, first in acknowledged.items():
+            assert stored.get(batch) == first, f"acknowledged batch {batch} lost after kill {kill}"
+        next_batch = max(stored, default=0) + 1
+    assert len(acknowledged) > CRASH_KILLS, "the writer should have had time to append"
+    print(f"{CRASH_KILLS} kills, {len(acknowledged)} acknowledged appends, "
+          f"{caplog.text.count('cut off a torn append')} torn appends cut, "
+          f"{caplog.text.count('had not caught up')} unindexed appends recovered")
+
+
+# ---------------------------------------------------------------- concurrency
+
+_WORKER = r"""
+import json, sys, threading
+sys.path.insert(0, sys.argv[1])
+import cutout
+db = cutout.AppendOnlyDB(sys.argv[2])
+worker, rounds = sys.argv[3], int(sys.argv[4])
+results, lock = [], threading.Lock()
+
+def work(thread):
+    for n in range(rounds):
+        name = f"{worker}.{thread}.{n}"
+        size = 1 + n % 4
+        records = [json.dumps({"batch": name, "i": i, "size": size}).encode() for i in range(size)]
+        if n % 2:
+            with db.snapshot() as snapshot:
+                seen = snapshot.last_counter
+            try:
+                counters = db.append(records, if_last_counter=seen)
+                outcome = ["won", name, seen, counters]
+            except cutout.AppendConflict as refused:
+                outcome = ["refused", name, seen, refused.last_counter]
+        else:
+            outcome = ["appended", name, None, db.append(records)]
+        with lock:
+            results.append(outcome)
+
+threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+print(json.dumps(results))
+"""
+
+
+def _batches_are_whole(records):
+    seen = {}
+    for counter, record in records:
+        fields = json.loads(record)
+        seen.setdefault(fields["batch"], []).append((counter, fields["i"], fields["size"]))
+    for batch, members in seen.items():
+        size = members[0][2]
+        assert [i for _, i, _ in members] == list(range(size)), f"batch {batch} is partly visible"
+        assert [c for c, _, _ in members] == list(range(members[0][0], members[0][0] + size))
+    return seen
+
+
+def test_threads_and_processes_append_and_read_at_once(tmp_path):
+    db = AppendOnlyDB(tmp_path / "busy")
+    db.append([json.dumps({"batch": "seed", "i": 0, "size": 1}).encode()])
+    stop, reader_errors, reads = threading.Event(), [], [0]
+
+    def reader():
+        try:
+            while not stop.is_set():
+                _batches_are_whole(read_all(db))
+                reads[0] += 1
+        except Exception as error:  # reported in the main thread
+            reader_errors.append(error)
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in readers:
+        thread.start()
+    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, HERE, db.path, str(w), "40"],
+                                stdout=subprocess.PIPE, text=True) for w in range(4)]
+    outcomes = []
+    for worker in workers:
+        out, _ = worker.communicate(timeout=120)
+        assert worker.returncode == 0
+        outcomes += json.loads(out)
+    stop.set()
+    for thread in readers:
+        thread.join()
+    assert not reader_errors, reader_errors
+    assert reads[0] > 0
+
+    stored = _batches_are_whole(read_all(db))
+    counters = [c for c, _ in read_all(db)]
+    assert counters == list(range(1, len(counters) + 1)), "no counter is skipped or repeated here"
+    stored_batches = set(stored) - {"seed"}
+    kept = {name for kind, name, _, _ in outcomes if kind in ("won", "appended")}
+    refused = [(seen, last) for kind, _, seen, last in outcomes if kind == "refused"]
+    assert stored_batches == kept
+    for kind, name, seen, result in outcomes:
+        if kind == "won":
+            assert result[0] == seen + 1, "a conditional append must follow what its writer saw"
+            assert stored[name][0][0] == result[0]
+    assert all(last > seen for seen, last in refused)
+    assert len(outcomes) == 4 * 3 * 40
+
+
+# ---------------------------------------------------------------- garbage collection
+
+
+def test_gc_drops_replaced_and_expired_records_and_keeps_counters(db):
+    db.append([note("n", 1, "v1"), note("n", 2, "v1"), note("m", 1, "other type")])
+    db.append([note("n", 1, "v2"), note("n", 3, "gone", expires=1000), note("n", 4, "later", expires=4e9)])
+    db.append([tombstone("n", 2), note("x", 9), b"not json", b'["a list"]'])
+    report = db.collect_garbage(now=2000)
+    assert [c for c, _ in read_all(db)] == [3, 4, 6, 7, 8, 9, 10]
+    assert (report.records_before, report.records_after) == (10, 7)
+    assert (report.replaced, report.expired, report.tombstones_purged) == (2, 1, 0)
+    assert report.bytes_after < report.bytes_before == os.path.getsize(db.data_path) + (
+        report.bytes_before - report.bytes_after)
+    assert db.collect_garbage(now=2000).removed == 0
+
+
+def test_gc_never_lets_a_counter_be_given_again(db):
+    db.append([note("n", 1, "kept")])
+    db.append([note("n", 2, "expired", expires=1), note("n", 3, "expired", expires=1)])
+    db.collect_garbage()
+    assert [c for c, _ in read_all(db)] == [1]
+    with db.snapshot() as snapshot:
+        assert snapshot.last_counter == 3
+    assert db.append([b"next"]) == [4]
+
+
+def test_gc_keeps_newest_tombstone_unless_purged_and_records_the_horizon(db):
+    db.append([note("n", 1), note("n", 2)], now=1000)
+    db.append([tombstone("n", 1), tombstone("n", 2)], now=2000)
+    db.append([note("n", 2, "back again")], now=3000)
+    db.append([tombstone("n", 3)], now=5000)
+    db.collect_garbage()
+    assert [c for c, _ in read_all(db)] == [3, 5, 6]
+    with db.snapshot() as snapshot:
+        assert snapshot.purge_horizon == 0
+    report = db.collect_garbage(purge_tombstones_before=4000)
+    assert report.tombstones_purged == 1
+    assert [c for c, _ in read_all(db)] == [5, 6]
+    with db.snapshot() as snapshot:
+        assert snapshot.purge_horizon == report.purge_horizon == 3
+    db.collect_garbage(purge_tombstones_before=6000)
+    with db.snapshot() as snapshot:
+        assert snapshot.purge_horizon == 6
+        assert list(snapshot.records_after(0)) == [(5, note("n", 2, "back again"))]
+
+
+def test_gc_loses_no_append_that_lands_while_it_runs(db):
+    db.append([note("n", i % 5000, "x" * 100) for i in range(60_000)])
+    stop, appended = threading.Event(), []
+
+    def writer():
+        i = 0
+        while not stop.is_set() or not appended:
+            appended.extend(db.append([note("late", i), note("late", i + 1)]))
+            i += 2
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    report = db.collect_garbage()
+    stop.set()
+    thread.join()
+    counters = {c for c, _ in read_all(db)}
+    assert set(appended) <= counters
+    assert report.removed == 55_000
+    assert len(counters) == 5000 + len(appended)
+
+
+def test_readers_during_gc_see_one_whole_state(db):
+    db.append([note("n", i % 100, i) for i in range(20_000)])
+    before = read_all(db)
+    errors = []
+
+    def reader():
+        for _ in range(30):
+            try:
+                seen = read_all(db)
+                assert seen == before or seen == before[-100:]
+            except Exception as error:
+                errors.append(error)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    db.collect_garbage()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert read_all(db) == before[-100:]
+
+
+_GC_PROCESS = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import cutout
+print("ready", flush=True)
+cutout.AppendOnlyDB(sys.argv[2]).collect_garbage()
+"""
+
+
+def test_gc_killed_at_random_moments_leaves_old_or_new_state(tmp_path):
+    pristine = AppendOnlyDB(tmp_path / "pristine")
+    pristine.append([note("n", i % 1000, i) for i in range(10_000)])
+    before = read_all(pristine)
+    started = time.perf_counter()
+    _copy(pristine, tmp_path, "timing").collect_garbage()
+    gc_seconds = time.perf_counter() - started
+    rng, outcomes = random.Random(1), []
+    for kill in range(20):
+        db = _copy(pristine, tmp_path, f"kill{kill}")
+        process = subprocess.Popen([sys.executable, "-c", _GC_PROCESS, HERE, db.path],
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "ready\n"
+        time.sleep(rng.uniform(0, gc_seconds * 1.5))
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        after = read_all(db)
+        assert after in (before, before[-1000:])
+        outcomes.append(after == before)
+        db.collect_garbage()
+        assert read_all(db) == before[-1000:]
+        assert db.append([b"after"]) == [10_001]
+    assert any(outcomes), "some kills should land before the swap"
+
+
+def test_gc_command_reports_what_it_removed(tmp_path):
+    data_dir = DataDir(tmp_path)
+    data_dir.collection("example.com", "alice", "notes").append([note("n", 1), note("n", 1), note("n", 1)])
+    data_dir.collection("example.org", "bob", "todo").append([note("t", 1)])
+    done = subprocess.run([sys.executable, os.path.join(HERE, "cutout.py"), "gc", "--data-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "example.com/alice/notes: removed 2 of 3 records" in done.stdout
+    assert "example.org/bob/todo: removed 0 of 1 records" in done.stdout
+    assert "total: removed 2 of 4 records" in done.stdout and "MB/s" in done.stdout
+
+
+# ---------------------------------------------------------------- export and import
+
+
+def test_export_then_import_reproduces_the_collection(tmp_path):
+    data_dir = DataDir(tmp_path)
+    source = data_dir.collection("example.com", "alice", "notes")
+    source.append([note("n", 1), note("n", 2)])
+    source.append([tombstone("n", 1)])
+    exported = io.BytesIO()
+    source.export(exported)
+    target = data_dir.collection("example.com", "alice", "moved")
+    exported.seek(0)
+    target.import_export(exported)
+    with source.snapshot() as a, target.snapshot() as b:
+        assert (a.collection_id, a.secret, a.last_counter) == (b.collection_id, b.secret, b.last_counter)
+        assert list(a.records_after(0)) == list(b.records_after(0))
+    assert target.append([b"more"]) == [4]
+    exported.seek(0)
+    with tarfile.open(fileobj=exported) as tar:
+        assert tar.getnames() == ["data", "index"]
+
+
+def test_import_replaces_an_existing_collection_at_once(tmp_path):
+    source, target = AppendOnlyDB(tmp_path / "source"), AppendOnlyDB(tmp_path / "target")
+    source.append([b"from source"])
+    target.append([b"old 1", b"old 2", b"old 3"])
+    exported = io.BytesIO()
+    source.export(exported)
+    exported.seek(0)
+    target.import_export(exported)
+    assert read_all(target) == [(1, b"from source")]
+    assert not os.path.exists(target.data_path + ".new")
+
+
+def _exported(db):
+    out = io.BytesIO()
+    db.export(out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["flip a data byte", "truncate", "drop the index", "not tar", "wrong index"])
+def test_a_damaged_export_is_refused_and_the_old_copy_stays(tmp_path, damage):
+    source, target = AppendOnlyDB(tmp_path / "source"), AppendOnlyDB(tmp_path / "target")
+    source.append([note("n", i, "x" * 40) for i in range(20)])
+    target.append([b"keep me"])
+    stream = _exported(source)
+    if damage == "flip a data byte":
+        position = 512 + cutout.DATA_HEADER_SIZE + 300        # the tar header, then the data
+        stream = stream[:position] + bytes([stream[position] ^ 1]) + stream[position + 1:]
+    elif damage == "truncate":
+        stream = stream[:512 + cutout.DATA_HEADER_SIZE + 700]     # mid-way through the data
+    elif damage == "drop the index":
+        with tarfile.open(fileobj=io.BytesIO(stream)) as tar:
+            out = io.BytesIO()
+            with tarfile.open(fileobj=out, mode="w") as kept:
+                member = tar.getmember("data")
+                kept.addfile(member, tar.extractfile(member))
+        stream = out.getvalue()
+    elif damage == "not tar":
+        stream = b"hello" * 200
+    elif damage == "wrong index":
+        other = AppendOnlyDB(tmp_path / "other")
+        other.append([note("n", i, "y" * 41) for i in range(20)])
+        with tarfile.open(fileobj=io.BytesIO(stream)) as tar, \
+                tarfile.open(fileobj=io.BytesIO(_exported(other))) as other_tar:
+            out = io.BytesIO()
+            with tarfile.open(fileobj=out, mode="w") as mixed:
+                mixed.addfile(tar.getmember("data"), tar.extractfile("data"))
+                mixed.addfile(other_tar.getmember("index"), other_tar.extractfile("index"))
+        stream = out.getvalue()
+    with pytest.raises(StorageError):
+        target.import_export(io.BytesIO(stream))
+    assert read_all(target) == [(1, b"keep me")]
+    assert not os.path.exists(target.data_path + ".new")
+
+
+# ---------------------------------------------------------------- the data directory
+
+
+@pytest.mark.parametrize("name", [
+    "..", ".", "../../etc", "a/b", "/abs", "nul\0byte", "back\\slash", "x" * 1000, "é" * 300,
+    ".hidden", "%2E%2E", "~tilde", "emoji 🙂", "CON", "a" * 200, "\udc80",
+])
+def test_no_name_reaches_outside_the_data_directory(tmp_path, name):
+    data_dir = DataDir(tmp_path / "data")
+    db = data_dir.collection(name, name, name)
+    assert os.path.commonpath([data_dir.root, os.path.realpath(db.path)]) == data_dir.root
+    assert os.path.relpath(db.path, data_dir.root).count(os.sep) == 2
+    for part in os.path.relpath(db.path, data_dir.root).split(os.sep):
+        assert 0 < len(part.encode()) <= cutout.MAX_NAME_BYTES and not part.startswith(".")
+    db.append([b"x"])
+    assert [c.path for c in data_dir.collections()] == [db.path]
+
+
+def test_escaped_names_are_distinct_and_readable():
+    names = ["alice@example.com", "Alice@example.com", "a.b", "a%2Eb", "a/b", "a%2Fb", "..", "%2E%2E",
+             "x" * 300, "x" * 301, "x" * 299 + "%", "y" * 199 + "é", "y" * 200 + "é"]
+    escaped = [cutout.escape_name(name) for name in names]
+    assert len(set(escaped)) == len(names)
+    assert cutout.escape_name("alice@example.com") == "alice@example.com"
+    assert cutout.escape_name("..") == "%2E."
+    for bad in ("", None, 3):
+        with pytest.raises(ValueError):
+            cutout.escape_name(bad)
+
+
+# ---------------------------------------------------------------- the server process
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_server_starts_serves_and_stops_cleanly(tmp_path, stop_signal):
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", str(port),
+                               "--data-dir", str(tmp_path / "data")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert server.stdout.readline().startswith(f"The Cut-Out serving http://127.0.0.1:{port}/")
+        slow = socket.create_connection(("127.0.0.1", port))   # a client that never sends a request
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            client.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+            assert client.recv(100).startswith(b"HTTP/1.0 ")  # answered despite the slow client
+        server.send_signal(stop_signal)
+        assert server.wait(timeout=10) == 0
+        slow.close()
+        assert "stopped" in server.stdout.read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+        server.stdout.close()
+        server.stderr.close()
