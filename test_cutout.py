@@ -181,33 +181,49 @@ def _three_batches(db):
     return [c for c, _ in read_all(db)]
 
 
+def _data_end(db):
+    """Where the last record ends, from the index (the data file may hold zeros after it)."""
+    with open(db.index_path, "rb") as index:
+        index.seek(-cutout.INDEX_ENTRY.size, os.SEEK_END)
+        _, offset, length = cutout.INDEX_ENTRY.unpack(index.read())
+    return offset + length
+
+
 def _copy(db, tmp_path, name):
     target = tmp_path / name
     shutil.copytree(db.path, target)
     return AppendOnlyDB(target)
 
 
-def test_torn_in_flight_append_is_cut_at_every_byte_offset(db, tmp_path, caplog):
-    """The writer died during its data write, before the index was written:
-    the data file ends in part of a batch the index does not list."""
+@pytest.mark.parametrize("tear", ["truncated", "zeroed"])
+def test_torn_in_flight_append_is_cut_at_every_byte_offset(db, tmp_path, caplog, tear):
+    """[DISK-8] The writer died during its data write, before the index was
+    written: the data ends in part of a batch the index does not list, cut
+    short (truncated) or followed by the zeros allocated ahead (zeroed)."""
     _three_batches(db)
     index_before = os.path.getsize(db.index_path)
-    data_before = os.path.getsize(db.data_path)
+    data_before = _data_end(db)
     db.append([note("n", 4, "d" * 5), note("n", 5), note("n", 6, "f" * 30)])
-    data_after = os.path.getsize(db.data_path)
+    data_after = _data_end(db)
     expected = read_all(db)
     caplog.set_level(logging.WARNING, logger="cutout")
     for cut in range(data_before, data_after + 1):
         copy = _copy(db, tmp_path, f"cut{cut}")
         os.truncate(copy.index_path, index_before)
-        os.truncate(copy.data_path, cut)
+        if tear == "truncated":
+            os.truncate(copy.data_path, cut)
+        else:
+            with open(copy.data_path, "r+b") as data:
+                data.seek(cut)
+                data.write(bytes(data_after - cut))
         survivors = read_all(copy)
         if cut == data_after:
             assert survivors == expected     # the whole in-flight append made it: it is kept
         else:
             assert survivors == expected[:3]
-        assert os.path.getsize(copy.data_path) in (data_before, data_after)
+        assert _data_end(copy) in (data_before, data_after)
         assert copy.append([b"next"]) == [survivors[-1][0] + 1]
+        assert read_all(copy) == survivors + [(survivors[-1][0] + 1, b"next")]
         shutil.rmtree(copy.path)
     assert "cut off a torn append" in caplog.text
     assert "indexed 3 records the index had not caught up with" in caplog.text
@@ -237,8 +253,7 @@ def test_missing_index_is_rebuilt(db, caplog):
 
 def test_data_file_shorter_than_the_index_says_is_an_error_naming_the_file(db):
     _three_batches(db)
-    data_size = os.path.getsize(db.data_path)
-    for cut in range(cutout.DATA_HEADER_SIZE, data_size):
+    for cut in reversed(range(cutout.DATA_HEADER_SIZE, _data_end(db))):
         os.truncate(db.data_path, cut)
         with pytest.raises(StorageError, match="shorter than the index says") as error:
             read_all(db)
