@@ -249,6 +249,16 @@ def _file_size(fd):
     return os.lseek(fd, 0, os.SEEK_END)
 
 
+def _open_without_atime(name, flags, dir_fd):
+    # Every append reads the file it wrote last time; updating its access
+    # time each time measurably slowed the append's fdatasync. O_NOATIME is
+    # refused for files of another user, who then gets access times.
+    try:
+        return os.open(name, flags | getattr(os, "O_NOATIME", 0), 0o600, dir_fd=dir_fd)
+    except PermissionError:
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -296,9 +306,9 @@ class _OpenCollection:
                 os.close(fd)
         self.data_fd = self.index_fd = None
         mode = os.O_RDWR if writable else os.O_RDONLY
-        self.data_fd = os.open("data", mode, dir_fd=self.dir_fd)
+        self.data_fd = _open_without_atime("data", mode, self.dir_fd)
         # A missing index is made empty, and so rebuilt: it is only an accelerator.
-        self.index_fd = os.open("index", mode | os.O_CREAT, 0o600, dir_fd=self.dir_fd)
+        self.index_fd = _open_without_atime("index", mode | os.O_CREAT, self.dir_fd)
         self.header = DataHeader.decode(os.pread(self.data_fd, DATA_HEADER_SIZE, 0), self.db.data_path)
 
     def _files_agree(self):
@@ -426,6 +436,7 @@ class Snapshot:
         self.purge_horizon = opened.header.purge_horizon
         self.last_counter = opened.last_counter
         self.record_count = opened.entry_count
+        self._mapping = None    # of the data file, made by the first read of records
 
     def __enter__(self):
         return self
@@ -434,6 +445,8 @@ class Snapshot:
         self.close()
 
     def close(self):
+        if self._mapping is not None:
+            self._mapping.close()
         self._files.close()
 
     def records_after(self, since=0, limit=None):
@@ -481,21 +494,20 @@ class Snapshot:
             if (len(counters) != count or contiguous[:-1] != offsets
                     or counters != array("Q", sorted(counters))):
                 raise StorageError(files.db.index_path, f"damaged entries {page_first}..{page_first + count - 1}")
-            start, end = offsets[0] - FRAME.size, offsets[-1] + lengths[-1]
-            # Records are copied straight out of a mapping of the page's bytes:
-            # one copy fewer than pread() and then slicing.
-            map_start = start - start % mmap.ALLOCATIONGRANULARITY
-            try:
-                data = mmap.mmap(files.data_fd, end - map_start, offset=map_start, access=mmap.ACCESS_READ)
-            except ValueError:
-                raise StorageError(files.db.data_path, "data file is shorter than the index says") from None
-            with data:
-                for i in (0, count - 1):
-                    head = FRAME.unpack_from(data, offsets[i] - FRAME.size - map_start)
-                    if head[:2] != (counters[i], lengths[i]):
-                        raise StorageError(files.db.index_path, f"entry {page_first + i} disagrees with the data file")
-                records = [data[offset - map_start:offset - map_start + length]
-                           for offset, length in zip(offsets, lengths)]
+            if self._mapping is None:
+                # Records are copied straight out of a mapping of the file: one
+                # copy fewer than pread() and then slicing.
+                try:
+                    self._mapping = mmap.mmap(files.data_fd, files.data_end, access=mmap.ACCESS_READ)
+                except ValueError:
+                    raise StorageError(files.db.data_path, "data file is shorter than the index says") from None
+            data = self._mapping
+            if offsets[-1] + lengths[-1] > len(data):
+                raise StorageError(files.db.data_path, "data file is shorter than the index says")
+            for i in (0, count - 1):
+                if FRAME.unpack_from(data, offsets[i] - FRAME.size)[:2] != (counters[i], lengths[i]):
+                    raise StorageError(files.db.index_path, f"entry {page_first + i} disagrees with the data file")
+            records = [data[offset:offset + length] for offset, length in zip(offsets, lengths)]
             # zip() makes each (counter, record) pair in C, and reuses the tuple
             # when the reader lets go of it, as a streaming reader does.
             yield zip(counters, records)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -51,6 +52,7 @@ def db(tmp_path):
 
 
 def test_append_returns_strictly_growing_counters_and_reads_them_back(db):
+    """[DISK-4] Counters grow strictly."""
     assert db.append([b"a", b"bb"]) == [1, 2]
     assert db.append([b"ccc"]) == [3]
     assert read_all(db) == [(1, b"a"), (2, b"bb"), (3, b"ccc")]
@@ -124,7 +126,7 @@ def test_collection_id_and_secret_are_random_and_stable(tmp_path):
 
 
 def test_offsets_past_4_gib_are_stored_in_64_bits(tmp_path):
-    """A first record of 4 GiB + 100 bytes, a hole in a sparse file so that no
+    """[DISK-5] A first record of 4 GiB + 100 bytes, a hole in a sparse file so that no
     disk is used, pushes the records after it past what 32 bits can hold.
     Its CRC is left unset: nothing here reads it, and computing it would
     mean reading 4 GiB."""
@@ -230,7 +232,7 @@ def test_torn_in_flight_append_is_cut_at_every_byte_offset(db, tmp_path, caplog,
 
 
 def test_index_cut_at_every_byte_offset_is_caught_up_from_the_data(db, tmp_path):
-    """The writer died after the data was synced, during or before its index write."""
+    """[DISK-8] The writer died after the data was synced, during or before its index write."""
     _three_batches(db)
     expected = read_all(db)
     index_size = os.path.getsize(db.index_path)
@@ -243,6 +245,7 @@ def test_index_cut_at_every_byte_offset_is_caught_up_from_the_data(db, tmp_path)
 
 
 def test_missing_index_is_rebuilt(db, caplog):
+    """[DISK-6] Deleting the index is always safe."""
     _three_batches(db)
     expected = read_all(db)
     os.unlink(db.index_path)
@@ -251,7 +254,85 @@ def test_missing_index_is_rebuilt(db, caplog):
     assert "rebuilt the index" in caplog.text
 
 
+def test_index_of_another_generation_is_rebuilt(db, caplog):
+    """[DISK-6] A crash between garbage collection's two renames leaves the
+    new data file beside the old index."""
+    db.append([note("n", 1, "old"), note("n", 2)])
+    db.append([note("n", 1, "new")])
+    shutil.copy(db.index_path, db.index_path + ".before")
+    db.collect_garbage()
+    expected = read_all(db)
+    os.replace(db.index_path + ".before", db.index_path)
+    caplog.set_level(logging.WARNING, logger="cutout")
+    assert read_all(db) == expected == [(2, note("n", 2)), (3, note("n", 1, "new"))]
+    assert "rebuilt the index" in caplog.text
+
+
+def test_files_follow_the_documented_layout(db):
+    """[DISK-2] [DISK-3] [DISK-5] The files read back byte by byte as SPEC.md
+    describes them, without cutout's own helpers."""
+    db.append([b"first", b"second"], now=1_700_000_000)
+    db.append([b"third"], now=1_700_000_001)
+    with open(db.data_path, "rb") as data_file:
+        data = data_file.read()
+    with open(db.index_path, "rb") as index_file:
+        index = index_file.read()
+    assert data[:8] == b"CUTOUTDB" and data[511:512] == b"\n"
+    header = json.loads(data[8:512])
+    assert sorted(header) == ["collection_id", "counter_floor", "generation", "purge_horizon", "secret"]
+    assert len(header["collection_id"]) == 32 and int(header["collection_id"], 16) >= 0
+    assert index[:8] == b"CUTOUTIX" and int.from_bytes(index[8:16], "little") == header["generation"]
+    assert index[16:24] == bytes(8)
+    entries = [tuple(int.from_bytes(index[at + i:at + i + 8], "little") for i in (0, 8, 16))
+               for at in range(24, len(index), 24)]
+    frames, position = [], 512
+    while data[position:position + 32].strip(b"\0"):
+        head = data[position:position + 32]
+        counter, length = (int.from_bytes(head[i:i + 8], "little") for i in (0, 8))
+        appended_at, batch_index, batch_count, crc = (int.from_bytes(head[i:i + 4], "little")
+                                                      for i in (16, 20, 24, 28))
+        record = data[position + 32:position + 32 + length]
+        assert crc == zlib.crc32(head[:28] + record)
+        frames.append((counter, record, appended_at, batch_index, batch_count))
+        assert (counter, position + 32, length) == entries[len(frames) - 1]
+        position += 32 + length
+    assert frames == [(1, b"first", 1_700_000_000, 0, 2), (2, b"second", 1_700_000_000, 1, 2),
+                      (3, b"third", 1_700_000_001, 0, 1)]
+    assert len(entries) == 3 and not data[position:].strip(b"\0")
+
+
+def test_append_syncs_its_frames_before_it_writes_the_index_or_returns(db, monkeypatch):
+    """[DISK-7]"""
+    db.append([b"first"])
+    calls = []
+    real_pwrite, real_fdatasync = os.pwrite, os.fdatasync
+
+    def pwrite(fd, data, offset):
+        calls.append(("pwrite", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_pwrite(fd, data, offset)
+
+    def fdatasync(fd):
+        calls.append(("fdatasync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    db.append([b"second", b"third"])
+    assert calls == [("pwrite", db.data_path), ("fdatasync", db.data_path), ("pwrite", db.index_path)]
+
+
+def test_every_on_disk_statement_has_a_test():
+    """Each [DISK-n] id in SPEC.md is named by a test in this file."""
+    with open(os.path.join(HERE, "SPEC.md")) as spec:
+        specified = set(re.findall(r"\*\*\[(DISK-\d+)\]\*\*", spec.read()))
+    with open(__file__) as tests:
+        tested = set(re.findall(r"\[(DISK-\d+)\]", tests.read()))
+    assert specified, "SPEC.md names no on-disk statements"
+    assert sorted(specified - tested) == []
+
+
 def test_data_file_shorter_than_the_index_says_is_an_error_naming_the_file(db):
+    """[DISK-8] Acknowledged records missing from the data file are damage: reported, nothing cut."""
     _three_batches(db)
     for cut in reversed(range(cutout.DATA_HEADER_SIZE, _data_end(db))):
         os.truncate(db.data_path, cut)
@@ -346,9 +427,9 @@ def _check_whole_batches(records):
 
 
 def test_kill_9_at_random_moments_loses_no_acknowledged_append(tmp_path, caplog):
-    """A writer process appends in a loop and is killed with SIGKILL at a random
-    moment, CRASH_KILLS times; after each kill, every append it acknowledged is
-    there, whole, and nothing else is torn."""
+    """[DISK-7] [DISK-8] [DISK-10] A writer process appends in a loop and is
+    killed with SIGKILL at a random moment, CRASH_KILLS times; after each kill,
+    every append it acknowledged is there, whole, and nothing else is torn."""
     caplog.set_level(logging.WARNING, logger="cutout")
     db = AppendOnlyDB(tmp_path / "crash")
     rng = random.Random(2012)
@@ -423,6 +504,7 @@ def _batches_are_whole(records):
 
 
 def test_threads_and_processes_append_and_read_at_once(tmp_path):
+    """[DISK-10] Appends from threads and processes are serialised; readers see whole batches."""
     db = AppendOnlyDB(tmp_path / "busy")
     db.append([json.dumps({"batch": "seed", "i": 0, "size": 1}).encode()])
     stop, reader_errors, reads = threading.Event(), [], [0]
@@ -470,6 +552,7 @@ def test_threads_and_processes_append_and_read_at_once(tmp_path):
 
 
 def test_gc_drops_replaced_and_expired_records_and_keeps_counters(db):
+    """[DISK-11]"""
     db.append([note("n", 1, "v1"), note("n", 2, "v1"), note("m", 1, "other type")])
     db.append([note("n", 1, "v2"), note("n", 3, "gone", expires=1000), note("n", 4, "later", expires=4e9)])
     db.append([tombstone("n", 2), note("x", 9), b"not json", b'["a list"]'])
@@ -483,6 +566,7 @@ def test_gc_drops_replaced_and_expired_records_and_keeps_counters(db):
 
 
 def test_gc_never_lets_a_counter_be_given_again(db):
+    """[DISK-11] counter_floor."""
     db.append([note("n", 1, "kept")])
     db.append([note("n", 2, "expired", expires=1), note("n", 3, "expired", expires=1)])
     db.collect_garbage()
@@ -493,6 +577,7 @@ def test_gc_never_lets_a_counter_be_given_again(db):
 
 
 def test_gc_keeps_newest_tombstone_unless_purged_and_records_the_horizon(db):
+    """[DISK-11] purge_horizon."""
     db.append([note("n", 1), note("n", 2)], now=1000)
     db.append([tombstone("n", 1), tombstone("n", 2)], now=2000)
     db.append([note("n", 2, "back again")], now=3000)
@@ -513,6 +598,7 @@ def test_gc_keeps_newest_tombstone_unless_purged_and_records_the_horizon(db):
 
 
 def test_gc_loses_no_append_that_lands_while_it_runs(db):
+    """[DISK-11]"""
     db.append([note("n", i % 5000, "x" * 100) for i in range(60_000)])
     stop, appended = threading.Event(), []
 
@@ -534,6 +620,7 @@ def test_gc_loses_no_append_that_lands_while_it_runs(db):
 
 
 def test_readers_during_gc_see_one_whole_state(db):
+    """[DISK-9]"""
     db.append([note("n", i % 100, i) for i in range(20_000)])
     before = read_all(db)
     errors = []
@@ -566,6 +653,7 @@ cutout.AppendOnlyDB(sys.argv[2]).collect_garbage()
 
 
 def test_gc_killed_at_random_moments_leaves_old_or_new_state(tmp_path):
+    """[DISK-9]"""
     pristine = AppendOnlyDB(tmp_path / "pristine")
     pristine.append([note("n", i % 1000, i) for i in range(10_000)])
     before = read_all(pristine)
@@ -607,6 +695,7 @@ def test_gc_command_reports_what_it_removed(tmp_path):
 
 
 def test_export_then_import_reproduces_the_collection(tmp_path):
+    """[DISK-12]"""
     data_dir = DataDir(tmp_path)
     source = data_dir.collection("example.com", "alice", "notes")
     source.append([note("n", 1), note("n", 2)])
@@ -645,6 +734,7 @@ def _exported(db):
 
 @pytest.mark.parametrize("damage", ["flip a data byte", "truncate", "drop the index", "not tar", "wrong index"])
 def test_a_damaged_export_is_refused_and_the_old_copy_stays(tmp_path, damage):
+    """[DISK-12]"""
     source, target = AppendOnlyDB(tmp_path / "source"), AppendOnlyDB(tmp_path / "target")
     source.append([note("n", i, "x" * 40) for i in range(20)])
     target.append([b"keep me"])
@@ -687,6 +777,7 @@ def test_a_damaged_export_is_refused_and_the_old_copy_stays(tmp_path, damage):
     ".hidden", "%2E%2E", "~tilde", "emoji 🙂", "CON", "a" * 200, "\udc80",
 ])
 def test_no_name_reaches_outside_the_data_directory(tmp_path, name):
+    """[DISK-1]"""
     data_dir = DataDir(tmp_path / "data")
     db = data_dir.collection(name, name, name)
     assert os.path.commonpath([data_dir.root, os.path.realpath(db.path)]) == data_dir.root
@@ -698,6 +789,7 @@ def test_no_name_reaches_outside_the_data_directory(tmp_path, name):
 
 
 def test_escaped_names_are_distinct_and_readable():
+    """[DISK-1]"""
     names = ["alice@example.com", "Alice@example.com", "a.b", "a%2Eb", "a/b", "a%2Fb", "..", "%2E%2E",
              "x" * 300, "x" * 301, "x" * 299 + "%", "y" * 199 + "é", "y" * 200 + "é"]
     escaped = [cutout.escape_name(name) for name in names]
