@@ -41,8 +41,8 @@ log = logging.getLogger("cutout")
 ###############################################################################
 # Errors
 ###############################################################################
-# Storage raises StorageError for damage it must not guess at; the HTTP layer
-# (next issue) renders the protocol's own errors.
+# Storage raises StorageError for damage it must not guess at, and
+# AppendConflict when a conditional append finds records its caller missed.
 
 
 class StorageError(Exception):
@@ -100,7 +100,6 @@ FRAME_HEAD, FRAME_CRC = struct.Struct("<QQIII"), struct.Struct("<I")  # FRAME in
 INDEX_MAGIC = b"CUTOUTIX"
 INDEX_HEADER = struct.Struct("<8sQQ")  # magic, generation of the data file, reserved (0)
 INDEX_ENTRY = struct.Struct("<QQQ")    # counter, offset of the record (after its frame), length
-FORMAT_VERSION = 1
 READ_PAGE_ENTRIES = 4096      # index entries per read: bounds a streaming reader's memory
 SCAN_CHUNK = 1 << 20          # bytes read at a time when scanning frames
 ALLOCATE_AHEAD = 64 << 10     # bytes: the least a data file grows by; zeros until appended over
@@ -144,10 +143,10 @@ class DataHeader:
     purge_horizon: int     # tombstones with counters up to this may have been purged
 
     @classmethod
-    def new(cls, counter_floor=0):
+    def new(cls):
         # Random, never from the clock: two collections made in the same
         # instant must not share an id (a flaw of the original).
-        return cls(secrets.token_hex(16), secrets.token_hex(32), 1, counter_floor, 0)
+        return cls(secrets.token_hex(16), secrets.token_hex(32), generation=1, counter_floor=0, purge_horizon=0)
 
     def encode(self):
         text = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -267,13 +266,19 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _write_file(path, content):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, content)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
+def _make_dirs_durably(path):
+    """os.makedirs(path), then sync each new directory and the one holding the first."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    if not missing:
+        return
+    for new in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(new)
+    for directory in missing + [path]:
+        _fsync_dir(directory)
 
 
 class _OpenCollection:
@@ -634,17 +639,16 @@ class AppendOnlyDB:
             return _OpenCollection(self, exclusive)
 
     def _create(self):
-        os.makedirs(self.path, exist_ok=True)
-        dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(dir_fd, fcntl.LOCK_EX)
-            if not self.exists():
-                _ReplacementWriter(self).install(DataHeader.new())
-        finally:
-            os.close(dir_fd)
-        # A new directory is durable only once its parents record it.
-        for path in (self.path, os.path.dirname(self.path)):
-            _fsync_dir(path)
+        _make_dirs_durably(self.path)
+        # The maintenance lock keeps this from clobbering an import's data.new.
+        with self._maintenance():
+            dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(dir_fd, fcntl.LOCK_EX)
+                if not self.exists():
+                    _ReplacementWriter(self).install(DataHeader.new())
+            finally:
+                os.close(dir_fd)
 
     def snapshot(self):
         """A Snapshot of the collection, creating the collection if it is new."""
@@ -761,15 +765,18 @@ class AppendOnlyDB:
     def _decide_fates(files, now, purge_tombstones_before, report):
         """One byte per record, in order: _KEEP, _DROP or _PURGE (a purged tombstone).
 
-        Memory: one byte per record plus one dict entry per (type, id).
+        Memory: one byte per record plus one dict entry per (type, id), about
+        150 bytes; never the records themselves.
         """
         fates = bytearray()
-        newest = {}                  # 8-byte digest of (type, id) -> position of its newest record
+        # A 16-byte digest keeps memory per key small; two keys colliding, which
+        # would lose a record, is as likely as guessing a random 128-bit number.
+        newest = {}                  # digest of (type, id) -> position of its newest record
         for position, frame in enumerate(_scan_frames(files.data_fd, DATA_HEADER_SIZE, files.data_end)):
             fate = _KEEP
             try:
                 obj = json.loads(frame.record)
-                key = hashlib.blake2b(json.dumps([obj.get("type"), obj["id"]]).encode(), digest_size=8).digest()
+                key = hashlib.blake2b(json.dumps([obj.get("type"), obj["id"]]).encode(), digest_size=16).digest()
             except (ValueError, TypeError, KeyError, AttributeError):
                 fates.append(fate)
                 continue
@@ -791,7 +798,7 @@ class AppendOnlyDB:
         report.tombstones_purged = fates.count(_PURGE)
         return fates
 
-    def export(self, out):
+    def export_to(self, out):
         """Write the collection to the binary file out as a tar stream of `data` then `index`.
 
         The export is a snapshot; appends made while it is written are not in it.
@@ -806,7 +813,7 @@ class AppendOnlyDB:
                     member.seek(0)
                     tar.addfile(info, member)
 
-    def import_export(self, stream):
+    def import_from(self, stream):
         """Replace the collection by the one exported to stream; all at once or not at all.
 
         Every frame is verified and the index must match the data. The old copy
@@ -814,7 +821,7 @@ class AppendOnlyDB:
         it meanwhile are replaced with it. Keeps the exported collection_id and
         secret. Raises StorageError if the stream is not a whole, intact export.
         """
-        os.makedirs(self.path, exist_ok=True)
+        _make_dirs_durably(self.path)
         with self._maintenance():
             writer = _ReplacementWriter(self)
             try:
@@ -829,7 +836,6 @@ class AppendOnlyDB:
             except BaseException:
                 writer.abandon()
                 raise
-        _fsync_dir(os.path.dirname(self.path))
 
     def _receive(self, stream, writer):
         """Read an export into writer; return its data header and its index bytes."""

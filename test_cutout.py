@@ -5,6 +5,7 @@ files, real processes (killed with SIGKILL) and a real server on loopback.
 CUTOUT_CRASH_KILLS sets how many times the crash test kills a writer.
 """
 
+import fcntl
 import io
 import json
 import logging
@@ -162,9 +163,9 @@ def test_idle_collections_hold_no_open_files(tmp_path):
         next(iterator)
     db.collect_garbage()
     exported = io.BytesIO()
-    db.export(exported)
+    db.export_to(exported)
     exported.seek(0)
-    data_dir.collection("example.com", "bob", "notes").import_export(exported)
+    data_dir.collection("example.com", "bob", "notes").import_from(exported)
     open_paths = []
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -701,10 +702,10 @@ def test_export_then_import_reproduces_the_collection(tmp_path):
     source.append([note("n", 1), note("n", 2)])
     source.append([tombstone("n", 1)])
     exported = io.BytesIO()
-    source.export(exported)
+    source.export_to(exported)
     target = data_dir.collection("example.com", "alice", "moved")
     exported.seek(0)
-    target.import_export(exported)
+    target.import_from(exported)
     with source.snapshot() as a, target.snapshot() as b:
         assert (a.collection_id, a.secret, a.last_counter) == (b.collection_id, b.secret, b.last_counter)
         assert list(a.records_after(0)) == list(b.records_after(0))
@@ -719,17 +720,33 @@ def test_import_replaces_an_existing_collection_at_once(tmp_path):
     source.append([b"from source"])
     target.append([b"old 1", b"old 2", b"old 3"])
     exported = io.BytesIO()
-    source.export(exported)
+    source.export_to(exported)
     exported.seek(0)
-    target.import_export(exported)
+    target.import_from(exported)
     assert read_all(target) == [(1, b"from source")]
     assert not os.path.exists(target.data_path + ".new")
 
 
 def _exported(db):
     out = io.BytesIO()
-    db.export(out)
+    db.export_to(out)
     return out.getvalue()
+
+
+def test_creating_a_collection_waits_for_an_import_into_it(tmp_path):
+    """[DISK-10] A first read must not make a fresh collection over the
+    data.new that an import into the same directory is still writing."""
+    db = AppendOnlyDB(tmp_path / "new")
+    os.makedirs(db.path)
+    created = threading.Event()
+    with open(os.path.join(db.path, "maintenance.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)      # as an import in progress holds it
+        reader = threading.Thread(target=lambda: (read_all(db), created.set()))
+        reader.start()
+        assert not created.wait(0.3)
+        assert not os.path.exists(db.data_path)
+    reader.join()
+    assert created.is_set() and read_all(db) == []
 
 
 @pytest.mark.parametrize("damage", ["flip a data byte", "truncate", "drop the index", "not tar", "wrong index"])
@@ -764,7 +781,7 @@ def test_a_damaged_export_is_refused_and_the_old_copy_stays(tmp_path, damage):
                 mixed.addfile(other_tar.getmember("index"), other_tar.extractfile("index"))
         stream = out.getvalue()
     with pytest.raises(StorageError):
-        target.import_export(io.BytesIO(stream))
+        target.import_from(io.BytesIO(stream))
     assert read_all(target) == [(1, b"keep me")]
     assert not os.path.exists(target.data_path + ".new")
 
