@@ -10,6 +10,7 @@ It is one process on one machine's files: not a database server, not a framework
 import argparse
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import hashlib
@@ -19,6 +20,7 @@ import logging
 import mmap
 import operator
 import os
+import re
 import secrets
 import signal
 import socketserver
@@ -169,7 +171,17 @@ class DataHeader:
 def _decoded_header(raw):
     # Every request reads its collection's header; parsing the same bytes
     # again would be a tenth of an append's own work.
-    return DataHeader(**json.loads(raw[len(DATA_MAGIC):DATA_HEADER_SIZE]))
+    header = DataHeader(**json.loads(raw[len(DATA_MAGIC):DATA_HEADER_SIZE]))
+    for name, digits in (("collection_id", 32), ("secret", 64)):
+        value = getattr(header, name)
+        if not (isinstance(value, str) and len(value) == digits and set(value) <= set("0123456789abcdef")):
+            raise ValueError(f"{name} must be {digits} lower-case hex digits")
+    for name in ("generation", "counter_floor", "purge_horizon"):
+        value = getattr(header, name)
+        # Below 2**62, so that counters and generations above it still fit in 64 bits.
+        if not (type(value) is int and 0 <= value < 1 << 62):
+            raise ValueError(f"{name} must be an integer from 0 to 2**62")
+    return header
 
 
 @dataclasses.dataclass
@@ -240,6 +252,45 @@ def _scan_frames(fd, start, end):
             return
         yield _Frame(record_offset, counter, length, appended_at, batch_index, batch_count, record)
         position = record_offset + length
+
+
+_NONZERO = re.compile(rb"[^\x00]")
+
+
+def _intact_batch_start_after(fd, start, end, above_counter):
+    """Whether an intact frame that starts a batch lies anywhere in [start, end).
+
+    Appends are synced one after another, so an intact batch after a
+    damaged frame proves that the damaged batch was acknowledged. Only the
+    tail is searched, byte by byte but skipping runs of zeros; repair is rare.
+    """
+    position = start
+    while position + FRAME.size <= end:
+        chunk = os.pread(fd, min(SCAN_CHUNK, end - position), position)
+        at = 0
+        while at + FRAME.size <= len(chunk):
+            nonzero = _NONZERO.search(chunk, at)
+            if nonzero is None:
+                break
+            at = max(at, nonzero.start() - FRAME.size + 1)
+            counter, length, _, batch_index, batch_count, _ = FRAME.unpack_from(chunk, at)
+            record_offset = position + at + FRAME.size
+            if (batch_index == 0 and batch_count and counter > above_counter and record_offset + length <= end
+                    and _read_frame(fd, record_offset, length, end) is not None):
+                return True
+            at += 1
+        position += max(len(chunk) - FRAME.size + 1, 1)
+    return False
+
+
+def _pwrite_all(fd, data, offset):
+    """Write all of data at offset; a short write (a full disk) raises OSError."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written == 0:
+            raise OSError(errno.ENOSPC, "no room to write", fd)
+        view, offset = view[written:], offset + written
 
 
 def _file_size(fd):
@@ -352,11 +403,13 @@ class _OpenCollection:
     def _repair(self):
         """Bring the index and the data's tail into agreement; log what changed.
 
-        If the index's last entry is intact, the frames after it are indexed
-        and a torn batch after them is cut off. Otherwise the index is rebuilt
-        from the whole data file. Raises StorageError, changing nothing, when
-        the index lists more records than the data file holds: those records
-        were acknowledged, so their absence is damage, not a crash.
+        If the index's last entry is intact, the frames after it are indexed;
+        otherwise the whole index is rebuilt from the data file, beside the
+        old one, which snapshots may still be reading. A torn batch at the end
+        is cut off. Everything is decided before anything changes: when the
+        index lists records the data file does not hold intact, or when intact
+        batches follow a damaged frame, the damaged records were acknowledged,
+        so StorageError is raised and nothing is cut.
         """
         db = self.db
         index_size = _file_size(self.index_fd)
@@ -375,39 +428,58 @@ class _OpenCollection:
         resume_at = DATA_HEADER_SIZE if previous is None else previous.end
         expected_index = 0 if previous is None or previous.ends_batch else previous.batch_index + 1
         last_counter = 0 if previous is None else previous.counter
-        entries, pending, good_end = array("Q"), array("Q"), resume_at
+        entries, pending, good_end, scanned_end = array("Q"), array("Q"), resume_at, resume_at
         for frame in _scan_frames(self.data_fd, resume_at, self.file_size):
             if frame.batch_index != expected_index or frame.counter <= last_counter:
                 break
             pending.extend((frame.counter, frame.offset, frame.length))
-            last_counter = frame.counter
+            last_counter, scanned_end = frame.counter, frame.end
             if frame.ends_batch:
                 entries.extend(pending)
                 del pending[:]
                 good_end, expected_index = frame.end, 0
             else:
                 expected_index += 1
-        if kept + len(entries) // 3 < listed:
+        found = kept + len(entries) // 3
+        if found < listed:
             raise StorageError(db.data_path, f"the index lists {listed} records but the data file holds "
-                               f"only {kept + len(entries) // 3} intact ones (shorter than the index says?)")
+                               f"only {found} intact ones (shorter than the index says?)")
+        if previous is not None and not previous.ends_batch and not entries:
+            raise StorageError(db.data_path, f"the batch of counter {previous.counter} is listed "
+                               "in the index but the rest of it is damaged")
+        if _intact_batch_start_after(self.data_fd, scanned_end, self.file_size, last_counter):
+            raise StorageError(db.data_path, f"damaged data at offset {scanned_end} is followed by "
+                               "intact records")
         if os.pread(self.data_fd, FRAME.size, good_end).strip(b"\0"):
             log.warning("%s: cut off a torn append at offset %d", db.data_path, good_end)
         if good_end < self.file_size:
             os.ftruncate(self.data_fd, good_end)
             os.fdatasync(self.data_fd)
-        if kept == 0:
-            log.warning("%s: rebuilt the index from the data file", db.index_path)
-            os.pwrite(self.index_fd, INDEX_HEADER.pack(INDEX_MAGIC, self.header.generation, 0), 0)
-        elif entries:
-            log.warning("%s: indexed %d records the index had not caught up with",
-                        db.index_path, len(entries) // 3)
-        elif index_size % INDEX_ENTRY.size:
-            log.warning("%s: dropped a partly written index entry", db.index_path)
         if sys.byteorder == "big":
             entries.byteswap()
-        os.pwrite(self.index_fd, entries.tobytes(), _entry_position(kept))
-        os.ftruncate(self.index_fd, _entry_position(kept + len(entries) // 3))
-        os.fdatasync(self.index_fd)
+        if kept == 0:
+            log.warning("%s: rebuilt the index from the data file", db.index_path)
+            rebuilt = db.index_path + ".rebuilt"
+            fd = os.open(rebuilt, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _pwrite_all(fd, INDEX_HEADER.pack(INDEX_MAGIC, self.header.generation, 0) + entries.tobytes(), 0)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.rename(rebuilt, db.index_path)
+            _fsync_dir(db.path)
+            self._open_files(writable=True)
+        else:
+            # Only bytes past every snapshot's view change here: a partly
+            # written entry, and the entries of the batches just found.
+            if entries:
+                log.warning("%s: indexed %d records the index had not caught up with",
+                            db.index_path, len(entries) // 3)
+            elif index_size % INDEX_ENTRY.size:
+                log.warning("%s: dropped a partly written index entry", db.index_path)
+            _pwrite_all(self.index_fd, entries.tobytes(), _entry_position(kept))
+            os.ftruncate(self.index_fd, _entry_position(kept + len(entries) // 3))
+            os.fdatasync(self.index_fd)
         if not self._files_agree():
             raise StorageError(db.data_path, "repair did not bring index and data into agreement")
 
@@ -431,8 +503,8 @@ class Snapshot:
     (not locked) until close(); use it as a context manager.
     """
 
-    def __init__(self, db):
-        opened = db._open(exclusive=False)
+    def __init__(self, db, create=True):
+        opened = db._open(exclusive=False) if create else _OpenCollection(db, exclusive=False)
         fcntl.flock(opened.dir_fd, fcntl.LOCK_UN)
         self._files = opened
         self.path = db.path
@@ -483,22 +555,30 @@ class Snapshot:
         return low
 
     def _pages(self, first, stop):
-        """Yield, page by page, iterators of (counter, record) for entries first..stop-1."""
+        """Yield, page by page, iterators of (counter, record) for entries first..stop-1.
+
+        Each page is read with the entry before it, and every entry is checked
+        against its neighbours (frames lie end to end, counters grow) by
+        operations that loop in C. The first and last entries are also checked
+        against their frames. So the records returned are exactly those after
+        the entry before them, however the search that found it went.
+        """
         files = self._files
         for page_first in range(first, stop, READ_PAGE_ENTRIES):
-            count = min(READ_PAGE_ENTRIES, stop - page_first)
-            entries = array("Q", os.pread(files.index_fd, count * INDEX_ENTRY.size,
-                                          _entry_position(page_first)))
+            lead = 1 if page_first else 0
+            count = min(READ_PAGE_ENTRIES, stop - page_first) + lead
+            raw = os.pread(files.index_fd, count * INDEX_ENTRY.size, _entry_position(page_first - lead))
+            if len(raw) != count * INDEX_ENTRY.size:
+                raise StorageError(files.db.index_path, "index file is shorter than when the snapshot was taken")
+            entries = array("Q", raw)
             if sys.byteorder == "big":
                 entries.byteswap()
             counters, offsets, lengths = entries[0::3], entries[1::3], entries[2::3]
-            # Frames lie end to end and counters grow, so every entry is checked
-            # against its neighbours by operations that loop in C, not in Python.
             contiguous = array("Q", itertools.accumulate(map(operator.add, lengths, itertools.repeat(FRAME.size)),
                                                          initial=offsets[0]))
-            if (len(counters) != count or contiguous[:-1] != offsets
-                    or counters != array("Q", sorted(counters))):
-                raise StorageError(files.db.index_path, f"damaged entries {page_first}..{page_first + count - 1}")
+            if contiguous[:-1] != offsets or not all(map(operator.lt, counters, counters[1:])):
+                raise StorageError(files.db.index_path, f"damaged entries near entry {page_first}; "
+                                   "deleting the index file makes the next open rebuild it")
             if self._mapping is None:
                 # Records are copied straight out of a mapping of the file: one
                 # copy fewer than pread() and then slicing.
@@ -507,15 +587,18 @@ class Snapshot:
                 except ValueError:
                     raise StorageError(files.db.data_path, "data file is shorter than the index says") from None
             data = self._mapping
-            if offsets[-1] + lengths[-1] > len(data):
+            # Reading a mapping past the end of its file kills the process
+            # (SIGBUS), so a file cut short since the snapshot is an error here.
+            if offsets[-1] + lengths[-1] > min(len(data), _file_size(files.data_fd)):
                 raise StorageError(files.db.data_path, "data file is shorter than the index says")
             for i in (0, count - 1):
                 if FRAME.unpack_from(data, offsets[i] - FRAME.size)[:2] != (counters[i], lengths[i]):
-                    raise StorageError(files.db.index_path, f"entry {page_first + i} disagrees with the data file")
-            records = [data[offset:offset + length] for offset, length in zip(offsets, lengths)]
+                    raise StorageError(files.db.index_path,
+                                       f"entry {page_first - lead + i} disagrees with the data file")
+            records = [data[offset:offset + length] for offset, length in zip(offsets[lead:], lengths[lead:])]
             # zip() makes each (counter, record) pair in C, and reuses the tuple
             # when the reader lets go of it, as a streaming reader does.
-            yield zip(counters, records)
+            yield zip(counters[lead:], records)
 
 
 class _ReplacementWriter:
@@ -554,19 +637,29 @@ class _ReplacementWriter:
 
     def _flush(self):
         written = self.position - sum(map(len, self.frames))
-        os.pwrite(self.data_fd, b"".join(self.frames), written)
+        _pwrite_all(self.data_fd, b"".join(self.frames), written)
         if sys.byteorder == "big":
             self.entries.byteswap()
-        os.pwrite(self.index_fd, self.entries.tobytes(),
+        _pwrite_all(self.index_fd, self.entries.tobytes(),
                   _entry_position(self.record_count - len(self.entries) // 3))
         self.frames, self.entries = [], array("Q")
+
+    def sync(self):
+        """Make what was added so far durable, so that install() has little left to sync."""
+        try:
+            self._flush()
+            os.fdatasync(self.data_fd)
+            os.fdatasync(self.index_fd)
+        except BaseException:
+            self.abandon()
+            raise
 
     def install(self, header):
         """Sync the new files and rename them over the old (caller holds the exclusive lock)."""
         try:
             self._flush()
-            os.pwrite(self.data_fd, header.encode(), 0)
-            os.pwrite(self.index_fd, INDEX_HEADER.pack(INDEX_MAGIC, header.generation, 0), 0)
+            _pwrite_all(self.data_fd, header.encode(), 0)
+            _pwrite_all(self.index_fd, INDEX_HEADER.pack(INDEX_MAGIC, header.generation, 0), 0)
             os.fdatasync(self.data_fd)
             os.fdatasync(self.index_fd)
         except BaseException:
@@ -590,7 +683,14 @@ class _ReplacementWriter:
         self.data_fd = self.index_fd = None
 
 
-_DROP, _KEEP, _PURGE = 0, 1, 2   # a record's fate in garbage collection
+# A record's fate in garbage collection. Dropping the newest record of a
+# (type, id) that replaced an older one hides a change from clients that saw
+# the older one, so _PURGED and _EXPIRED_HIDING raise the purge horizon.
+_KEEP = 1
+_REPLACED = 2          # a later record has the same (type, id)
+_EXPIRED = 3           # the newest of its (type, id), and the first: no client misses anything
+_EXPIRED_HIDING = 4    # the newest of its (type, id), replacing an older one
+_PURGED = 5            # the newest of its (type, id), a tombstone older than the purge time
 
 
 @dataclasses.dataclass
@@ -621,7 +721,7 @@ class AppendOnlyDB:
     """
 
     def __init__(self, path):
-        self.path = os.fspath(path)
+        self.path = os.path.abspath(path)
         self.data_path = os.path.join(self.path, "data")
         self.index_path = os.path.join(self.path, "index")
 
@@ -641,14 +741,19 @@ class AppendOnlyDB:
     def _create(self):
         _make_dirs_durably(self.path)
         # The maintenance lock keeps this from clobbering an import's data.new.
-        with self._maintenance():
-            dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                fcntl.flock(dir_fd, fcntl.LOCK_EX)
-                if not self.exists():
-                    _ReplacementWriter(self).install(DataHeader.new())
-            finally:
-                os.close(dir_fd)
+        with self._maintenance(), self._locked():
+            if not self.exists():
+                _ReplacementWriter(self).install(DataHeader.new())
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the collection directory's lock exclusively, without opening its files."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def snapshot(self):
         """A Snapshot of the collection, creating the collection if it is new."""
@@ -689,9 +794,15 @@ class AppendOnlyDB:
                 entries.byteswap()
             # The commit point: once the frames are synced the batch is durable,
             # and only then may the index point at it.
-            os.pwrite(files.data_fd, batch, files.data_end)
+            _pwrite_all(files.data_fd, batch, files.data_end)
             os.fdatasync(files.data_fd)
-            os.pwrite(files.index_fd, entries.tobytes(), _entry_position(files.entry_count))
+            try:
+                _pwrite_all(files.index_fd, entries.tobytes(), _entry_position(files.entry_count))
+            except OSError as error:
+                # The batch is durable, so it is acknowledged; the next open
+                # indexes it (the index is only an accelerator).
+                log.warning("%s: could not index counters %d..%d yet: %s",
+                            self.index_path, first, first + count - 1, error)
             return list(range(first, first + count))
         finally:
             files.close()
@@ -726,35 +837,41 @@ class AppendOnlyDB:
             return report
         now = time.time() if now is None else now
         started = time.perf_counter()
-        with self._maintenance(), self.snapshot() as snapshot:
+        with self._maintenance(), Snapshot(self, create=False) as snapshot:
             files = snapshot._files
-            report.records_before = snapshot.record_count
+            report.records_before = report.records_after = snapshot.record_count
+            report.bytes_before = report.bytes_after = files.data_end
+            report.purge_horizon = horizon = files.header.purge_horizon
             fates = self._decide_fates(files, now, purge_tombstones_before, report)
+            if fates.count(_KEEP) == len(fates):
+                report.seconds = time.perf_counter() - started
+                return report       # nothing to drop: the files stay as they are
             writer = _ReplacementWriter(self)
             try:
-                horizon = files.header.purge_horizon
                 frames = _scan_frames(files.data_fd, DATA_HEADER_SIZE, files.data_end)
                 for frame, fate in zip(frames, fates):
                     if fate == _KEEP:
                         # Survivors of a batch no longer form it, so each becomes a batch of one.
                         writer.add(frame.counter, frame.record, frame.appended_at)
-                    elif fate == _PURGE:
+                    elif fate in (_PURGED, _EXPIRED_HIDING):
                         horizon = max(horizon, frame.counter)
+                writer.sync()       # the bulk, before readers and writers are held up
                 with _OpenCollection(self, exclusive=True) as live:
                     if live.header.generation != files.header.generation:
                         raise StorageError(self.path, "replaced while garbage was being collected")
-                    for frame in _scan_frames(live.data_fd, files.data_end, live.data_end):
+                    late = live.entry_count - snapshot.record_count
+                    for frame in itertools.islice(_scan_frames(live.data_fd, files.data_end, live.data_end), late):
                         writer.add(frame.counter, frame.record, frame.appended_at,
                                    frame.batch_index, frame.batch_count)
-                    report.records_before += live.entry_count - snapshot.record_count
-                    report.bytes_before = live.data_end
-                    header = dataclasses.replace(
-                        live.header, generation=live.header.generation + 1,
-                        counter_floor=live.last_counter, purge_horizon=horizon)
+                    if writer.record_count != fates.count(_KEEP) + late:
+                        raise StorageError(self.data_path, "a record appended during garbage collection is damaged")
+                    report.records_before += late
                     report.records_after = writer.record_count
-                    report.bytes_after = writer.position
+                    report.bytes_before, report.bytes_after = live.data_end, writer.position
                     report.purge_horizon = horizon
-                    writer.install(header)
+                    writer.install(dataclasses.replace(
+                        live.header, generation=live.header.generation + 1,
+                        counter_floor=live.last_counter, purge_horizon=horizon))
             except BaseException:
                 writer.abandon()
                 raise
@@ -763,7 +880,7 @@ class AppendOnlyDB:
 
     @staticmethod
     def _decide_fates(files, now, purge_tombstones_before, report):
-        """One byte per record, in order: _KEEP, _DROP or _PURGE (a purged tombstone).
+        """One fate per record, in order (see _KEEP and the rest); fills report's counts.
 
         Memory: one byte per record plus one dict entry per (type, id), about
         150 bytes; never the records themselves.
@@ -773,29 +890,29 @@ class AppendOnlyDB:
         # would lose a record, is as likely as guessing a random 128-bit number.
         newest = {}                  # digest of (type, id) -> position of its newest record
         for position, frame in enumerate(_scan_frames(files.data_fd, DATA_HEADER_SIZE, files.data_end)):
-            fate = _KEEP
             try:
                 obj = json.loads(frame.record)
                 key = hashlib.blake2b(json.dumps([obj.get("type"), obj["id"]]).encode(), digest_size=16).digest()
             except (ValueError, TypeError, KeyError, AttributeError):
-                fates.append(fate)
+                fates.append(_KEEP)
                 continue
+            older = newest.get(key)
+            if older is not None:
+                fates[older] = _REPLACED
             expires = obj.get("expires")
             if isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires <= now:
-                fate = _DROP
-                report.expired += 1
+                fates.append(_EXPIRED if older is None else _EXPIRED_HIDING)
             elif (obj.get("deleted") is True and purge_tombstones_before is not None
                   and frame.appended_at < purge_tombstones_before):
-                fate = _PURGE   # final only if no later record replaces this tombstone
-            older = newest.get(key)
-            if older is not None and fates[older] != _DROP:
-                fates[older] = _DROP
-                report.replaced += 1
+                fates.append(_PURGED)
+            else:
+                fates.append(_KEEP)
             newest[key] = position
-            fates.append(fate)
         if len(fates) != files.entry_count:
             raise StorageError(files.db.data_path, f"record {len(fates) + 1} is damaged (CRC or frame)")
-        report.tombstones_purged = fates.count(_PURGE)
+        report.replaced = fates.count(_REPLACED)
+        report.expired = fates.count(_EXPIRED) + fates.count(_EXPIRED_HIDING)
+        report.tombstones_purged = fates.count(_PURGED)
         return fates
 
     def export_to(self, out):
@@ -803,7 +920,7 @@ class AppendOnlyDB:
 
         The export is a snapshot; appends made while it is written are not in it.
         """
-        with self.snapshot() as snapshot, tarfile.open(fileobj=out, mode="w|") as tar:
+        with Snapshot(self, create=False) as snapshot, tarfile.open(fileobj=out, mode="w|") as tar:
             files = snapshot._files
             for name, fd, size in (("data", files.data_fd, files.data_end),
                                    ("index", files.index_fd, _entry_position(files.entry_count))):
@@ -818,27 +935,54 @@ class AppendOnlyDB:
 
         Every frame is verified and the index must match the data. The old copy
         serves reads and writes until the new one is complete; writes made to
-        it meanwhile are replaced with it. Keeps the exported collection_id and
-        secret. Raises StorageError if the stream is not a whole, intact export.
+        it meanwhile are replaced with it. The exported collection_id is kept,
+        unless the collection here has that id and is newer or unreadable: then
+        the import restores an older state, so it gets a new collection_id (and
+        counters above the old ones) and clients read it again from the start.
+        Raises StorageError if the stream is not a whole, intact export.
         """
         _make_dirs_durably(self.path)
         with self._maintenance():
             writer = _ReplacementWriter(self)
             try:
-                header, exported_index = self._receive(stream, writer)
-                with _OpenCollection(self, exclusive=True) if self.exists() else contextlib.nullcontext() as live:
-                    generation = max(header.generation, live.header.generation if live else 0) + 1
-                    if _entry_position(writer.record_count) != len(exported_index) or (
-                            os.pread(writer.index_fd, len(exported_index), 0)[INDEX_HEADER.size:]
-                            != exported_index[INDEX_HEADER.size:]):
-                        raise StorageError(self.path, "the exported index does not match its data")
-                    writer.install(dataclasses.replace(header, generation=generation))
+                header, imported_last = self._receive(stream, writer)
+                writer.sync()
+                with contextlib.ExitStack() as lock:
+                    try:
+                        live = lock.enter_context(_OpenCollection(self, exclusive=True))
+                        live_header, live_last = live.header, live.last_counter
+                    except (FileNotFoundError, StorageError):
+                        # Missing or damaged: restoring a damaged copy is what import is for.
+                        lock.enter_context(self._locked())
+                        live_header, live_last = self._readable_header(), None
+                    if live_header is not None:
+                        header = dataclasses.replace(header, generation=max(header.generation,
+                                                                            live_header.generation) + 1)
+                        if live_header.collection_id == header.collection_id and (
+                                live_last is None or live_last > imported_last):
+                            header = dataclasses.replace(
+                                header, collection_id=DataHeader.new().collection_id,
+                                counter_floor=max(header.counter_floor, live_last or 0, imported_last))
+                    writer.install(header)
             except BaseException:
                 writer.abandon()
                 raise
 
+    def _readable_header(self):
+        """The data file's header, or None if there is none that can be read."""
+        try:
+            fd = os.open(self.data_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return DataHeader.decode(os.pread(fd, DATA_HEADER_SIZE, 0), self.data_path)
+        except StorageError:
+            return None
+        finally:
+            os.close(fd)
+
     def _receive(self, stream, writer):
-        """Read an export into writer; return its data header and its index bytes."""
+        """Read an export into writer, checking all of it; return its header and last counter."""
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 members = iter(tar)
@@ -847,10 +991,10 @@ class AppendOnlyDB:
                     raise StorageError(self.path, "an export starts with its data file")
                 data = tar.extractfile(data_member)
                 header = DataHeader.decode(data.read(DATA_HEADER_SIZE), f"{self.path} (import)")
-                os.pwrite(writer.data_fd, header.encode(), 0)
+                _pwrite_all(writer.data_fd, header.encode(), 0)
                 received = DATA_HEADER_SIZE
                 while chunk := data.read(SCAN_CHUNK):
-                    os.pwrite(writer.data_fd, chunk, received)
+                    _pwrite_all(writer.data_fd, chunk, received)
                     received += len(chunk)
                 index_member = next(members, None)
                 if index_member is None or index_member.name != "index" or not index_member.isfile():
@@ -867,7 +1011,10 @@ class AppendOnlyDB:
         if writer.position != received or expected_index:
             raise StorageError(self.path, f"the exported data is damaged at offset {writer.position}")
         writer._flush()
-        return header, exported_index
+        if exported_index[INDEX_HEADER.size:] != os.pread(writer.index_fd, len(exported_index), 0)[
+                INDEX_HEADER.size:] or len(exported_index) != _entry_position(writer.record_count):
+            raise StorageError(self.path, "the exported index does not match its data")
+        return header, max(last_counter, header.counter_floor)
 
 
 ###############################################################################
@@ -892,7 +1039,7 @@ def escape_name(name):
     """
     if not isinstance(name, str) or not name:
         raise ValueError("a collection path part must be a non-empty string")
-    raw = name.encode("utf-8", "surrogatepass")
+    raw = name.encode("utf-8")      # a lone surrogate raises UnicodeEncodeError, a ValueError
     escaped = "".join(chr(b) if b in SAFE_NAME_BYTES and not (i == 0 and b == ord(".")) else f"%{b:02X}"
                       for i, b in enumerate(raw))
     if len(escaped) <= MAX_NAME_BYTES:
