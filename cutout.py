@@ -8,12 +8,15 @@ It is one process on one machine's files: not a database server, not a framework
 """
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import errno
 import fcntl
 import functools
 import hashlib
+import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -27,12 +30,15 @@ import socketserver
 import struct
 import sys
 import tarfile
+import threading
 import time
+import urllib.parse
 import zlib
 from array import array
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
+import requests
 
 __version__ = "0.1.0"
 __all__ = ["AppendOnlyDB", "AppendConflict", "DataDir", "GarbageReport", "StorageError", "main"]
@@ -56,11 +62,12 @@ class StorageError(Exception):
 
 
 class AppendConflict(Exception):
-    """A conditional append found records the caller has not seen."""
+    """A conditional append found records the caller has not seen, or another collection_id."""
 
-    def __init__(self, last_counter):
-        super().__init__(f"the collection holds records up to counter {last_counter}")
+    def __init__(self, last_counter, collection_id):
+        super().__init__(f"the collection {collection_id} holds records up to counter {last_counter}")
         self.last_counter = last_counter
+        self.collection_id = collection_id
 
 
 ###############################################################################
@@ -143,6 +150,7 @@ class DataHeader:
     generation: int        # changes whenever the data file is replaced; the index names it
     counter_floor: int     # counters given from now on are above this, even if no record is
     purge_horizon: int     # tombstones with counters up to this may have been purged
+    deleted: dict = None   # {"reason": ...} while a deleted collection has not been written again
 
     @classmethod
     def new(cls):
@@ -181,6 +189,8 @@ def _decoded_header(raw):
         # Below 2**62, so that counters and generations above it still fit in 64 bits.
         if not (type(value) is int and 0 <= value < 1 << 62):
             raise ValueError(f"{name} must be an integer from 0 to 2**62")
+    if not (header.deleted is None or isinstance(header.deleted, dict) and set(header.deleted) == {"reason"}):
+        raise ValueError('deleted must be null or {"reason": ...}')
     return header
 
 
@@ -503,16 +513,15 @@ class Snapshot:
     (not locked) until close(); use it as a context manager.
     """
 
-    def __init__(self, db, create=True):
-        opened = db._open(exclusive=False) if create else _OpenCollection(db, exclusive=False)
-        fcntl.flock(opened.dir_fd, fcntl.LOCK_UN)
-        self._files = opened
-        self.path = db.path
-        self.collection_id = opened.header.collection_id
-        self.secret = opened.header.secret
-        self.purge_horizon = opened.header.purge_horizon
-        self.last_counter = opened.last_counter
-        self.record_count = opened.entry_count
+    def __init__(self, files):
+        self._files = files
+        self.path = files.db.path
+        self.collection_id = files.header.collection_id
+        self.secret = files.header.secret
+        self.purge_horizon = files.header.purge_horizon
+        self.deleted = files.header.deleted
+        self.last_counter = files.last_counter
+        self.record_count = files.entry_count
         self._mapping = None    # of the data file, made by the first read of records
 
     def __enter__(self):
@@ -755,30 +764,35 @@ class AppendOnlyDB:
         finally:
             os.close(fd)
 
-    def snapshot(self):
-        """A Snapshot of the collection, creating the collection if it is new."""
-        return Snapshot(self)
+    def snapshot(self, create=True):
+        """A Snapshot of the collection, creating the collection if it is new (and create)."""
+        files = self._open(exclusive=False) if create else _OpenCollection(self, exclusive=False)
+        fcntl.flock(files.dir_fd, fcntl.LOCK_UN)    # the snapshot reads without it
+        return Snapshot(files)
 
-    def append(self, records, if_last_counter=None, now=None):
+    def append(self, records, if_last_counter=None, ignore_newer=None, if_collection_id=None, now=None):
         """Store records (a list of bytes) as one batch; return their counters.
 
         All of them are stored or none. With if_last_counter, the batch is
-        stored only if no record newer than that counter exists, otherwise
+        stored only if no record newer than that counter exists (except those
+        for which ignore_newer(counter, record) is true); with
+        if_collection_id, only if that is the collection's id. Otherwise
         AppendConflict is raised. Returns once the records are on disk.
         """
         if not isinstance(records, (list, tuple)) or not all(isinstance(r, bytes) for r in records):
             raise TypeError("records must be a list of bytes")
-        if not records:
-            if if_last_counter is not None:
-                with self.snapshot() as snapshot:
-                    if snapshot.last_counter > if_last_counter:
-                        raise AppendConflict(snapshot.last_counter)
-            return []
         appended_at = int(time.time() if now is None else now)
         files = self._open(exclusive=True)
+        view = Snapshot(files)          # closing it closes the files
         try:
+            if if_collection_id is not None and if_collection_id != files.header.collection_id:
+                raise AppendConflict(files.last_counter, files.header.collection_id)
             if if_last_counter is not None and files.last_counter > if_last_counter:
-                raise AppendConflict(files.last_counter)
+                newer = view.records_after(if_last_counter)
+                if ignore_newer is None or not all(itertools.starmap(ignore_newer, newer)):
+                    raise AppendConflict(files.last_counter, files.header.collection_id)
+            if not records:
+                return []
             first, count = files.last_counter + 1, len(records)
             batch, entries = bytearray(), array("Q")
             for i, record in enumerate(records):
@@ -805,7 +819,27 @@ class AppendOnlyDB:
                             self.index_path, first, first + count - 1, error)
             return list(range(first, first + count))
         finally:
-            files.close()
+            view.close()
+
+    def delete(self, reason=None):
+        """Replace the collection by an empty one with a new collection_id; return that id.
+
+        Counters go on from where they were. The new header remembers the
+        reason until the collection is written again.
+        """
+        self.snapshot().close()         # creates the collection first if it is new
+        with self._maintenance():
+            writer = _ReplacementWriter(self)
+            try:
+                with _OpenCollection(self, exclusive=True) as live:
+                    header = dataclasses.replace(
+                        DataHeader.new(), generation=live.header.generation + 1,
+                        counter_floor=live.last_counter, purge_horizon=0, deleted={"reason": reason})
+                    writer.install(header)
+            except BaseException:
+                writer.abandon()
+                raise
+        return header.collection_id
 
     @contextlib.contextmanager
     def _maintenance(self):
@@ -837,7 +871,7 @@ class AppendOnlyDB:
             return report
         now = time.time() if now is None else now
         started = time.perf_counter()
-        with self._maintenance(), Snapshot(self, create=False) as snapshot:
+        with self._maintenance(), self.snapshot(create=False) as snapshot:
             files = snapshot._files
             report.records_before = report.records_after = snapshot.record_count
             report.bytes_before = report.bytes_after = files.data_end
@@ -871,7 +905,8 @@ class AppendOnlyDB:
                     report.purge_horizon = horizon
                     writer.install(dataclasses.replace(
                         live.header, generation=live.header.generation + 1,
-                        counter_floor=live.last_counter, purge_horizon=horizon))
+                        counter_floor=live.last_counter, purge_horizon=horizon,
+                        deleted=None if live.entry_count else live.header.deleted))
             except BaseException:
                 writer.abandon()
                 raise
@@ -920,7 +955,7 @@ class AppendOnlyDB:
 
         The export is a snapshot; appends made while it is written are not in it.
         """
-        with Snapshot(self, create=False) as snapshot, tarfile.open(fileobj=out, mode="w|") as tar:
+        with self.snapshot(create=False) as snapshot, tarfile.open(fileobj=out, mode="w|") as tar:
             files = snapshot._files
             for name, fd, size in (("data", files.data_fd, files.data_end),
                                    ("index", files.index_fd, _entry_position(files.entry_count))):
@@ -1071,10 +1106,524 @@ class DataDir:
 
 
 ###############################################################################
-# Server and command line
+# Protocol: the rules of SPEC.md chapter 2, on plain values
 ###############################################################################
+# Nothing here touches bottle or a socket: each function takes what a request
+# said (query pairs, body bytes) and returns what to answer (a status and a
+# body), or raises ProtocolError. The HTTP section below only translates.
+# Records are stored as the compact JSON of the object, so an answer is built
+# by splicing stored bytes, never by parsing them again (except to filter).
+
+
+class ProtocolError(Exception):
+    """A request the spec refuses; answered with status and {"error": code, "message": ...}."""
+
+    def __init__(self, status, code, message, headers=None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+@dataclasses.dataclass
+class Limits:
+    """Sizes a request or an answer may have (SPEC.md LIMIT-1, GET-6); all in bytes or objects."""
+
+    max_body_bytes: int = 1 << 20
+    max_object_bytes: int = 256 << 10
+    max_response_objects: int = 1000
+    max_response_bytes: int = 1 << 20
+
+
+TOKEN_LIFETIME = 24 * 3600    # seconds a token from /verify is good for (AUTH-2)
+MAX_REASON_BYTES = 256        # bytes of JSON in a deletion's reason; it lives in the data header
+OBJECT_MEMBERS = frozenset({"type", "id", "data", "deleted", "expires"})
+# A host as the path and an origin spell it: lower case, optional port (PATH-1).
+DOMAIN_PATTERN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?\Z")
+
+
+@dataclasses.dataclass
+class SyncQuery:
+    """What a GET or POST to a collection asked for."""
+
+    since: int = None
+    collection_id: str = None
+    limit: int = None
+    include: tuple = ()
+    exclude: tuple = ()
+
+    def wanted(self):
+        """A test of a stored record against include/exclude, or None when all are wanted (GET-7)."""
+        if self.include:
+            types = frozenset(self.include)
+            return lambda record: json.loads(record)["type"] in types
+        if self.exclude:
+            types = frozenset(self.exclude)
+            return lambda record: json.loads(record)["type"] not in types
+        return None
+
+
+def parse_sync_query(pairs):
+    """A SyncQuery from the query's (name, value) pairs; raises ProtocolError (GET-8, GET-7)."""
+    values = {}
+    for name, value in pairs:
+        values.setdefault(name, []).append(value)
+    for name in ("since", "collection_id", "limit", "auth"):
+        if len(values.get(name, ())) > 1:
+            raise ProtocolError(400, "bad_request", f"{name} may appear only once")
+    query = SyncQuery(include=tuple(values.get("include", ())), exclude=tuple(values.get("exclude", ())))
+    if query.include and query.exclude:
+        raise ProtocolError(400, "bad_filter", "include and exclude cannot be used together")
+    if "since" in values:
+        query.since = _parse_integer(values["since"][0], "since", "bad_since", minimum=0)
+    if "limit" in values:
+        query.limit = _parse_integer(values["limit"][0], "limit", "bad_limit", minimum=1)
+    if "collection_id" in values:
+        query.collection_id = values["collection_id"][0]
+    if query.since is not None and query.collection_id is None:
+        raise ProtocolError(400, "bad_request", "since needs the collection_id it belongs to")
+    return query
+
+
+def _parse_integer(text, name, code, minimum):
+    # Decimal digits only: int() would also take "+5", " 5" and "5_000".
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) < minimum:
+        raise ProtocolError(400, code, f"{name} must be a whole number of at least {minimum}, not {text!r}")
+    return int(text)
+
+
+def parse_json_body(body, limits):
+    """The JSON value of a request body; raises ProtocolError (ERR-2, LIMIT-1)."""
+    if len(body) > limits.max_body_bytes:
+        raise ProtocolError(413, "too_large", f"the body is larger than {limits.max_body_bytes} bytes")
+    try:
+        return json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ProtocolError(400, "bad_json", f"the body is not UTF-8 JSON: {error}") from None
+
+
+def parse_objects(body, limits):
+    """The records to store for a POST body: each object's compact JSON (POST-1, LIMIT-1)."""
+    objects = parse_json_body(body, limits)
+    if not isinstance(objects, list):
+        raise ProtocolError(400, "bad_object", "the body must be a JSON list of objects")
+    records = []
+    for position, obj in enumerate(objects):
+        problem = _object_problem(obj)
+        if problem:
+            raise ProtocolError(400, "bad_object", f"object {position}: {problem}")
+        record = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(record) > limits.max_object_bytes:
+            raise ProtocolError(413, "too_large", f"object {position} is larger than {limits.max_object_bytes} bytes")
+        records.append(record)
+    return records
+
+
+def _object_problem(obj):
+    """What makes obj not an object of SPEC.md POST-1, or None."""
+    if not isinstance(obj, dict):
+        return "is not a JSON object"
+    unknown = set(obj) - OBJECT_MEMBERS
+    if unknown:
+        return f"has members the protocol does not know: {', '.join(sorted(unknown))}"
+    if not isinstance(obj.get("type"), str) or not obj["type"]:
+        return '"type" must be a non-empty string'
+    if "id" not in obj or not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
+        return '"id" must be a string or an integer'
+    if ("data" in obj) == ("deleted" in obj):
+        return 'needs either "data" or "deleted": true, not both'
+    if "deleted" in obj and obj["deleted"] is not True:
+        return '"deleted" can only be true'
+    expires = obj.get("expires")
+    if "expires" in obj and (not isinstance(expires, (int, float)) or isinstance(expires, bool)):
+        return '"expires" must be a number (unix seconds)'
+    return None
+
+
+def _json_with_objects(members, fragments):
+    """The JSON text of members plus "objects": the stored [counter, object] fragments."""
+    head = json.dumps(members, separators=(",", ":")).encode()
+    comma = b"," if members else b""
+    return head[:-1] + comma + b'"objects":[' + b",".join(fragments) + b"]}"
+
+
+def _objects_after(snapshot, query, since, limits):
+    """The [counter, object] fragments after since, whether more remain, and the newest counter looked at."""
+    wanted = query.wanted()
+    cap = min(query.limit or limits.max_response_objects, limits.max_response_objects)
+    fragments, size, until = [], 0, since
+    # Without a filter, one record past the cap says whether more remain.
+    for counter, record in snapshot.records_after(since, None if wanted else cap + 1):
+        if len(fragments) == cap or (fragments and size + len(record) > limits.max_response_bytes):
+            return fragments, True, until
+        until = counter
+        if wanted is None or wanted(record):
+            fragments.append(b"[%d,%s]" % (counter, record))
+            size += len(record)
+    return fragments, False, max(until, snapshot.last_counter)
+
+
+def _full_answer(snapshot, query, limits, members):
+    """An answer carrying members and the objects from the start (GET-1, GET-4)."""
+    if snapshot.deleted is not None and snapshot.record_count == 0:
+        members["collection_deleted"] = snapshot.deleted["reason"]      # DEL-2
+    fragments, incomplete, until = _objects_after(snapshot, query, 0, limits)
+    return _with_paging(members, query, incomplete, until), fragments
+
+
+def _with_paging(members, query, incomplete, until):
+    if incomplete:
+        members["incomplete"] = True                                     # GET-6
+    if query.include or query.exclude:
+        members["until"] = until                                         # GET-7
+    return members
+
+
+def read_collection(snapshot, query, limits):
+    """Answer a GET (SPEC.md 2.2): (status, body bytes or None)."""
+    if query.collection_id is None:
+        members, fragments = _full_answer(snapshot, query, limits, {"collection_id": snapshot.collection_id})
+        return 200, _json_with_objects(members, fragments)
+    if query.collection_id != snapshot.collection_id:
+        members, fragments = _full_answer(snapshot, query, limits, {
+            "collection_changed": True, "collection_id": snapshot.collection_id})
+        return 200, _json_with_objects(members, fragments)
+    _check_since(snapshot, query)
+    if 0 < query.since < snapshot.purge_horizon:
+        return 200, _since_purged(snapshot)
+    # [GET-3] "If nothing is newer than since, the server MUST answer 204."
+    # The empty poll reads no record and parses no JSON.
+    if query.since >= snapshot.last_counter:
+        return 204, None
+    fragments, incomplete, until = _objects_after(snapshot, query, query.since, limits)
+    return 200, _json_with_objects(_with_paging({}, query, incomplete, until), fragments)
+
+
+def _check_since(snapshot, query):
+    # [GET-5] "A since greater than any counter the collection has given is answered 400."
+    if query.since > snapshot.last_counter:
+        raise ProtocolError(400, "bad_since", f"since {query.since} is newer than the newest counter, "
+                            f"{snapshot.last_counter}")
+
+
+def _since_purged(snapshot):
+    # [PURGE-1] The client must read everything again from since=0.
+    return json.dumps({"since_purged": True, "collection_id": snapshot.collection_id}).encode()
+
+
+def write_collection(db, query, records, limits):
+    """Answer a POST (SPEC.md 2.3): (status, body bytes). Stores all records or none."""
+    if query.since is None or query.collection_id is None:
+        raise ProtocolError(400, "bad_request", "a POST needs since and collection_id")
+    wanted = query.wanted()
+    with db.snapshot() as snapshot:
+        if query.collection_id == snapshot.collection_id:
+            _check_since(snapshot, query)
+            if 0 < query.since < snapshot.purge_horizon:
+                return 200, _since_purged(snapshot)
+    try:
+        counters = db.append(records, if_last_counter=query.since, if_collection_id=query.collection_id,
+                             ignore_newer=None if wanted is None else lambda counter, record: not wanted(record))
+    except AppendConflict:
+        # Refused whole; say why from a fresh view (POST-5, POST-2).
+        with db.snapshot() as snapshot:
+            if query.collection_id != snapshot.collection_id:
+                return read_collection(snapshot, query, limits)
+            fragments, incomplete, until = _objects_after(snapshot, query, query.since, limits)
+            members = _with_paging({"since_invalid": True}, query, incomplete, until)
+            return 200, _json_with_objects(members, fragments)
+    return 200, json.dumps({"object_counters": counters}).encode()
+
+
+def delete_collection(db, body, limits):
+    """Answer a DELETE (SPEC.md 2.4): empty the collection under a new collection_id."""
+    reason = parse_json_body(body, limits) if body.strip() else None
+    if len(json.dumps(reason)) > MAX_REASON_BYTES:
+        raise ProtocolError(413, "too_large", f"the reason is larger than {MAX_REASON_BYTES} bytes of JSON")
+    return 200, json.dumps({"collection_id": db.delete(reason)}).encode()
+
+
+def domain_of_origin(origin):
+    """The domain (host[:port]) of an origin such as "https://example.com", or None if it is not one."""
+    try:
+        parts = urllib.parse.urlsplit(origin)
+        parts.port     # raises ValueError for a port that is not one
+    except ValueError:
+        return None
+    domain = parts.netloc.lower()
+    if parts.scheme not in ("http", "https") or parts.path not in ("", "/") or parts.query or parts.fragment:
+        return None
+    return domain if DOMAIN_PATTERN.match(domain) and "@" not in domain else None
+
+
+def make_token(secret, email, audience, now):
+    """A signed token binding email and audience until now + TOKEN_LIFETIME (AUTH-2)."""
+    payload = base64.urlsafe_b64encode(json.dumps(
+        {"email": email, "audience": audience, "expires": int(now) + TOKEN_LIFETIME}).encode()).rstrip(b"=")
+    signature = base64.urlsafe_b64encode(hmac.new(secret, payload, "sha256").digest()).rstrip(b"=")
+    return (payload + b"." + signature).decode()
+
+
+def check_token(secret, token, now):
+    """(email, domain) of a valid token; raises ProtocolError 401 otherwise (AUTH-3)."""
+    refused = ProtocolError(401, "unauthorized", "a valid token is needed: verify again")
+    if not token or token.count(".") != 1 or not token.isascii():
+        raise refused
+    payload, signature = token.encode().split(b".")
+    expected = base64.urlsafe_b64encode(hmac.new(secret, payload, "sha256").digest()).rstrip(b"=")
+    if not hmac.compare_digest(signature, expected):
+        raise refused
+    claims = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+    if claims["expires"] <= now:
+        raise ProtocolError(401, "unauthorized", "the token has expired: verify again")
+    return claims["email"], domain_of_origin(claims["audience"])
+
+
+def development_verifier(assertion, audience):
+    """Accepts an assertion that is an email address; for running on one's own machine."""
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+", assertion) or len(assertion) > 254:
+        raise ProtocolError(401, "assertion_rejected", "the development verifier takes an email address")
+    return assertion
+
+
+def remote_verifier(url):
+    """A verifier that asks url, as a BrowserID verifier is asked (SPEC.md 2.6)."""
+    def verify(assertion, audience):
+        try:
+            answer = requests.post(url, data={"assertion": assertion, "audience": audience}, timeout=10)
+            verdict = answer.json()
+        except (requests.RequestException, ValueError) as error:
+            raise ProtocolError(502, "verifier_unavailable", f"the verifier did not answer: {error}") from None
+        if not (isinstance(verdict, dict) and verdict.get("status") == "okay"
+                and isinstance(verdict.get("email"), str) and verdict.get("audience") == audience):
+            raise ProtocolError(401, "assertion_rejected", "the verifier rejected the assertion")
+        return verdict["email"]
+    return verify
+
+
+def verify_assertion(secret, verifier, assertion, audience, now):
+    """Answer POST /verify (AUTH-1): (status, body bytes)."""
+    if not assertion or not audience:
+        raise ProtocolError(400, "bad_request", "assertion and audience are both needed")
+    if domain_of_origin(audience) is None:
+        raise ProtocolError(400, "bad_request", "audience must be an origin such as https://example.com")
+    audience = audience.rstrip("/").lower()
+    email = verifier(assertion, audience)
+    token = make_token(secret, email, audience, now)
+    return 200, json.dumps({"status": "okay", "email": email, "audience": audience,
+                            "expires": int(now) + TOKEN_LIFETIME, "auth": {"query": {"auth": token}}}).encode()
+
+
+###############################################################################
+# HTTP: bottle routes that translate between requests and the protocol
+###############################################################################
+# Every answer goes through the after_request hook, which adds the CORS and
+# backoff headers; every error, bottle's own (404, 405) included, is JSON.
 
 app = bottle.Bottle()
+COLLECTION_METHODS = ("GET", "POST", "DELETE")
+EXPOSED_HEADERS = "X-Sync-Poll-Time, Retry-After"
+PREFLIGHT_MAX_AGE = 600       # seconds a browser may cache a preflight answer
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """What the routes need from the command line."""
+
+    data_dir: DataDir
+    secret: bytes
+    verifier: object
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    poll_time: int = 0            # seconds; sent as X-Sync-Poll-Time when > 0 (BACKOFF-1)
+
+
+def _config():
+    return app.config["cutout.server"]
+
+
+def _answer(status, body, content_type="application/json"):
+    headers = {} if body is None else {"Content-Type": content_type}
+    return bottle.HTTPResponse(body=body or b"", status=status, **headers)
+
+
+def _error_answer(error):
+    body = json.dumps({"error": error.code, "message": error.message}).encode()
+    return bottle.HTTPResponse(body=body, status=error.status, headers=error.headers,
+                               **{"Content-Type": "application/json"})
+
+
+def _protocol(handler):
+    """Run a route's handler, rendering ProtocolError and storage damage as JSON errors."""
+    @functools.wraps(handler)
+    def route(**url_parts):
+        try:
+            return handler(**url_parts)
+        except ProtocolError as error:
+            return _error_answer(error)
+        except StorageError as error:
+            log.error("%s", error)
+            return _error_answer(ProtocolError(500, "storage_error", "the collection's files are damaged"))
+    return route
+
+
+def _collection(domain, user, bucket):
+    """The AppendOnlyDB the request may use; raises ProtocolError (PATH-1, AUTH-3, AUTH-4)."""
+    if not DOMAIN_PATTERN.match(domain):
+        raise ProtocolError(400, "bad_path", f"{domain!r} is not a host in lower case")
+    tokens = bottle.request.query.getall("auth")
+    if len(tokens) > 1:
+        raise ProtocolError(400, "bad_request", "auth may appear only once")
+    email, token_domain = check_token(_config().secret, tokens[0] if tokens else "", time.time())
+    # [AUTH-4] "A token MUST only give access to /{domain}/{user}/... of its email and audience."
+    if (email, token_domain) != (user, domain):
+        raise ProtocolError(401, "unauthorized", "this token is for another user or app")
+    try:
+        return _config().data_dir.collection(domain, user, bucket)
+    except ValueError as error:
+        raise ProtocolError(400, "bad_path", str(error)) from None
+
+
+def _query_pairs():
+    return [(name, value) for name, value in bottle.request.query.allitems()]
+
+
+def _body():
+    limit = _config().limits.max_body_bytes
+    if bottle.request.content_length > limit:
+        raise ProtocolError(413, "too_large", f"the body is larger than {limit} bytes")
+    return bottle.request.body.read(limit + 1)
+
+
+@app.get("/<domain>/<user>/<bucket>")
+@_protocol
+def get_collection(domain, user, bucket):
+    db = _collection(domain, user, bucket)
+    query = parse_sync_query(_query_pairs())
+    with db.snapshot() as snapshot:
+        return _answer(*read_collection(snapshot, query, _config().limits))
+
+
+@app.post("/<domain>/<user>/<bucket>")
+@_protocol
+def post_collection(domain, user, bucket):
+    db = _collection(domain, user, bucket)
+    query = parse_sync_query(_query_pairs())
+    records = parse_objects(_body(), _config().limits)
+    return _answer(*write_collection(db, query, records, _config().limits))
+
+
+@app.delete("/<domain>/<user>/<bucket>")
+@_protocol
+def delete_collection_route(domain, user, bucket):
+    db = _collection(domain, user, bucket)
+    return _answer(*delete_collection(db, _body(), _config().limits))
+
+
+@app.route("/<domain>/<user>/<bucket>", method="OPTIONS")
+@app.route("/verify", method="OPTIONS")
+def preflight(**url_parts):
+    # [CORS-2] No token is needed: a browser sends none with a preflight.
+    return _answer(204, None)
+
+
+@app.post("/verify")
+@_protocol
+def verify():
+    forms = bottle.request.forms
+    config = _config()
+    return _answer(*verify_assertion(config.secret, config.verifier, forms.getunicode("assertion") or "",
+                                     forms.getunicode("audience") or "", time.time()))
+
+
+@app.get("/syncclient.js")
+def syncclient_js():
+    # [JS-1] The client's default server is wherever this request reached us.
+    scheme, netloc = bottle.request.urlparts[:2]
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "syncclient.js"), "rb") as script:
+        source = script.read()
+    body = source.replace(b'"{{server_url}}"', json.dumps(f"{scheme}://{netloc}/").encode())
+    return _answer(200, body, "application/javascript; charset=utf-8")
+
+
+@app.hook("after_request")
+def cross_origin_and_backoff_headers():
+    request, response = bottle.request, bottle.response
+    parts = request.path.strip("/").split("/")
+    origin = request.headers.get("Origin")
+    allowed = False
+    if request.path == "/verify":
+        # [CORS-3] Any origin may ask; only the audience's origin may read the answer.
+        allowed = request.method == "OPTIONS" or (origin is not None and domain_of_origin(origin) is not None
+                                                  and origin.rstrip("/").lower()
+                                                  == (request.forms.getunicode("audience") or "").rstrip("/").lower())
+    elif len(parts) == 3 and origin is not None:
+        # [CORS-1] Only the origin of the collection's domain, one origin per header.
+        allowed = domain_of_origin(origin) == parts[0]
+    if request.path == "/syncclient.js":
+        response.set_header("Access-Control-Allow-Origin", "*")
+    elif allowed:
+        response.set_header("Access-Control-Allow-Origin", origin)
+        response.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
+        if request.method == "OPTIONS":
+            response.set_header("Access-Control-Allow-Methods", ", ".join(COLLECTION_METHODS))
+            response.set_header("Access-Control-Allow-Headers", "Content-Type")
+            response.set_header("Access-Control-Max-Age", str(PREFLIGHT_MAX_AGE))
+    response.add_header("Vary", "Origin")
+    poll_time = _config().poll_time
+    if poll_time and len(parts) == 3:
+        response.set_header("X-Sync-Poll-Time", str(poll_time))
+
+
+def _json_error_page(error):
+    # bottle's own errors (no route: 404, wrong method: 405 with Allow) as JSON too.
+    codes = {404: "not_found", 405: "method_not_allowed", 500: "internal_error"}
+    bottle.response.content_type = "application/json"
+    if error.status_code == 500:
+        log.error("unexpected error: %s", error.exception)
+    return json.dumps({"error": codes.get(error.status_code, "http_error"),
+                       "message": error.body if error.status_code != 500 else "internal error"})
+
+
+app.default_error_handler = _json_error_page
+
+
+class ConcurrencyLimit:
+    """WSGI middleware: answer 503 with Retry-After when too many requests are in progress (BACKOFF-1).
+
+    It also drops the Content-Length that bottle puts on a 204, which HTTP
+    forbids there (RFC 9110, 8.6).
+    """
+
+    def __init__(self, application, max_concurrent, retry_after=1):
+        self.application, self.max_concurrent, self.retry_after = application, max_concurrent, retry_after
+        self.in_progress, self.lock = 0, threading.Lock()
+
+    def __call__(self, environ, start_response):
+        with self.lock:
+            busy = self.in_progress >= self.max_concurrent
+            if not busy:
+                self.in_progress += 1
+        if busy:
+            headers = [("Content-Type", "application/json"), ("Retry-After", str(self.retry_after))]
+            origin, parts = environ.get("HTTP_ORIGIN"), environ.get("PATH_INFO", "").strip("/").split("/")
+            if origin and len(parts) == 3 and domain_of_origin(origin) == parts[0]:
+                headers += [("Access-Control-Allow-Origin", origin),
+                            ("Access-Control-Expose-Headers", EXPOSED_HEADERS), ("Vary", "Origin")]
+            start_response("503 Service Unavailable", headers)
+            return [json.dumps({"error": "overloaded", "message": "too busy: try again later"}).encode()]
+        def respond(status, headers, exc_info=None):
+            if status.startswith("204"):
+                headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
+            return start_response(status, headers, exc_info)
+        try:
+            return self.application(environ, respond)
+        finally:
+            with self.lock:
+                self.in_progress -= 1
+
+
+###############################################################################
+# Server and command line
+###############################################################################
 
 
 class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
@@ -1097,10 +1646,50 @@ def _stop_on_sigterm():
     signal.signal(signal.SIGTERM, handler)
 
 
+def _is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _server_secret(path):
+    """The secret that signs tokens: read from path, or made there (readable by us alone) at first start."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path, "rb") as existing:
+            secret = existing.read().strip()
+        if len(secret) < 32:
+            sys.exit(f"cutout.py: the secret in {path} is shorter than 32 bytes")
+        return secret
+    secret = secrets.token_hex(32).encode()
+    try:
+        os.write(fd, secret + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return secret
+
+
 def serve(args):
     os.makedirs(args.data_dir, exist_ok=True)
-    app.config["cutout.data_dir"] = DataDir(args.data_dir)
-    server = make_server(args.host, args.port, app, ThreadingWSGIServer, _QuietHandler)
+    if args.verifier_url:
+        verifier = remote_verifier(args.verifier_url)
+    elif _is_loopback(args.host):
+        verifier = development_verifier
+        log.warning("DEVELOPMENT VERIFIER: any assertion that is an email address logs in as that "
+                    "address. Fine on your own machine; pass --verifier-url for anything else.")
+    else:
+        sys.exit(f"cutout.py: refusing to listen on {args.host} without --verifier-url: "
+                 "the development verifier lets anyone log in as anyone")
+    app.config["cutout.server"] = ServerConfig(
+        data_dir=DataDir(args.data_dir),
+        secret=_server_secret(args.secret_file or os.path.join(args.data_dir, ".secret")),
+        verifier=verifier, poll_time=args.poll_time,
+        limits=Limits(max_body_bytes=args.max_body_bytes, max_object_bytes=args.max_object_bytes))
+    application = ConcurrencyLimit(app, args.max_concurrent)
+    server = make_server(args.host, args.port, application, ThreadingWSGIServer, _QuietHandler)
     _stop_on_sigterm()
     print(f"The Cut-Out serving http://{args.host}:{server.server_port}/ "
           f"(data in {args.data_dir})", flush=True)
@@ -1139,6 +1728,18 @@ def parse_args(argv):
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8088, help="port to listen on; 0 picks a free one")
     parser.add_argument("--data-dir", default="./cutout-data", help="where collections live")
+    parser.add_argument("--secret-file", help="the secret that signs tokens (default DATA_DIR/.secret, "
+                        "made at first start)")
+    parser.add_argument("--verifier-url", help="a BrowserID-style verifier to check assertions with "
+                        "(without one: the development verifier, on loopback only)")
+    parser.add_argument("--poll-time", type=int, default=0, metavar="SECONDS",
+                        help="ask clients to poll no sooner than this (X-Sync-Poll-Time)")
+    parser.add_argument("--max-concurrent", type=int, default=64,
+                        help="requests at once before answering 503 (default 64)")
+    parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+                        help=f"largest request body (default {Limits.max_body_bytes})")
+    parser.add_argument("--max-object-bytes", type=int, default=Limits.max_object_bytes,
+                        help=f"largest object, as JSON (default {Limits.max_object_bytes})")
     parser.add_argument("--debug", action="store_true", help="log every request")
     parser.set_defaults(run=serve)
     commands = parser.add_subparsers(title="commands")

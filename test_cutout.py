@@ -280,7 +280,8 @@ def test_files_follow_the_documented_layout(db):
         index = index_file.read()
     assert data[:8] == b"CUTOUTDB" and data[511:512] == b"\n"
     header = json.loads(data[8:512])
-    assert sorted(header) == ["collection_id", "counter_floor", "generation", "purge_horizon", "secret"]
+    assert sorted(header) == ["collection_id", "counter_floor", "deleted", "generation", "purge_horizon", "secret"]
+    assert header["deleted"] is None
     assert len(header["collection_id"]) == 32 and int(header["collection_id"], 16) >= 0
     assert index[:8] == b"CUTOUTIX" and int.from_bytes(index[8:16], "little") == header["generation"]
     assert index[16:24] == bytes(8)
