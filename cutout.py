@@ -1199,6 +1199,8 @@ def parse_json_body(body, limits):
         return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as error:
         raise ProtocolError(400, "bad_json", f"the body is not UTF-8 JSON: {error}") from None
+    except RecursionError:
+        raise ProtocolError(400, "bad_json", "the body's JSON is nested too deeply") from None
 
 
 def parse_objects(body, limits):
@@ -1211,7 +1213,10 @@ def parse_objects(body, limits):
         problem = _object_problem(obj)
         if problem:
             raise ProtocolError(400, "bad_object", f"object {position}: {problem}")
-        record = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            record = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        except RecursionError:
+            raise ProtocolError(400, "bad_object", f"object {position} is nested too deeply") from None
         if len(record) > limits.max_object_bytes:
             raise ProtocolError(413, "too_large", f"object {position} is larger than {limits.max_object_bytes} bytes")
         records.append(record)

@@ -5,7 +5,11 @@ files, real processes (killed with SIGKILL) and a real server on loopback.
 CUTOUT_CRASH_KILLS sets how many times the crash test kills a writer.
 """
 
+import base64
+import contextlib
 import fcntl
+import http.client
+import http.server
 import io
 import json
 import logging
@@ -20,9 +24,11 @@ import sys
 import tarfile
 import threading
 import time
+import urllib.parse
 import zlib
 
 import pytest
+import requests
 
 import cutout
 from cutout import AppendConflict, AppendOnlyDB, DataDir, StorageError
@@ -1006,3 +1012,182 @@ def test_server_starts_serves_and_stops_cleanly(tmp_path, stop_signal):
         server.wait()
         server.stdout.close()
         server.stderr.close()
+
+
+def test_server_refuses_a_public_address_without_a_verifier(tmp_path):
+    """The development verifier lets anyone log in as anyone, so it is for loopback only.
+    (192.0.2.1 is a documentation address: nothing could be reached there.)"""
+    done = subprocess.run([sys.executable, os.path.join(HERE, "cutout.py"), "--host", "192.0.2.1",
+                           "--port", str(_free_port()), "--data-dir", str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    assert "--verifier-url" in done.stderr and "The Cut-Out serving" not in done.stdout
+
+
+class _FakeVerifier(http.server.BaseHTTPRequestHandler):
+    """A BrowserID-style verifier: "good:EMAIL" is okay, "elsewhere:EMAIL" is okay for another audience."""
+
+    def do_POST(self):
+        form = urllib.parse.parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+        assertion, audience = form["assertion"][0], form["audience"][0]
+        kind, _, email = assertion.partition(":")
+        if kind == "good":
+            verdict = {"status": "okay", "email": email, "audience": audience}
+        elif kind == "elsewhere":
+            verdict = {"status": "okay", "email": email, "audience": "https://elsewhere.example"}
+        else:
+            verdict = {"status": "failure", "reason": "bad assertion"}
+        body = json.dumps(verdict).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def verifier_url():
+    verifier = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeVerifier)
+    thread = threading.Thread(target=verifier.serve_forever)
+    thread.start()
+    yield f"http://127.0.0.1:{verifier.server_address[1]}/verify"
+    verifier.shutdown()
+    verifier.server_close()
+    thread.join()
+
+
+@contextlib.contextmanager
+def _server(tmp_path, *options):
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", str(port),
+                                "--data-dir", str(tmp_path / "data"), *options],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith("The Cut-Out serving")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_remote_verifier_decides_who_logs_in(tmp_path, verifier_url):
+    with _server(tmp_path, "--verifier-url", verifier_url) as base:
+        audience = "https://app.example"
+        okay = requests.post(base + "/verify", data={"assertion": "good:ann@example.com", "audience": audience},
+                             timeout=10)
+        assert okay.status_code == 200 and okay.json()["email"] == "ann@example.com"
+        token = okay.json()["auth"]["query"]["auth"]
+        hello = requests.get(base + "/app.example/ann@example.com/notes", params={"auth": token}, timeout=10)
+        assert hello.status_code == 200 and "collection_id" in hello.json()
+        for assertion in ("bad:ann@example.com", "elsewhere:ann@example.com", "ann@example.com"):
+            refused = requests.post(base + "/verify", data={"assertion": assertion, "audience": audience},
+                                    timeout=10)
+            assert (refused.status_code, refused.json()["error"]) == (401, "assertion_rejected")
+
+
+def test_unreachable_verifier_is_a_502(tmp_path):
+    dead = f"http://127.0.0.1:{_free_port()}/verify"     # nothing listens there
+    with _server(tmp_path, "--verifier-url", dead) as base:
+        answer = requests.post(base + "/verify", data={"assertion": "good:ann@example.com",
+                                                       "audience": "https://app.example"}, timeout=30)
+        assert (answer.status_code, answer.json()["error"]) == (502, "verifier_unavailable")
+
+
+def test_tokens_are_signed_with_the_secret_file(tmp_path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("s" * 64)
+    with _server(tmp_path, "--secret-file", str(secret_file)) as base:
+        token = requests.post(base + "/verify", data={"assertion": "ann@example.com", "audience": "http://app.example"},
+                              timeout=10).json()["auth"]["query"]["auth"]
+    assert token == cutout.make_token(b"s" * 64, "ann@example.com", "http://app.example",
+                                      json.loads(_unpadded_b64(token.split(".")[0]))["expires"] - cutout.TOKEN_LIFETIME)
+    assert cutout.check_token(b"s" * 64, token, time.time()) == ("ann@example.com", "app.example")
+    with pytest.raises(cutout.ProtocolError):
+        cutout.check_token(b"t" * 64, token, time.time())
+    with pytest.raises(cutout.ProtocolError):
+        cutout.check_token(b"s" * 64, token, time.time() + cutout.TOKEN_LIFETIME + 1)
+
+
+def _unpadded_b64(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+# ---------------------------------------------------------------- fuzzing the running server
+
+FUZZ_EXAMPLES = int(os.environ.get("CUTOUT_FUZZ_EXAMPLES", "2000"))
+_fuzz_cases = []
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    with _server(tmp_path_factory.mktemp("fuzz"), "--max-body-bytes", "20000") as base:
+        token = requests.post(base + "/verify", data={"assertion": "fuzz@example.com", "audience": "http://fuzz.example"},
+                              timeout=10).json()["auth"]["query"]["auth"]
+        collection_id = requests.get(base + "/fuzz.example/fuzz@example.com/b", params={"auth": token},
+                                     timeout=10).json()["collection_id"]
+        yield base, token, collection_id
+    print(f"fuzzing: {len(_fuzz_cases)} requests sent, statuses {sorted(set(_fuzz_cases))}")
+
+
+def _fuzz_strategies():
+    from hypothesis import strategies as st
+    text = st.text(max_size=30)
+    counter = st.one_of(st.integers(-5, 10**20).map(str), text, st.just("1.5"), st.just(" 3"), st.just("+3"))
+    query_value = {"since": counter, "limit": counter, "collection_id": text, "include": text,
+                   "exclude": text, "auth": text, "other": text}
+    query = st.lists(st.sampled_from(sorted(query_value)).flatmap(
+        lambda name: st.tuples(st.just(name), query_value[name])), max_size=6)
+    json_value = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
+                              lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
+                              max_leaves=12)
+    obj = st.fixed_dictionaries({}, optional={"type": st.one_of(text, json_value), "id": json_value,
+                                              "data": json_value, "deleted": json_value,
+                                              "expires": json_value, "extra": json_value})
+    body = st.one_of(st.binary(max_size=200), st.lists(obj, max_size=5).map(lambda v: json.dumps(v).encode()),
+                     json_value.map(lambda v: json.dumps(v).encode()), st.just(b"[" * 5000))
+    path = st.one_of(st.just("/fuzz.example/fuzz@example.com/b"), st.just("/verify"), st.just("/syncclient.js"),
+                     st.lists(text, min_size=0, max_size=5).map(
+                         lambda parts: "/" + "/".join(urllib.parse.quote(p, safe="") for p in parts)))
+    method = st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
+    header_value = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+    headers = st.dictionaries(st.sampled_from(["Origin", "Content-Type", "Access-Control-Request-Method",
+                                               "X-Anything"]), header_value, max_size=3)
+    return st.tuples(method, path, query, st.booleans(), st.booleans(), headers, body)
+
+
+def test_no_request_is_answered_with_a_server_error(fuzz_server):
+    """Property-based fuzzing of methods, paths, queries, headers and bodies:
+    no request makes a 5xx (other than 503 when busy), and every error is a
+    JSON body with an "error" code."""
+    hypothesis = pytest.importorskip("hypothesis")
+    base, token, collection_id = fuzz_server
+    host, port = urllib.parse.urlsplit(base).netloc.split(":")
+
+    @hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(_fuzz_strategies())
+    def request_is_answered_sanely(case):
+        method, path, query, with_token, with_collection, headers, body = case
+        pairs = list(query) + ([("auth", token)] if with_token else []) + (
+            [("collection_id", collection_id)] if with_collection else [])
+        target = path + ("?" + urllib.parse.urlencode(pairs) if pairs else "")
+        connection = http.client.HTTPConnection(host, int(port), timeout=5)
+        try:
+            connection.request(method, target, body=body if method in ("POST", "PUT", "PATCH", "DELETE") else None,
+                               headers=headers)
+            answer = connection.getresponse()
+            content = answer.read()
+        finally:
+            connection.close()
+        _fuzz_cases.append(answer.status)
+        assert answer.status < 500 or answer.status == 503, (method, target, body[:200], answer.status, content)
+        if answer.status >= 400 and method != "HEAD":
+            assert "error" in json.loads(content), (method, target, content)
+
+    request_is_answered_sanely()
+    assert len(_fuzz_cases) >= FUZZ_EXAMPLES
