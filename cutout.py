@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import socketserver
 import struct
 import sys
@@ -1631,6 +1632,9 @@ class ConcurrencyLimit:
 ###############################################################################
 
 
+SERVERS = ("wsgiref", "waitress", "cheroot")   # the first is the default; see README.md
+
+
 class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     """The standard library's WSGI server, one thread per connection."""
 
@@ -1694,17 +1698,30 @@ def serve(args):
         verifier=verifier, poll_time=args.poll_time,
         limits=Limits(max_body_bytes=args.max_body_bytes, max_object_bytes=args.max_object_bytes))
     application = ConcurrencyLimit(app, args.max_concurrent)
-    server = make_server(args.host, args.port, application, ThreadingWSGIServer, _QuietHandler)
     _stop_on_sigterm()
-    print(f"The Cut-Out serving http://{args.host}:{server.server_port}/ "
-          f"(data in {args.data_dir})", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    if args.server == "wsgiref":
+        server = make_server(args.host, args.port, application, ThreadingWSGIServer, _QuietHandler)
+        print(f"The Cut-Out serving http://{args.host}:{server.server_port}/ "
+              f"(data in {args.data_dir})", flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()
+    else:
+        port = args.port or _unused_port(args.host)
+        print(f"The Cut-Out serving http://{args.host}:{port}/ (data in {args.data_dir}, "
+              f"{args.server})", flush=True)
+        bottle.run(application, server=args.server, host=args.host, port=port, quiet=True)
     print("The Cut-Out stopped", flush=True)
+
+
+def _unused_port(host):
+    # Only the standard library's server reports the port it was given for 0.
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def collect_garbage(args):
@@ -1745,6 +1762,8 @@ def parse_args(argv):
                         help=f"largest request body (default {Limits.max_body_bytes})")
     parser.add_argument("--max-object-bytes", type=int, default=Limits.max_object_bytes,
                         help=f"largest object, as JSON (default {Limits.max_object_bytes})")
+    parser.add_argument("--server", choices=SERVERS, default=SERVERS[0],
+                        help=f"the HTTP server bottle runs on (default {SERVERS[0]})")
     parser.add_argument("--debug", action="store_true", help="log every request")
     parser.set_defaults(run=serve)
     commands = parser.add_subparsers(title="commands")
