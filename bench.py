@@ -1,4 +1,4 @@
-"""Benchmarks of the Cut-Out's storage engine (cutout.AppendOnlyDB), with SQLite as the yardstick.
+"""Benchmarks of the Cut-Out: its storage engine against SQLite, its HTTP server against bare bottle.
 
 One section per workload, all measured in the same run on this machine:
 
@@ -9,7 +9,25 @@ One section per workload, all measured in the same run on this machine:
      mode with synchronous=FULL, one transaction per batch;
   3. reading all records of a 100,000-record collection, vs SQLite;
   4. garbage collection of a 1,000,000-record collection: speed, and peak
-     memory, which should grow with the number of distinct (type, id) keys.
+     memory, which should grow with the number of distinct (type, id) keys;
+
+and, over HTTP, for each server adapter bottle can run cutout.py on
+(`--server wsgiref|waitress|cheroot`), against a bare bottle route on the
+same adapter (a route that does nothing but answer):
+
+  5. empty polls (204): requests/s with 8 keep-alive connections, which
+     must reach 70% of the bare route's;
+  6. GET of the newest 10 objects and durable POST of 10 objects:
+     requests/s and p50/p99 latency beside the bare route's;
+  7. a client catching up on 10,000 and 100,000 objects through `limit`
+     pages: objects/s, and the server's peak memory, which must stay flat.
+
+The servers run in processes of their own on 127.0.0.1; the load comes from
+this process, 8 threads each reusing one http.client connection, which is
+reopened only when the server closed it. Those reopenings are counted and
+shown per 1000 requests: 1000 means a new TCP connection for every request.
+The server's CPU time per request (from /proc) says how much of the time is
+the server's. An adapter that is not installed is skipped.
 
 The two sides of a comparison run interleaved (ours, the baseline, ours, ...)
 so that the machine's drift hits both alike. Each section prints the figure,
@@ -17,25 +35,36 @@ the baseline, their ratio and, where there is one, the target with "ok" or
 "MISSED". It is a measurement, not a test: it exits 0 whatever the figures.
 
     python bench.py                  # full sizes: a few minutes; data in ./bench-data, removed after
-    python bench.py --quick          # sizes 10x smaller: a smoke run
+    python bench.py --quick          # sizes 10x smaller, shorter runs: a smoke run
+    python bench.py --only 5 --only 6 --only 7    # the HTTP part alone: about 2 minutes
     python bench.py --dir /mnt/disk/bench --keep
 
-Needs only the standard library and cutout.py (which imports bottle).
+Needs only the standard library and cutout.py (which imports bottle); the
+waitress and cheroot adapters need those packages.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
+import http.client
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
 import shutil
+import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 
+import bottle
 import cutout
 
 RECORD_SIZE = 200        # bytes per record, a typical small JSON object
@@ -57,11 +86,23 @@ class Sizes:
     gc_keys: int = 100_000          # 4. distinct (type, id) keys ...
     gc_updates: int = 10            #    ... each appended this many times
     tombstone_every: int = 10       #    every 10th key's last update deletes it
+    http_connections: int = 8       # 5.-6. keep-alive connections, one thread each
+    http_warmup: float = 0.5        #    seconds of load per side before measuring
+    http_rounds: int = 3            #    measured rounds per side, interleaved ours/bare
+    http_round: float = 1.0         #    seconds per round
+    http_lead: float = 0.1          #    seconds of load before each round's window opens
+    newest_collection: int = 1_000  # 6. objects in the collection whose newest 10 are read
+    catchup_small: int = 10_000     # 7. collections caught up on
+    catchup_big: int = 100_000
+    catchup_batch: int = 1_000      #    objects per POST while building them (~200 KB bodies)
+    catchup_page: int = 1_000       #    limit= of each page (the server's cap is 1000)
 
 
 FULL = Sizes()
 QUICK = Sizes(big=100_000, small=100, newest_reads=500, append_batches=30,
-              read_all=10_000, gc_keys=10_000)
+              read_all=10_000, gc_keys=10_000,
+              http_warmup=0.2, http_rounds=2, http_round=0.5,
+              catchup_small=1_000, catchup_big=10_000)
 
 
 ###############################################################################
@@ -315,6 +356,558 @@ def garbage_collection(root, sizes):
 
 
 ###############################################################################
+# HTTP: cutout.py under each of bottle's server adapters, vs a bare bottle route
+###############################################################################
+# Each server runs in a process of its own; this process is the clients. The
+# bare baseline is a bottle app on the same adapter, set up as cutout.py sets
+# up its own (the same threaded wsgiref server class), whose routes answer
+# without doing anything: the figures ours/bare are what cutout.py's own work
+# costs on top of bottle's and the server's.
+
+ADAPTERS = getattr(cutout, "SERVERS", ("wsgiref", "waitress", "cheroot"))
+HOST = "127.0.0.1"
+DOMAIN, USER = "example.com", "bench@example.com"
+AUDIENCE = "http://" + DOMAIN
+EMPTY_POLL_TARGET = 0.70          # ours/bare requests/s on empty polls
+KINTO_EMPTY_POLLS = 1_200         # Kinto 26, memory backend, 8 keep-alive connections, this machine class
+KINTO_POSTED_OBJECTS = 470        # objects/s it stores posted 10 at a time, same setup
+FLAT_MEMORY = 1.10                # peak RSS catching up on the big collection / on the small one
+SERVER_START_TIMEOUT = 20         # seconds
+
+# Filled in by sections 5-7, printed by http_summary().
+http_results = {}
+
+BARE_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[3])
+import bottle
+
+adapter, port, newest_body = sys.argv[1], int(sys.argv[2]), sys.argv[4].encode()
+posted_body = b'{"object_counters":[1,2,3,4,5,6,7,8,9,10]}'
+app = bottle.Bottle()
+
+@app.get("/empty")
+def empty():
+    return bottle.HTTPResponse(status=204)
+
+@app.get("/json")
+def newest():
+    return bottle.HTTPResponse(body=newest_body, status=200, headers={"Content-Type": "application/json"})
+
+@app.post("/json")
+def posted():
+    bottle.request.body.read()
+    return bottle.HTTPResponse(body=posted_body, status=200, headers={"Content-Type": "application/json"})
+
+print(f"bare bottle serving http://127.0.0.1:{port}/ ({adapter})", flush=True)
+if adapter == "wsgiref":
+    from wsgiref.simple_server import make_server
+    import cutout
+    server = make_server("127.0.0.1", port, app, cutout.ThreadingWSGIServer, cutout._QuietHandler)
+    server.serve_forever()
+else:
+    bottle.run(app, server=adapter, host="127.0.0.1", port=port, quiet=True)
+"""
+
+
+def installed_adapters():
+    """The adapters whose package is here; says which are not."""
+    found = []
+    for adapter in ADAPTERS:
+        if adapter == "wsgiref" or importlib.util.find_spec(adapter) is not None:
+            found.append(adapter)
+        else:
+            print(f"  {adapter}: not installed (pip install {adapter}): skipped", flush=True)
+    return found
+
+
+def unused_port():
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+class ServerProcess:
+    """A server in a child process on 127.0.0.1: started, waited for, measured through /proc, stopped."""
+
+    CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, name, argv, port, log_path):
+        self.name, self.port, self.log_path = name, port, log_path
+        self.out_path = log_path + ".out"
+        with open(self.out_path, "wb") as out, open(log_path, "ab") as err:
+            self.process = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        self.pid = self.process.pid
+        self._wait_until_serving()
+
+    def _wait_until_serving(self):
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            with open(self.out_path, "rb") as out:
+                line = out.readline().decode(errors="replace")
+            if line.endswith("\n"):
+                if f"http://{HOST}:{self.port}/" not in line:
+                    raise RuntimeError(f"{self.name} printed {line!r}, not its address")
+                try:
+                    socket.create_connection((HOST, self.port), timeout=1).close()
+                    return
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not start in {SERVER_START_TIMEOUT} s:\n{self.log_tail()}")
+            time.sleep(0.02)
+
+    def log_tail(self, lines=20):
+        with open(self.log_path, "rb") as log:
+            return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
+
+    def cpu_seconds(self):
+        """User + system CPU time of the server process so far (all its threads)."""
+        with open(f"/proc/{self.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / self.CLOCK_TICKS
+
+    def peak_rss(self):
+        """The process's high-water mark of resident memory, in bytes (VmHWM)."""
+        with open(f"/proc/{self.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc/PID/status")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_ours(adapter, data_dir, log_dir):
+    port = unused_port()
+    argv = [sys.executable, cutout.__file__, "--server", adapter, "--host", HOST, "--port", str(port),
+            "--data-dir", data_dir]
+    return ServerProcess(f"cutout.py --server {adapter}", argv, port, os.path.join(log_dir, f"ours-{adapter}.log"))
+
+
+def start_bare(adapter, log_dir, newest_body=b"{}"):
+    port = unused_port()
+    here = os.path.dirname(os.path.abspath(cutout.__file__))
+    argv = [sys.executable, "-c", BARE_CHILD, adapter, str(port), here, newest_body.decode()]
+    return ServerProcess(f"bare bottle on {adapter}", argv, port, os.path.join(log_dir, f"bare-{adapter}.log"))
+
+
+class _CountingConnection(http.client.HTTPConnection):
+    """An HTTPConnection that counts the TCP connections it opens."""
+
+    opened = 0
+
+    def connect(self):
+        super().connect()
+        self.opened += 1
+
+
+class Client:
+    """One keep-alive connection, reused for every request.
+
+    http.client opens a new connection by itself when the server said it
+    would close this one (HTTP/1.0, Connection: close). When the server closed
+    an idle connection without saying so, the request is sent once more.
+    """
+
+    def __init__(self, port):
+        self.connection = _CountingConnection(HOST, port, timeout=60)
+
+    @property
+    def opened(self):
+        return self.connection.opened
+
+    def request(self, method, path, body=None, headers=None):
+        for attempt in range(2):
+            try:
+                self.connection.request(method, path, body, headers or {})
+                response = self.connection.getresponse()
+                return response.status, response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.connection.close()
+                if attempt:
+                    raise
+
+    def close(self):
+        self.connection.close()
+
+
+def expect(status, body, wanted, what):
+    if status != wanted:
+        raise RuntimeError(f"{what}: expected {wanted}, got {status} {body[:300]!r}")
+    return body
+
+
+class Api:
+    """The protocol as the benchmark's clients speak it, on one server."""
+
+    def __init__(self, server):
+        self.server = server
+        client = Client(server.port)
+        form = urllib.parse.urlencode({"assertion": USER, "audience": AUDIENCE})
+        body = expect(*client.request("POST", "/verify", form,
+                                      {"Content-Type": "application/x-www-form-urlencoded"}), 200, "verify")
+        self.token = json.loads(body)["auth"]["query"]["auth"]
+        client.close()
+
+    def path(self, bucket, **query):
+        query = dict(auth=self.token, **query)
+        return (f"/{DOMAIN}/{urllib.parse.quote(USER, safe='@')}/{bucket}?"
+                + urllib.parse.urlencode(query))
+
+    def hello(self, client, bucket):
+        """(collection_id, newest counter) of a collection, made if new; reads it all, so only for small ones."""
+        answer = json.loads(expect(*client.request("GET", self.path(bucket)), 200, "hello"))
+        objects = answer["objects"]
+        assert "incomplete" not in answer, "hello() is for collections of at most one page"
+        return answer["collection_id"], objects[-1][0] if objects else 0
+
+    def post(self, client, bucket, collection_id, since, body):
+        """POST a JSON list; return the newest counter it got."""
+        answer = json.loads(expect(*client.request(
+            "POST", self.path(bucket, since=since, collection_id=collection_id), body,
+            {"Content-Type": "application/json"}), 200, "post"))
+        if "object_counters" not in answer:
+            raise RuntimeError(f"post: expected object_counters, got {str(answer)[:300]}")
+        return answer["object_counters"][-1]
+
+
+def objects_body(first, count):
+    """A JSON list of count notes of RECORD_SIZE bytes each, ids first .. first + count - 1."""
+    return b"[" + b",".join(note(n) for n in range(first, first + count)) + b"]"
+
+
+@dataclasses.dataclass
+class LoadFigures:
+    """What a side did during its measured windows, summed over rounds."""
+
+    requests: int = 0
+    seconds: float = 0.0
+    opened: int = 0
+    server_cpu: float = 0.0
+    client_cpu: float = 0.0
+    latencies: list = dataclasses.field(default_factory=list)
+
+    @property
+    def rate(self):
+        return self.requests / self.seconds
+
+    def percentile(self, p):
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+    @property
+    def opened_per_1000(self):
+        return self.opened / self.requests * 1000
+
+    def line(self, label, per_request=1, unit="req/s"):
+        rate = self.rate * per_request
+        return (f"    {label:<5} {rate:9,.0f} {unit}  p50 {self.percentile(50) * 1e3:6.2f} ms  "
+                f"p99 {self.percentile(99) * 1e3:7.2f} ms  {self.opened_per_1000:6.1f} conns/1000 req  "
+                f"CPU/req: server {self.server_cpu / self.requests * 1e6:5.0f} us, "
+                f"client {self.client_cpu / self.requests * 1e6:5.0f} us")
+
+
+class Side:
+    """One side of a comparison: a server, its clients (one per connection), and what each does per request."""
+
+    def __init__(self, name, server, calls):
+        self.name, self.server, self.calls = name, server, calls
+        self.clients = [Client(server.port) for _ in calls]
+        self.figures = LoadFigures()
+
+    def run(self, lead, seconds, measured=True):
+        """Load the server from every client for lead + seconds; add the last `seconds` to the figures."""
+        window_open = time.perf_counter() + lead
+        window_close = window_open + seconds
+        done = [[] for _ in self.clients]       # per client: (end, latency, connections opened)
+        failures = []
+
+        def work(client, call, out):
+            try:
+                while True:
+                    opened = client.opened
+                    started = time.perf_counter()
+                    if started >= window_close:
+                        return
+                    call(client)
+                    ended = time.perf_counter()
+                    out.append((ended, ended - started, client.opened - opened))
+            except BaseException as error:     # shown by the main thread
+                failures.append(error)
+
+        threads = [threading.Thread(target=work, args=args, daemon=True)
+                   for args in zip(self.clients, self.calls, done)]
+        for thread in threads:
+            thread.start()
+        time.sleep(max(0.0, window_open - time.perf_counter()))
+        cpu_before, client_before = self.server.cpu_seconds(), time.process_time()
+        time.sleep(max(0.0, window_close - time.perf_counter()))
+        cpu_after, client_after = self.server.cpu_seconds(), time.process_time()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise RuntimeError(f"{self.name}: {failures[0]!r}") from failures[0]
+        if measured:
+            figures = self.figures
+            for out in done:
+                for ended, latency, opened in out:
+                    if window_open <= ended <= window_close:
+                        figures.requests += 1
+                        figures.latencies.append(latency)
+                        figures.opened += opened
+            figures.seconds += seconds
+            figures.server_cpu += cpu_after - cpu_before
+            figures.client_cpu += client_after - client_before
+
+    def close(self):
+        for client in self.clients:
+            client.close()
+
+
+def interleaved(sides, sizes):
+    """Warm every side up, then measure them in turn, round after round, who goes first alternating."""
+    for side in sides:
+        side.run(0.0, sizes.http_warmup, measured=False)
+    for round_ in range(sizes.http_rounds):
+        for side in sides if round_ % 2 == 0 else reversed(sides):
+            side.run(sizes.http_lead, sizes.http_round)
+    for side in sides:
+        side.close()
+    return [side.figures for side in sides]
+
+
+def http_section(title, sizes, root, each_adapter):
+    """Print the section header, then run each_adapter(adapter, data_dir, log_dir) for every installed adapter."""
+    section(title)
+    print(f"  {sizes.http_connections} keep-alive connections (one thread each) from this process; "
+          f"servers in child processes on {HOST}", flush=True)
+    for adapter in installed_adapters():
+        data_dir = os.path.join(root, f"http-{title.split('.')[0]}-{adapter}")
+        log_dir = os.path.join(root, "logs")
+        os.makedirs(log_dir, exist_ok=True)
+        try:
+            each_adapter(adapter, data_dir, log_dir)
+        except Exception as error:     # one adapter failing must not hide the others' figures
+            print(f"  {adapter}: FAILED: {error}", flush=True)
+            http_results.setdefault(adapter, {})["failed"] = str(error)
+
+
+def empty_polls(root, sizes):
+    n = sizes.http_connections
+
+    def each_adapter(adapter, data_dir, log_dir):
+        with contextlib.ExitStack() as stack:
+            ours = stack.enter_context(contextlib.closing(_Stoppable(start_ours(adapter, data_dir, log_dir))))
+            bare = stack.enter_context(contextlib.closing(_Stoppable(start_bare(adapter, log_dir))))
+            api, setup = Api(ours.server), Client(ours.server.port)
+            collection_id, since = api.hello(setup, "poll")
+            since = api.post(setup, "poll", collection_id, since, objects_body(0, 10))
+            setup.close()
+            poll = api.path("poll", since=since, collection_id=collection_id)
+
+            def ours_call(client):
+                expect(*client.request("GET", poll), 204, "empty poll")
+
+            def bare_call(client):
+                expect(*client.request("GET", "/empty"), 204, "bare 204")
+
+            mine, theirs = interleaved([Side("ours", ours.server, [ours_call] * n),
+                                        Side("bare", bare.server, [bare_call] * n)], sizes)
+        print(f"  {adapter}:")
+        print(mine.line("ours"))
+        print(theirs.line("bare"))
+        result("ours/bare req/s", mine.rate / theirs.rate, EMPTY_POLL_TARGET)
+        aim = 3 * KINTO_EMPTY_POLLS
+        print(f"    vs Kinto 26 (~{KINTO_EMPTY_POLLS:,}/s on this machine class): {mine.rate / KINTO_EMPTY_POLLS:.1f}x"
+              f"    aim >= {aim:,}/s (3x): {'ok' if mine.rate >= aim else 'MISSED'}", flush=True)
+        http_results.setdefault(adapter, {})["empty"] = (mine, theirs)
+
+    http_section("5. HTTP: empty polls (204)", sizes, root, each_adapter)
+    print("  conns/1000 req: TCP connections the clients opened per 1000 answers; 1000 = one per request.")
+
+
+def newest_and_posts(root, sizes):
+    n = sizes.http_connections
+
+    def each_adapter(adapter, data_dir, log_dir):
+        with contextlib.ExitStack() as stack:
+            ours = stack.enter_context(contextlib.closing(_Stoppable(start_ours(adapter, data_dir, log_dir))))
+            api, setup = Api(ours.server), Client(ours.server.port)
+            # The collection read from: its newest 10 of newest_collection.
+            collection_id, since = api.hello(setup, "newest")
+            last = api.post(setup, "newest", collection_id, since, objects_body(0, sizes.newest_collection))
+            newest = api.path("newest", since=last - 10, collection_id=collection_id)
+            newest_body = expect(*setup.request("GET", newest), 200, "newest 10")
+            assert len(json.loads(newest_body)["objects"]) == 10
+            # Each connection posts to a collection of its own, as each user's device does:
+            # posts to one collection from 8 clients at once would refuse each other (POST-2).
+            buckets = [f"posts-{i}" for i in range(n)]
+            state = {bucket: list(api.hello(setup, bucket)) for bucket in buckets}
+            setup.close()
+            bare = stack.enter_context(contextlib.closing(_Stoppable(start_bare(adapter, log_dir, newest_body))))
+            expect(*Client(bare.server.port).request("GET", "/json"), 200, "bare json")
+
+            def ours_newest(client):
+                body = expect(*client.request("GET", newest), 200, "newest 10")
+                if len(body) != len(newest_body):
+                    raise RuntimeError(f"newest 10: {len(body)} bytes, expected {len(newest_body)}")
+
+            def bare_newest(client):
+                expect(*client.request("GET", "/json"), 200, "bare json")
+
+            post_body = objects_body(0, 10)
+
+            def ours_post_to(bucket):
+                def call(client):
+                    collection_id, since = state[bucket]
+                    state[bucket][1] = api.post(client, bucket, collection_id, since, post_body)
+                return call
+
+            def bare_post(client):
+                answer = json.loads(expect(*client.request("POST", "/json", post_body,
+                                                           {"Content-Type": "application/json"}), 200, "bare post"))
+                assert answer["object_counters"]
+
+            reads = interleaved([Side("ours", ours.server, [ours_newest] * n),
+                                 Side("bare", bare.server, [bare_newest] * n)], sizes)
+            writes = interleaved([Side("ours", ours.server, [ours_post_to(b) for b in buckets]),
+                                  Side("bare", bare.server, [bare_post] * n)], sizes)
+            posted = sum(since for _, since in state.values())
+        print(f"  {adapter}: GET newest 10 of {sizes.newest_collection:,} ({len(newest_body):,} bytes):")
+        print(reads[0].line("ours"))
+        print(reads[1].line("bare"))
+        result("ours/bare req/s", reads[0].rate / reads[1].rate)
+        print(f"  {adapter}: POST of 10 x {RECORD_SIZE} bytes, durable before the answer "
+              f"({posted:,} objects stored, warm-up included):")
+        print(writes[0].line("ours", 10, "obj/s"))
+        print(writes[1].line("bare", 10, "obj/s"))
+        result("ours/bare req/s", writes[0].rate / writes[1].rate)
+        aim = 10 * KINTO_POSTED_OBJECTS
+        print(f"    vs Kinto 26 (~{KINTO_POSTED_OBJECTS}/s): {writes[0].rate * 10 / KINTO_POSTED_OBJECTS:.1f}x"
+              f"    aim >= {aim:,} objects/s (10x): {'ok' if writes[0].rate * 10 >= aim else 'MISSED'}", flush=True)
+        http_results.setdefault(adapter, {}).update(newest=reads, post=writes)
+
+    http_section("6. HTTP: GET newest 10 / POST 10", sizes, root, each_adapter)
+
+
+def catch_up(root, sizes):
+    small, big = sizes.catchup_small, sizes.catchup_big
+    section(f"7. HTTP: catching up on {small:,} and {big:,} objects through limit={sizes.catchup_page} pages")
+    adapters = installed_adapters()
+    if not adapters:
+        return
+    data_dir, log_dir = os.path.join(root, "http-7"), os.path.join(root, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    buckets = {small: f"catchup-{small}", big: f"catchup-{big}"}
+    # Built once, through the API of the first adapter; every adapter then serves the same files.
+    with contextlib.closing(_Stoppable(start_ours(adapters[0], data_dir, log_dir))) as ours:
+        api, client = Api(ours.server), Client(ours.server.port)
+        started, cpu_before = time.perf_counter(), ours.server.cpu_seconds()
+        for count, bucket in buckets.items():
+            collection_id, since = api.hello(client, bucket)
+            for first in range(0, count, sizes.catchup_batch):
+                body = objects_body(first, min(sizes.catchup_batch, count - first))
+                assert len(body) < 1 << 20
+                since = api.post(client, bucket, collection_id, since, body)
+        spent, cpu = time.perf_counter() - started, ours.server.cpu_seconds() - cpu_before
+        client.close()
+        print(f"  built through POSTs of {sizes.catchup_batch:,} objects on {adapters[0]}: {small + big:,} objects "
+              f"in {spent:.1f} s ({(small + big) / spent:,.0f} objects/s; server CPU {cpu / spent:.0%} of the time)")
+    print(f"  {'adapter':<9} {'objects':>8} | {'pages':>5} {'seconds':>7} {'objects/s':>10} "
+          f"{'server CPU':>10} | {'RSS MB at start':>15} {'peak RSS MB':>11}")
+    for adapter in adapters:
+        try:
+            peaks = {}
+            for count, bucket in buckets.items():
+                # A fresh server for each, so that each peak is its catch-up's alone.
+                with contextlib.closing(_Stoppable(start_ours(adapter, data_dir, log_dir))) as ours:
+                    at_start = ours.server.peak_rss()
+                    api, client = Api(ours.server), Client(ours.server.port)
+                    started, cpu_before = time.perf_counter(), ours.server.cpu_seconds()
+                    pages, got = catch_up_once(api, client, bucket, sizes.catchup_page)
+                    spent, cpu = time.perf_counter() - started, ours.server.cpu_seconds() - cpu_before
+                    peaks[count] = ours.server.peak_rss()
+                    client.close()
+                assert got == count, (got, count)
+                print(f"  {adapter:<9} {count:>8,} | {pages:>5} {spent:>7.2f} {count / spent:>10,.0f} "
+                      f"{cpu / spent:>10.0%} | {at_start / 1e6:>15.1f} {peaks[count] / 1e6:>11.1f}", flush=True)
+                http_results.setdefault(adapter, {})[f"catchup-{count}"] = (count / spent, peaks[count])
+            result(f"{adapter} peak RSS {big:,}/{small:,}", peaks[big] / peaks[small], FLAT_MEMORY, at_least=False)
+        except Exception as error:
+            print(f"  {adapter}: FAILED: {error}", flush=True)
+            http_results.setdefault(adapter, {})["failed"] = str(error)
+    print("  objects/s: one client, parsing each page as a client does; server CPU: share of that time.")
+    print("  peak RSS: VmHWM of a server process started fresh for each collection.")
+
+
+def catch_up_once(api, client, bucket, page):
+    """Read a whole collection from since=0 through limit pages; (pages, objects)."""
+    answer = json.loads(expect(*client.request("GET", api.path(bucket, limit=page)), 200, "hello"))
+    collection_id, pages, got = answer["collection_id"], 1, len(answer["objects"])
+    while answer.get("incomplete"):
+        since = answer["objects"][-1][0]
+        answer = json.loads(expect(*client.request(
+            "GET", api.path(bucket, since=since, collection_id=collection_id, limit=page)), 200, "page"))
+        pages, got = pages + 1, got + len(answer["objects"])
+    return pages, got
+
+
+class _Stoppable:
+    """A ServerProcess for contextlib.closing()."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def close(self):
+        self.server.stop()
+
+
+def http_summary():
+    """One line per adapter, and which adapter wins where, for choosing the default by the numbers."""
+    if not http_results:
+        return
+    section("HTTP summary: cutout.py per adapter (bare bottle route on the same adapter in brackets)")
+    print(f"  {'adapter':<9} | {'empty polls/s':>22} {'ratio':>5} {'conns/1k':>8} | {'newest 10 req/s':>17} "
+          f"| {'POST 10 objects/s':>19} {'conns/1k':>8} | {'catch-up obj/s':>14} {'peak RSS MB':>13}")
+
+    def both(pair, per=1):
+        return f"{pair[0].rate * per:,.0f} [{pair[1].rate * per:,.0f}]" if pair else "-"
+
+    for adapter, figures in http_results.items():
+        empty, newest, post = figures.get("empty"), figures.get("newest"), figures.get("post")
+        catchups = sorted((int(key.split("-")[1]), value) for key, value in figures.items()
+                          if key.startswith("catchup-"))
+        catchup_rate = f"{catchups[-1][1][0]:,.0f}" if catchups else "-"
+        peaks = " / ".join(f"{peak / 1e6:.0f}" for _, (_, peak) in catchups) or "-"
+        print(f"  {adapter:<9} | {both(empty):>22} "
+              f"{(f'{empty[0].rate / empty[1].rate:.2f}' if empty else '-'):>5} "
+              f"{(f'{empty[0].opened_per_1000:.0f}' if empty else '-'):>8} | {both(newest):>17} "
+              f"| {both(post, 10):>19} {(f'{post[0].opened_per_1000:.0f}' if post else '-'):>8} "
+              f"| {catchup_rate:>14} {peaks:>13}"
+              f"{'   FAILED: ' + figures['failed'][:60] if 'failed' in figures else ''}")
+    if any(key.startswith("catchup-") for figures in http_results.values() for key in figures):
+        print("  catch-up obj/s is of the largest collection; peak RSS MB after the smaller / the larger.")
+    for title, key, per, unit in (("empty polls", "empty", 1, "req/s"), ("GET newest 10", "newest", 1, "req/s"),
+                                  ("POST 10", "post", 10, "objects/s")):
+        ranked = sorted(((figures[key][0].rate * per, adapter) for adapter, figures in http_results.items()
+                         if key in figures), reverse=True)
+        if ranked:
+            text = ", ".join(f"{adapter} {rate:,.0f}" for rate, adapter in ranked)
+            print(f"  fastest on {title}: {ranked[0][1]}   ({unit}: {text})")
+
+
+###############################################################################
 # Main
 ###############################################################################
 
@@ -330,12 +923,23 @@ def prepare(directory):
     open(os.path.join(directory, MARKER), "w").close()
 
 
+def adapter_versions():
+    versions = []
+    for adapter in ADAPTERS:
+        if adapter != "wsgiref":
+            try:
+                versions.append(f"{adapter} {importlib.metadata.version(adapter)}")
+            except importlib.metadata.PackageNotFoundError:
+                versions.append(f"{adapter} not installed")
+    return versions
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", default="./bench-data", help="where the collections go (default ./bench-data)")
-    parser.add_argument("--quick", action="store_true", help="sizes 10x smaller, for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="sizes 10x smaller and shorter runs, for a smoke run")
     parser.add_argument("--keep", action="store_true", help="leave DIR in place at the end")
-    parser.add_argument("--only", type=int, choices=range(1, 5), action="append",
+    parser.add_argument("--only", type=int, choices=range(1, 8), action="append",
                         help="run only workload N (repeatable)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -344,17 +948,20 @@ def main(argv=None):
     # cutout.py changes between commits while its version does not: name the exact file measured.
     with open(cutout.__file__, "rb") as source:
         digest = hashlib.sha256(source.read()).hexdigest()[:12]
-    print(f"cutout {cutout.__version__} (cutout.py sha256 {digest}) storage benchmark"
-          f"{' (--quick: sizes 10x smaller)' if args.quick else ''}: "
+    print(f"cutout {cutout.__version__} (cutout.py sha256 {digest}) benchmark"
+          f"{' (--quick: sizes 10x smaller, shorter runs)' if args.quick else ''}: "
           f"Python {platform.python_version()} ({platform.python_implementation()}), {os.cpu_count()} CPUs, "
           f"{platform.system()} {platform.release()}, "
-          f"SQLite {sqlite3.sqlite_version}, data in {root}", flush=True)
+          f"SQLite {sqlite3.sqlite_version}, bottle {bottle.__version__}, "
+          f"{', '.join(adapter_versions())}, data in {root}", flush=True)
     started = time.perf_counter()
     try:
-        workloads = (newest_of_big_vs_small, durable_appends, read_all, garbage_collection)
+        workloads = (newest_of_big_vs_small, durable_appends, read_all, garbage_collection,
+                     empty_polls, newest_and_posts, catch_up)
         for number, workload in enumerate(workloads, 1):
             if not args.only or number in args.only:
                 workload(root, sizes)
+        http_summary()
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

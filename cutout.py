@@ -398,6 +398,7 @@ class _OpenCollection:
             return False
         self.entry_count = index_size // INDEX_ENTRY.size - 1
         self.last_counter = self.header.counter_floor
+        self.last_record_counter = 0
         self.data_end = DATA_HEADER_SIZE
         if self.entry_count:
             counter, offset, length = self.entry(self.entry_count - 1)
@@ -406,6 +407,7 @@ class _OpenCollection:
                 return False
             self.data_end = offset + length
             self.last_counter = max(counter, self.header.counter_floor)
+            self.last_record_counter = counter
         return not os.pread(self.data_fd, FRAME.size, self.data_end).strip(b"\0")
 
     def entry(self, i):
@@ -521,7 +523,8 @@ class Snapshot:
         self.secret = files.header.secret
         self.purge_horizon = files.header.purge_horizon
         self.deleted = files.header.deleted
-        self.last_counter = files.last_counter
+        self.last_counter = files.last_counter              # the newest counter given, record or not
+        self.last_record_counter = files.last_record_counter  # the newest counter of a record held
         self.record_count = files.entry_count
         self._mapping = None    # of the data file, made by the first read of records
 
@@ -788,7 +791,7 @@ class AppendOnlyDB:
         try:
             if if_collection_id is not None and if_collection_id != files.header.collection_id:
                 raise AppendConflict(files.last_counter, files.header.collection_id)
-            if if_last_counter is not None and files.last_counter > if_last_counter:
+            if if_last_counter is not None and files.last_record_counter > if_last_counter:
                 newer = view.records_after(if_last_counter)
                 if ignore_newer is None or not all(itertools.starmap(ignore_newer, newer)):
                     raise AppendConflict(files.last_counter, files.header.collection_id)
@@ -1138,8 +1141,16 @@ class Limits:
 TOKEN_LIFETIME = 24 * 3600    # seconds a token from /verify is good for (AUTH-2)
 MAX_REASON_BYTES = 256        # bytes of JSON in a deletion's reason; it lives in the data header
 OBJECT_MEMBERS = frozenset({"type", "id", "data", "deleted", "expires"})
-# A host as the path and an origin spell it: lower case, optional port (PATH-1).
-DOMAIN_PATTERN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?(:[0-9]{1,5})?\Z")
+# A host as the path and an origin spell it (PATH-1): lower-case labels of
+# letters, digits and inner hyphens, joined by dots, and an optional port.
+DOMAIN_PATTERN = re.compile(r"(?=.{1,253}(:|\Z))([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*"
+                            r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(:[0-9]{1,5})?\Z")
+
+
+def is_domain(text):
+    """Whether text is a host[:port] as SPEC.md PATH-1 defines it."""
+    match = DOMAIN_PATTERN.match(text)
+    return bool(match) and (match.group(5) is None or 0 < int(match.group(5)[1:]) < 65536)
 
 
 @dataclasses.dataclass
@@ -1197,11 +1208,16 @@ def parse_json_body(body, limits):
     if len(body) > limits.max_body_bytes:
         raise ProtocolError(413, "too_large", f"the body is larger than {limits.max_body_bytes} bytes")
     try:
-        return json.loads(body.decode("utf-8"))
+        return json.loads(body.decode("utf-8"), parse_constant=_not_json)
     except (UnicodeDecodeError, ValueError) as error:
         raise ProtocolError(400, "bad_json", f"the body is not UTF-8 JSON: {error}") from None
     except RecursionError:
         raise ProtocolError(400, "bad_json", "the body's JSON is nested too deeply") from None
+
+
+def _not_json(constant):
+    # Python's json module reads NaN and Infinity, which JSON does not have.
+    raise ValueError(f"{constant} is not JSON")
 
 
 def parse_objects(body, limits):
@@ -1252,56 +1268,62 @@ def _json_with_objects(members, fragments):
     return head[:-1] + comma + b'"objects":[' + b",".join(fragments) + b"]}"
 
 
-def _objects_after(snapshot, query, since, limits):
-    """The [counter, object] fragments after since, whether more remain, and the newest counter looked at."""
+def _objects_after(snapshot, query, since, limits, members):
+    """The [counter, object] fragments after since; adds incomplete and until to members.
+
+    [GET-6] at most limit objects (and the server's caps), "incomplete" when
+    more remain. [GET-7] "until", the newest counter looked at, whenever it
+    is past the last object returned: with a filter, or when the newest
+    counters are of records the answer does not hold (purged, deleted).
+    """
     wanted = query.wanted()
     cap = min(query.limit or limits.max_response_objects, limits.max_response_objects)
-    fragments, size, until = [], 0, since
+    fragments, size, until, last_returned, incomplete = [], 0, since, since, False
     # Without a filter, one record past the cap says whether more remain.
     for counter, record in snapshot.records_after(since, None if wanted else cap + 1):
         if len(fragments) == cap or (fragments and size + len(record) > limits.max_response_bytes):
-            return fragments, True, until
+            incomplete = True
+            break
         until = counter
         if wanted is None or wanted(record):
             fragments.append(b"[%d,%s]" % (counter, record))
             size += len(record)
-    return fragments, False, max(until, snapshot.last_counter)
+            last_returned = counter
+    else:
+        until = max(until, snapshot.last_counter)
+    if incomplete:
+        members["incomplete"] = True
+    if query.include or query.exclude or until > last_returned:
+        members["until"] = until
+    return fragments
 
 
 def _full_answer(snapshot, query, limits, members):
-    """An answer carrying members and the objects from the start (GET-1, GET-4)."""
+    """The JSON of members and the objects from the start (GET-1, GET-4)."""
     if snapshot.deleted is not None and snapshot.record_count == 0:
         members["collection_deleted"] = snapshot.deleted["reason"]      # DEL-2
-    fragments, incomplete, until = _objects_after(snapshot, query, 0, limits)
-    return _with_paging(members, query, incomplete, until), fragments
-
-
-def _with_paging(members, query, incomplete, until):
-    if incomplete:
-        members["incomplete"] = True                                     # GET-6
-    if query.include or query.exclude:
-        members["until"] = until                                         # GET-7
-    return members
+    return _json_with_objects(members, _objects_after(snapshot, query, 0, limits, members))
 
 
 def read_collection(snapshot, query, limits):
     """Answer a GET (SPEC.md 2.2): (status, body bytes or None)."""
     if query.collection_id is None:
-        members, fragments = _full_answer(snapshot, query, limits, {"collection_id": snapshot.collection_id})
-        return 200, _json_with_objects(members, fragments)
+        return 200, _full_answer(snapshot, query, limits, {"collection_id": snapshot.collection_id})
     if query.collection_id != snapshot.collection_id:
-        members, fragments = _full_answer(snapshot, query, limits, {
+        return 200, _full_answer(snapshot, query, limits, {
             "collection_changed": True, "collection_id": snapshot.collection_id})
-        return 200, _json_with_objects(members, fragments)
+    if query.since is None:
+        query = dataclasses.replace(query, since=0)     # the id alone asks for everything
     _check_since(snapshot, query)
     if 0 < query.since < snapshot.purge_horizon:
         return 200, _since_purged(snapshot)
     # [GET-3] "If nothing is newer than since, the server MUST answer 204."
     # The empty poll reads no record and parses no JSON.
-    if query.since >= snapshot.last_counter:
+    if query.since >= snapshot.last_record_counter:
         return 204, None
-    fragments, incomplete, until = _objects_after(snapshot, query, query.since, limits)
-    return 200, _json_with_objects(_with_paging({}, query, incomplete, until), fragments)
+    members = {}
+    fragments = _objects_after(snapshot, query, query.since, limits, members)
+    return 200, _json_with_objects(members, fragments)
 
 
 def _check_since(snapshot, query):
@@ -1334,8 +1356,8 @@ def write_collection(db, query, records, limits):
         with db.snapshot() as snapshot:
             if query.collection_id != snapshot.collection_id:
                 return read_collection(snapshot, query, limits)
-            fragments, incomplete, until = _objects_after(snapshot, query, query.since, limits)
-            members = _with_paging({"since_invalid": True}, query, incomplete, until)
+            members = {"since_invalid": True}
+            fragments = _objects_after(snapshot, query, query.since, limits, members)
             return 200, _json_with_objects(members, fragments)
     return 200, json.dumps({"object_counters": counters}).encode()
 
@@ -1358,7 +1380,7 @@ def domain_of_origin(origin):
     domain = parts.netloc.lower()
     if parts.scheme not in ("http", "https") or parts.path not in ("", "/") or parts.query or parts.fragment:
         return None
-    return domain if DOMAIN_PATTERN.match(domain) and "@" not in domain else None
+    return domain if is_domain(domain) else None
 
 
 def make_token(secret, email, audience, now):
@@ -1471,9 +1493,17 @@ def _protocol(handler):
     return route
 
 
-def _collection(domain, user, bucket):
-    """The AppendOnlyDB the request may use; raises ProtocolError (PATH-1, AUTH-3, AUTH-4)."""
-    if not DOMAIN_PATTERN.match(domain):
+def _collection(*raw_parts):
+    """The AppendOnlyDB the request may use; raises ProtocolError (PATH-1, AUTH-3, AUTH-4).
+
+    The parts arrive still percent-encoded (see Front), so that a "/" inside
+    a bucket's name stays inside it.
+    """
+    try:
+        domain, user, bucket = (urllib.parse.unquote(part, errors="strict") for part in raw_parts)
+    except UnicodeDecodeError:
+        raise ProtocolError(400, "bad_path", "a path part is not percent-encoded UTF-8") from None
+    if not is_domain(domain):
         raise ProtocolError(400, "bad_path", f"{domain!r} is not a host in lower case")
     tokens = bottle.request.query.getall("auth")
     if len(tokens) > 1:
@@ -1563,7 +1593,7 @@ def cross_origin_and_backoff_headers():
                                                   == (request.forms.getunicode("audience") or "").rstrip("/").lower())
     elif len(parts) == 3 and origin is not None:
         # [CORS-1] Only the origin of the collection's domain, one origin per header.
-        allowed = domain_of_origin(origin) == parts[0]
+        allowed = domain_of_origin(origin) == urllib.parse.unquote(parts[0])
     if request.path == "/syncclient.js":
         response.set_header("Access-Control-Allow-Origin", "*")
     elif allowed:
@@ -1592,11 +1622,14 @@ def _json_error_page(error):
 app.default_error_handler = _json_error_page
 
 
-class ConcurrencyLimit:
-    """WSGI middleware: answer 503 with Retry-After when too many requests are in progress (BACKOFF-1).
+class Front:
+    """WSGI middleware between the HTTP server and bottle, for three things bottle cannot do.
 
-    It also drops the Content-Length that bottle puts on a 204, which HTTP
-    forbids there (RFC 9110, 8.6).
+    It answers 503 with Retry-After when more than max_concurrent requests
+    are in progress (BACKOFF-1). It hands bottle the path as it was sent,
+    still percent-encoded, because servers decode PATH_INFO and a "/" inside
+    a name would split it (PATH-1). And it drops the Content-Length that a
+    204 gets on its way out, which HTTP forbids there (RFC 9110, 8.6).
     """
 
     def __init__(self, application, max_concurrent, retry_after=1):
@@ -1608,14 +1641,18 @@ class ConcurrencyLimit:
             busy = self.in_progress >= self.max_concurrent
             if not busy:
                 self.in_progress += 1
+        raw_path = urllib.parse.urlsplit(environ.get("REQUEST_URI", "")).path
+        if raw_path.startswith("/"):
+            environ["PATH_INFO"] = raw_path
         if busy:
             headers = [("Content-Type", "application/json"), ("Retry-After", str(self.retry_after))]
             origin, parts = environ.get("HTTP_ORIGIN"), environ.get("PATH_INFO", "").strip("/").split("/")
-            if origin and len(parts) == 3 and domain_of_origin(origin) == parts[0]:
+            if origin and len(parts) == 3 and domain_of_origin(origin) == urllib.parse.unquote(parts[0]):
                 headers += [("Access-Control-Allow-Origin", origin),
                             ("Access-Control-Expose-Headers", EXPOSED_HEADERS), ("Vary", "Origin")]
             start_response("503 Service Unavailable", headers)
             return [json.dumps({"error": "overloaded", "message": "too busy: try again later"}).encode()]
+
         def respond(status, headers, exc_info=None):
             if status.startswith("204"):
                 headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
@@ -1642,6 +1679,11 @@ class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    def get_environ(self):
+        environ = super().get_environ()
+        environ["REQUEST_URI"] = self.path      # as waitress and cheroot give it; see Front
+        return environ
+
     def address_string(self):
         return self.client_address[0]    # no reverse DNS lookup per request
 
@@ -1697,7 +1739,7 @@ def serve(args):
         secret=_server_secret(args.secret_file or os.path.join(args.data_dir, ".secret")),
         verifier=verifier, poll_time=args.poll_time,
         limits=Limits(max_body_bytes=args.max_body_bytes, max_object_bytes=args.max_object_bytes))
-    application = ConcurrencyLimit(app, args.max_concurrent)
+    application = Front(app, args.max_concurrent)
     _stop_on_sigterm()
     if args.server == "wsgiref":
         server = make_server(args.host, args.port, application, ThreadingWSGIServer, _QuietHandler)
