@@ -36,7 +36,7 @@ the baseline, their ratio and, where there is one, the target with "ok" or
 
     python bench.py                  # full sizes: a few minutes; data in ./bench-data, removed after
     python bench.py --quick          # sizes 10x smaller, shorter runs: a smoke run
-    python bench.py --only 5 --only 6 --only 7    # the HTTP part alone: about 2 minutes
+    python bench.py --only 5 --only 6 --only 7    # the HTTP part alone: a minute and a half
     python bench.py --dir /mnt/disk/bench --keep
 
 Needs only the standard library and cutout.py (which imports bottle); the
@@ -96,6 +96,7 @@ class Sizes:
     catchup_big: int = 100_000
     catchup_batch: int = 1_000      #    objects per POST while building them (~200 KB bodies)
     catchup_page: int = 1_000       #    limit= of each page (the server's cap is 1000)
+    catchup_runs: int = 3           #    catch-ups per collection, on one server process
 
 
 FULL = Sizes()
@@ -153,9 +154,9 @@ def section(title):
     print(f"\n== {title} ==", flush=True)
 
 
-def result(ratio_name, ratio, target=None, at_least=True):
+def result(ratio_name, ratio, target=None, at_least=True, indent="  "):
     """Print the ratio and, if there is a target, whether it holds."""
-    text = f"  ratio {ratio_name}: {ratio:.2f}"
+    text = f"{indent}ratio {ratio_name}: {ratio:.2f}"
     if target is not None:
         holds = ratio >= target if at_least else ratio <= target
         text += f"    target {'>=' if at_least else '<='} {target}: {'ok' if holds else 'MISSED'}"
@@ -465,18 +466,27 @@ class ServerProcess:
             return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
 
     def cpu_seconds(self):
-        """User + system CPU time of the server process so far (all its threads)."""
-        with open(f"/proc/{self.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
+        """User + system CPU time of the server process so far (all its threads); nan without /proc."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
         return (int(fields[11]) + int(fields[12])) / self.CLOCK_TICKS
 
     def peak_rss(self):
-        """The process's high-water mark of resident memory, in bytes (VmHWM)."""
-        with open(f"/proc/{self.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmHWM in /proc/PID/status")
+        """The process's high-water mark of resident memory, in bytes (VmHWM); nan without /proc."""
+        try:
+            with open(f"/proc/{self.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def close(self):    # for contextlib.closing()
+        self.stop()
 
     def stop(self):
         if self.process.poll() is None:
@@ -708,9 +718,9 @@ def empty_polls(root, sizes):
 
     def each_adapter(adapter, data_dir, log_dir):
         with contextlib.ExitStack() as stack:
-            ours = stack.enter_context(contextlib.closing(_Stoppable(start_ours(adapter, data_dir, log_dir))))
-            bare = stack.enter_context(contextlib.closing(_Stoppable(start_bare(adapter, log_dir))))
-            api, setup = Api(ours.server), Client(ours.server.port)
+            ours = stack.enter_context(contextlib.closing(start_ours(adapter, data_dir, log_dir)))
+            bare = stack.enter_context(contextlib.closing(start_bare(adapter, log_dir)))
+            api, setup = Api(ours), Client(ours.port)
             collection_id, since = api.hello(setup, "poll")
             since = api.post(setup, "poll", collection_id, since, objects_body(0, 10))
             setup.close()
@@ -722,12 +732,12 @@ def empty_polls(root, sizes):
             def bare_call(client):
                 expect(*client.request("GET", "/empty"), 204, "bare 204")
 
-            mine, theirs = interleaved([Side("ours", ours.server, [ours_call] * n),
-                                        Side("bare", bare.server, [bare_call] * n)], sizes)
+            mine, theirs = interleaved([Side("ours", ours, [ours_call] * n),
+                                        Side("bare", bare, [bare_call] * n)], sizes)
         print(f"  {adapter}:")
         print(mine.line("ours"))
         print(theirs.line("bare"))
-        result("ours/bare req/s", mine.rate / theirs.rate, EMPTY_POLL_TARGET)
+        result("ours/bare req/s", mine.rate / theirs.rate, EMPTY_POLL_TARGET, indent="    ")
         aim = 3 * KINTO_EMPTY_POLLS
         print(f"    vs Kinto 26 (~{KINTO_EMPTY_POLLS:,}/s on this machine class): {mine.rate / KINTO_EMPTY_POLLS:.1f}x"
               f"    aim >= {aim:,}/s (3x): {'ok' if mine.rate >= aim else 'MISSED'}", flush=True)
@@ -742,8 +752,8 @@ def newest_and_posts(root, sizes):
 
     def each_adapter(adapter, data_dir, log_dir):
         with contextlib.ExitStack() as stack:
-            ours = stack.enter_context(contextlib.closing(_Stoppable(start_ours(adapter, data_dir, log_dir))))
-            api, setup = Api(ours.server), Client(ours.server.port)
+            ours = stack.enter_context(contextlib.closing(start_ours(adapter, data_dir, log_dir)))
+            api, setup = Api(ours), Client(ours.port)
             # The collection read from: its newest 10 of newest_collection.
             collection_id, since = api.hello(setup, "newest")
             last = api.post(setup, "newest", collection_id, since, objects_body(0, sizes.newest_collection))
@@ -755,8 +765,10 @@ def newest_and_posts(root, sizes):
             buckets = [f"posts-{i}" for i in range(n)]
             state = {bucket: list(api.hello(setup, bucket)) for bucket in buckets}
             setup.close()
-            bare = stack.enter_context(contextlib.closing(_Stoppable(start_bare(adapter, log_dir, newest_body))))
-            expect(*Client(bare.server.port).request("GET", "/json"), 200, "bare json")
+            bare = stack.enter_context(contextlib.closing(start_bare(adapter, log_dir, newest_body)))
+            check = Client(bare.port)
+            expect(*check.request("GET", "/json"), 200, "bare json")
+            check.close()
 
             def ours_newest(client):
                 body = expect(*client.request("GET", newest), 200, "newest 10")
@@ -779,20 +791,20 @@ def newest_and_posts(root, sizes):
                                                            {"Content-Type": "application/json"}), 200, "bare post"))
                 assert answer["object_counters"]
 
-            reads = interleaved([Side("ours", ours.server, [ours_newest] * n),
-                                 Side("bare", bare.server, [bare_newest] * n)], sizes)
-            writes = interleaved([Side("ours", ours.server, [ours_post_to(b) for b in buckets]),
-                                  Side("bare", bare.server, [bare_post] * n)], sizes)
+            reads = interleaved([Side("ours", ours, [ours_newest] * n),
+                                 Side("bare", bare, [bare_newest] * n)], sizes)
+            writes = interleaved([Side("ours", ours, [ours_post_to(b) for b in buckets]),
+                                  Side("bare", bare, [bare_post] * n)], sizes)
             posted = sum(since for _, since in state.values())
         print(f"  {adapter}: GET newest 10 of {sizes.newest_collection:,} ({len(newest_body):,} bytes):")
         print(reads[0].line("ours"))
         print(reads[1].line("bare"))
-        result("ours/bare req/s", reads[0].rate / reads[1].rate)
+        result("ours/bare req/s", reads[0].rate / reads[1].rate, indent="    ")
         print(f"  {adapter}: POST of 10 x {RECORD_SIZE} bytes, durable before the answer "
               f"({posted:,} objects stored, warm-up included):")
         print(writes[0].line("ours", 10, "obj/s"))
         print(writes[1].line("bare", 10, "obj/s"))
-        result("ours/bare req/s", writes[0].rate / writes[1].rate)
+        result("ours/bare req/s", writes[0].rate / writes[1].rate, indent="    ")
         aim = 10 * KINTO_POSTED_OBJECTS
         print(f"    vs Kinto 26 (~{KINTO_POSTED_OBJECTS}/s): {writes[0].rate * 10 / KINTO_POSTED_OBJECTS:.1f}x"
               f"    aim >= {aim:,} objects/s (10x): {'ok' if writes[0].rate * 10 >= aim else 'MISSED'}", flush=True)
@@ -811,16 +823,16 @@ def catch_up(root, sizes):
     os.makedirs(log_dir, exist_ok=True)
     buckets = {small: f"catchup-{small}", big: f"catchup-{big}"}
     # Built once, through the API of the first adapter; every adapter then serves the same files.
-    with contextlib.closing(_Stoppable(start_ours(adapters[0], data_dir, log_dir))) as ours:
-        api, client = Api(ours.server), Client(ours.server.port)
-        started, cpu_before = time.perf_counter(), ours.server.cpu_seconds()
+    with contextlib.closing(start_ours(adapters[0], data_dir, log_dir)) as ours:
+        api, client = Api(ours), Client(ours.port)
+        started, cpu_before = time.perf_counter(), ours.cpu_seconds()
         for count, bucket in buckets.items():
             collection_id, since = api.hello(client, bucket)
             for first in range(0, count, sizes.catchup_batch):
                 body = objects_body(first, min(sizes.catchup_batch, count - first))
                 assert len(body) < 1 << 20
                 since = api.post(client, bucket, collection_id, since, body)
-        spent, cpu = time.perf_counter() - started, ours.server.cpu_seconds() - cpu_before
+        spent, cpu = time.perf_counter() - started, ours.cpu_seconds() - cpu_before
         client.close()
         print(f"  built through POSTs of {sizes.catchup_batch:,} objects on {adapters[0]}: {small + big:,} objects "
               f"in {spent:.1f} s ({(small + big) / spent:,.0f} objects/s; server CPU {cpu / spent:.0%} of the time)")
@@ -831,24 +843,31 @@ def catch_up(root, sizes):
             peaks = {}
             for count, bucket in buckets.items():
                 # A fresh server for each, so that each peak is its catch-up's alone.
-                with contextlib.closing(_Stoppable(start_ours(adapter, data_dir, log_dir))) as ours:
-                    at_start = ours.server.peak_rss()
-                    api, client = Api(ours.server), Client(ours.server.port)
-                    started, cpu_before = time.perf_counter(), ours.server.cpu_seconds()
-                    pages, got = catch_up_once(api, client, bucket, sizes.catchup_page)
-                    spent, cpu = time.perf_counter() - started, ours.server.cpu_seconds() - cpu_before
-                    peaks[count] = ours.server.peak_rss()
+                with contextlib.closing(start_ours(adapter, data_dir, log_dir)) as ours:
+                    at_start = ours.peak_rss()
+                    api, client = Api(ours), Client(ours.port)
+                    runs = []
+                    for _ in range(sizes.catchup_runs):
+                        started, cpu_before = time.perf_counter(), ours.cpu_seconds()
+                        pages, got = catch_up_once(api, client, bucket, sizes.catchup_page)
+                        runs.append((time.perf_counter() - started, ours.cpu_seconds() - cpu_before))
+                        assert got == count, (got, count)
+                    peaks[count] = ours.peak_rss()
                     client.close()
-                assert got == count, (got, count)
-                print(f"  {adapter:<9} {count:>8,} | {pages:>5} {spent:>7.2f} {count / spent:>10,.0f} "
-                      f"{cpu / spent:>10.0%} | {at_start / 1e6:>15.1f} {peaks[count] / 1e6:>11.1f}", flush=True)
+                spent = median([seconds for seconds, _ in runs])
+                # /proc counts CPU time in ticks of 10 ms: too coarse for a shorter total.
+                total = sum(seconds for seconds, _ in runs)
+                cpu = f"{sum(cpu for _, cpu in runs) / total:.0%}" if total >= 0.5 else "-"
+                print(f"  {adapter:<9} {count:>8,} | {pages:>5} {spent:>7.3f} {count / spent:>10,.0f} "
+                      f"{cpu:>10} | {at_start / 1e6:>15.1f} {peaks[count] / 1e6:>11.1f}", flush=True)
                 http_results.setdefault(adapter, {})[f"catchup-{count}"] = (count / spent, peaks[count])
             result(f"{adapter} peak RSS {big:,}/{small:,}", peaks[big] / peaks[small], FLAT_MEMORY, at_least=False)
         except Exception as error:
             print(f"  {adapter}: FAILED: {error}", flush=True)
             http_results.setdefault(adapter, {})["failed"] = str(error)
-    print("  objects/s: one client, parsing each page as a client does; server CPU: share of that time.")
-    print("  peak RSS: VmHWM of a server process started fresh for each collection.")
+    print(f"  seconds: median of {sizes.catchup_runs} catch-ups by one client, which parses each page as a "
+          f"client does;\n  server CPU: the server's share of that time; peak RSS: VmHWM of a server "
+          f"process started\n  fresh for each collection, after its {sizes.catchup_runs} catch-ups.")
 
 
 def catch_up_once(api, client, bucket, page):
@@ -861,16 +880,6 @@ def catch_up_once(api, client, bucket, page):
             "GET", api.path(bucket, since=since, collection_id=collection_id, limit=page)), 200, "page"))
         pages, got = pages + 1, got + len(answer["objects"])
     return pages, got
-
-
-class _Stoppable:
-    """A ServerProcess for contextlib.closing()."""
-
-    def __init__(self, server):
-        self.server = server
-
-    def close(self):
-        self.server.stop()
 
 
 def http_summary():

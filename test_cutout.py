@@ -1001,7 +1001,7 @@ def test_server_starts_serves_and_stops_cleanly(tmp_path, stop_signal):
         slow = socket.create_connection(("127.0.0.1", port))   # a client that never sends a request
         with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
             client.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
-            assert client.recv(100).startswith(b"HTTP/1.0 ")  # answered despite the slow client
+            assert client.recv(100).startswith(b"HTTP/1.")  # answered despite the slow client
         server.send_signal(stop_signal)
         assert server.wait(timeout=10) == 0
         slow.close()
