@@ -1854,6 +1854,8 @@ def test_every_spec_id_has_a_test():
     tested = named_ids()
     untested = [spec_id for spec_id, _ in statements if spec_id not in tested]
     assert untested == [], f"no test names these ids of {SPEC_PATH} in its docstring: {', '.join(untested)}"
+    unknown = sorted(set(tested) - {spec_id for spec_id, _ in statements})
+    assert unknown == [], f"tests name ids that {SPEC_PATH} does not have: {', '.join(unknown)}"
 
 
 ###############################################################################
