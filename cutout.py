@@ -2,6 +2,7 @@
 
     python cutout.py                                  # http://127.0.0.1:8088/, data in ./cutout-data
     python cutout.py gc --data-dir ./cutout-data      # collect garbage once
+    python test_protocol.py --url http://127.0.0.1:8088/   # check a server against SPEC.md
 
 Written to be read first; durable and fast second, never at the cost of the first.
 It is one process on one machine's files: not a database server, not a framework.
@@ -41,7 +42,9 @@ import bottle
 import requests
 
 __version__ = "0.1.0"
-__all__ = ["AppendOnlyDB", "AppendConflict", "DataDir", "GarbageReport", "StorageError", "main"]
+__all__ = ["AppendOnlyDB", "AppendConflict", "DataDir", "GarbageReport", "Limits", "ProtocolError",
+           "StorageError", "SyncQuery", "app", "check_token", "make_token", "main", "parse_objects",
+           "parse_sync_query", "read_collection", "write_collection"]
 
 log = logging.getLogger("cutout")
 
@@ -49,8 +52,18 @@ log = logging.getLogger("cutout")
 ###############################################################################
 # Errors
 ###############################################################################
-# Storage raises StorageError for damage it must not guess at, and
+# The protocol raises ProtocolError for every request the spec refuses;
+# storage raises StorageError for damage it must not guess at, and
 # AppendConflict when a conditional append finds records its caller missed.
+
+
+class ProtocolError(Exception):
+    """A request the spec refuses; answered with status and {"error": code, "message": ...}."""
+
+    def __init__(self, status, code, message, headers=None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
 
 
 class StorageError(Exception):
@@ -1118,20 +1131,11 @@ class DataDir:
 ###############################################################################
 # Protocol: the rules of SPEC.md chapter 2, on plain values
 ###############################################################################
-# Nothing here touches bottle or a socket: each function takes what a request
+# Nothing here touches bottle or the request's socket: each function takes what a request
 # said (query pairs, body bytes) and returns what to answer (a status and a
 # body), or raises ProtocolError. The HTTP section below only translates.
 # Records are stored as the compact JSON of the object, so an answer is built
 # by splicing stored bytes, never by parsing them again (except to filter).
-
-
-class ProtocolError(Exception):
-    """A request the spec refuses; answered with status and {"error": code, "message": ...}."""
-
-    def __init__(self, status, code, message, headers=None):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.headers = headers or {}
 
 
 @dataclasses.dataclass
