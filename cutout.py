@@ -124,6 +124,7 @@ INDEX_HEADER = struct.Struct("<8sQQ")  # magic, generation of the data file, res
 INDEX_ENTRY = struct.Struct("<QQQ")    # counter, offset of the record (after its frame), length
 READ_PAGE_ENTRIES = 4096      # index entries per read: bounds a streaming reader's memory
 SCAN_CHUNK = 1 << 20          # bytes read at a time when scanning frames
+SMALL_READ = 64 << 10         # bytes: a page of records this small is read with pread(), not mapped
 ALLOCATE_AHEAD = 64 << 10     # bytes: the least a data file grows by; zeros until appended over
 ALLOCATE_AHEAD_MAX = 8 << 20  # bytes: the most, so that no append writes a huge run of zeros
 assert INDEX_HEADER.size == INDEX_ENTRY.size  # entry i then sits at (i + 1) * INDEX_ENTRY.size
@@ -557,6 +558,25 @@ class Snapshot:
         stop = self.record_count if limit is None else min(self.record_count, first + limit)
         return itertools.chain.from_iterable(self._pages(first, stop))
 
+    def _mapped(self, end):
+        """The data file mapped into memory, checked to reach end.
+
+        Large reads copy records straight out of a mapping: one copy fewer
+        than pread() and then slicing. Small ones use pread(): mapping and
+        unmapping a file costs more than copying a few kilobytes.
+        """
+        files = self._files
+        if self._mapping is None:
+            try:
+                self._mapping = mmap.mmap(files.data_fd, files.data_end, access=mmap.ACCESS_READ)
+            except ValueError:
+                raise StorageError(files.db.data_path, "data file is shorter than the index says") from None
+        # Reading a mapping past the end of its file kills the process
+        # (SIGBUS), so a file cut short since the snapshot is an error here.
+        if end > min(len(self._mapping), _file_size(files.data_fd)):
+            raise StorageError(files.db.data_path, "data file is shorter than the index says")
+        return self._mapping
+
     def _first_entry_after(self, since):
         """Index of the first entry whose counter is above since.
 
@@ -604,23 +624,22 @@ class Snapshot:
             if contiguous[:-1] != offsets or not all(map(operator.lt, counters, counters[1:])):
                 raise StorageError(files.db.index_path, f"damaged entries near entry {page_first}; "
                                    "deleting the index file makes the next open rebuild it")
-            if self._mapping is None:
-                # Records are copied straight out of a mapping of the file: one
-                # copy fewer than pread() and then slicing.
-                try:
-                    self._mapping = mmap.mmap(files.data_fd, files.data_end, access=mmap.ACCESS_READ)
-                except ValueError:
-                    raise StorageError(files.db.data_path, "data file is shorter than the index says") from None
-            data = self._mapping
-            # Reading a mapping past the end of its file kills the process
-            # (SIGBUS), so a file cut short since the snapshot is an error here.
-            if offsets[-1] + lengths[-1] > min(len(data), _file_size(files.data_fd)):
-                raise StorageError(files.db.data_path, "data file is shorter than the index says")
+            start, end = offsets[0] - FRAME.size, offsets[-1] + lengths[-1]
+            if end - start <= SMALL_READ and self._mapping is None:
+                data, base = _pread_exactly(files.data_fd, end - start, start), start
+                if len(data) < end - start:
+                    raise StorageError(files.db.data_path, "data file is shorter than the index says")
+            else:
+                data, base = self._mapped(end), 0
             for i in (0, count - 1):
-                if FRAME.unpack_from(data, offsets[i] - FRAME.size)[:2] != (counters[i], lengths[i]):
+                if FRAME.unpack_from(data, offsets[i] - FRAME.size - base)[:2] != (counters[i], lengths[i]):
                     raise StorageError(files.db.index_path,
                                        f"entry {page_first - lead + i} disagrees with the data file")
-            records = [data[offset:offset + length] for offset, length in zip(offsets[lead:], lengths[lead:])]
+            if base:
+                records = [data[offset - base:offset - base + length]
+                           for offset, length in zip(offsets[lead:], lengths[lead:])]
+            else:
+                records = [data[offset:offset + length] for offset, length in zip(offsets[lead:], lengths[lead:])]
             # zip() makes each (counter, record) pair in C, and reuses the tuple
             # when the reader lets go of it, as a streaming reader does.
             yield zip(counters[lead:], records)
