@@ -1558,7 +1558,7 @@ def _collection(*raw_parts):
 
 
 def _query_pairs():
-    return [(name, value) for name, value in bottle.request.query.allitems()]
+    return list(bottle.request.query.allitems())
 
 
 def _body():
@@ -1651,12 +1651,12 @@ def cross_origin_and_backoff_headers():
 
 def _json_error_page(error):
     # bottle's own errors (no route: 404, wrong method: 405 with Allow) as JSON too.
-    codes = {404: "not_found", 405: "method_not_allowed", 500: "internal_error"}
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
     bottle.response.content_type = "application/json"
-    if error.status_code == 500:
+    if error.status_code >= 500:
         log.error("unexpected error: %s", error.exception)
-    return json.dumps({"error": codes.get(error.status_code, "http_error"),
-                       "message": error.body if error.status_code != 500 else "internal error"})
+        return json.dumps({"error": "internal_error", "message": "internal error"})
+    return json.dumps({"error": codes.get(error.status_code, "bad_request"), "message": error.body})
 
 
 app.default_error_handler = _json_error_page
