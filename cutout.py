@@ -239,12 +239,14 @@ def _pread_exactly(fd, length, offset):
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _read_frame(fd, record_offset, length, file_size):
+def _read_frame(fd, record_offset, length):
     """The intact frame of the length-byte record at record_offset (without the record), or None."""
     start = record_offset - FRAME.size
-    if start < DATA_HEADER_SIZE or record_offset + length > file_size:
+    if start < DATA_HEADER_SIZE:
         return None
     head = os.pread(fd, FRAME.size + min(length, SCAN_CHUNK), start)
+    if len(head) < FRAME.size + min(length, SCAN_CHUNK):
+        return None     # the file ends before the record does
     counter, stored_length, appended_at, batch_index, batch_count, crc = FRAME.unpack_from(head)
     if stored_length != length or batch_index >= batch_count:
         return None
@@ -300,7 +302,7 @@ def _intact_batch_start_after(fd, start, end, above_counter):
             counter, length, _, batch_index, batch_count, _ = FRAME.unpack_from(chunk, at)
             record_offset = position + at + FRAME.size
             if (batch_index == 0 and batch_count and counter > above_counter and record_offset + length <= end
-                    and _read_frame(fd, record_offset, length, end) is not None):
+                    and _read_frame(fd, record_offset, length) is not None):
                 return True
             at += 1
         position += max(len(chunk) - FRAME.size + 1, 1)
@@ -394,13 +396,12 @@ class _OpenCollection:
     def _files_agree(self):
         """Whether the index ends exactly where the data's last intact batch ends.
 
-        Sets data_end, file_size, entry_count and last_counter as it goes.
+        Sets data_end, entry_count and last_counter as it goes.
         Checking the last frame is enough: index entries are written only
         after their batch is durable, so an index that reaches the end of the
         data covers no torn batch. Past data_end the file holds zeros
         (allocated ahead by append) or a torn batch.
         """
-        self.file_size = _file_size(self.data_fd)
         index_size = _file_size(self.index_fd)
         head = os.pread(self.index_fd, INDEX_HEADER.size, 0)
         if len(head) < INDEX_HEADER.size or head[:8] != INDEX_MAGIC:
@@ -415,7 +416,7 @@ class _OpenCollection:
         self.data_end = DATA_HEADER_SIZE
         if self.entry_count:
             counter, offset, length = self.entry(self.entry_count - 1)
-            frame = _read_frame(self.data_fd, offset, length, self.file_size)
+            frame = _read_frame(self.data_fd, offset, length)
             if frame is None or frame.counter != counter or not frame.ends_batch:
                 return False
             self.data_end = offset + length
@@ -438,6 +439,7 @@ class _OpenCollection:
         so StorageError is raised and nothing is cut.
         """
         db = self.db
+        file_size = _file_size(self.data_fd)
         index_size = _file_size(self.index_fd)
         head = os.pread(self.index_fd, INDEX_HEADER.size, 0)
         index_usable = (len(head) == INDEX_HEADER.size and head[:8] == INDEX_MAGIC
@@ -446,7 +448,7 @@ class _OpenCollection:
         kept, previous = 0, None
         if listed:
             counter, offset, length = self.entry(listed - 1)
-            previous = _read_frame(self.data_fd, offset, length, self.file_size)
+            previous = _read_frame(self.data_fd, offset, length)
             if previous is not None and previous.counter == counter:
                 kept = listed
             else:
@@ -455,7 +457,7 @@ class _OpenCollection:
         expected_index = 0 if previous is None or previous.ends_batch else previous.batch_index + 1
         last_counter = 0 if previous is None else previous.counter
         entries, pending, good_end, scanned_end = array("Q"), array("Q"), resume_at, resume_at
-        for frame in _scan_frames(self.data_fd, resume_at, self.file_size):
+        for frame in _scan_frames(self.data_fd, resume_at, file_size):
             if frame.batch_index != expected_index or frame.counter <= last_counter:
                 break
             pending.extend((frame.counter, frame.offset, frame.length))
@@ -473,12 +475,12 @@ class _OpenCollection:
         if previous is not None and not previous.ends_batch and not entries:
             raise StorageError(db.data_path, f"the batch of counter {previous.counter} is listed "
                                "in the index but the rest of it is damaged")
-        if _intact_batch_start_after(self.data_fd, scanned_end, self.file_size, last_counter):
+        if _intact_batch_start_after(self.data_fd, scanned_end, file_size, last_counter):
             raise StorageError(db.data_path, f"damaged data at offset {scanned_end} is followed by "
                                "intact records")
         if os.pread(self.data_fd, FRAME.size, good_end).strip(b"\0"):
             log.warning("%s: cut off a torn append at offset %d", db.data_path, good_end)
-        if good_end < self.file_size:
+        if good_end < file_size:
             os.ftruncate(self.data_fd, good_end)
             os.fdatasync(self.data_fd)
         if sys.byteorder == "big":
@@ -837,7 +839,7 @@ class AppendOnlyDB:
                 entries.extend((first + i, files.data_end + len(batch), len(record)))
                 batch += record
             position = files.data_end + len(batch)
-            if position > files.file_size:
+            if position > _file_size(files.data_fd):
                 batch += bytes(_allocation_ahead(position))
             if sys.byteorder == "big":
                 entries.byteswap()
