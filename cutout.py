@@ -173,7 +173,7 @@ class DataHeader:
         return cls(secrets.token_hex(16), secrets.token_hex(32), generation=1, counter_floor=0, purge_horizon=0)
 
     def encode(self):
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True, ensure_ascii=False).encode()
         room = DATA_HEADER_SIZE - len(DATA_MAGIC) - 1
         if len(text) > room:
             raise ValueError("data header does not fit")
@@ -824,6 +824,8 @@ class AppendOnlyDB:
         try:
             if if_collection_id is not None and if_collection_id != files.header.collection_id:
                 raise AppendConflict(files.last_counter, files.header.collection_id)
+            if if_last_counter is not None and 0 < if_last_counter < files.header.purge_horizon:
+                raise AppendConflict(files.last_counter, files.header.collection_id)    # may miss a delete
             if if_last_counter is not None and files.last_record_counter > if_last_counter:
                 newer = view.records_after(if_last_counter)
                 if ignore_newer is None or not all(itertools.starmap(ignore_newer, newer)):
@@ -1167,6 +1169,7 @@ class Limits:
     max_object_bytes: int = 256 << 10
     max_response_objects: int = 1000
     max_response_bytes: int = 1 << 20
+    max_examined: int = 10_000    # records a filtered answer may look at before it says incomplete
 
 
 TOKEN_LIFETIME = 24 * 3600    # seconds a token from /verify is good for (AUTH-2)
@@ -1246,6 +1249,11 @@ def parse_json_body(body, limits):
         raise ProtocolError(400, "bad_json", "the body's JSON is nested too deeply") from None
 
 
+def _compact_json(value):
+    """value as compact UTF-8 JSON; ValueError for what JSON cannot hold (infinities, lone surrogates)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
 def _not_json(constant):
     # Python's json module reads NaN and Infinity, which JSON does not have.
     raise ValueError(f"{constant} is not JSON")
@@ -1262,9 +1270,11 @@ def parse_objects(body, limits):
         if problem:
             raise ProtocolError(400, "bad_object", f"object {position}: {problem}")
         try:
-            record = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+            record = _compact_json(obj)
         except RecursionError:
             raise ProtocolError(400, "bad_object", f"object {position} is nested too deeply") from None
+        except ValueError as error:     # 1e400 read as infinity, a lone surrogate
+            raise ProtocolError(400, "bad_object", f"object {position}: {error}") from None
         if len(record) > limits.max_object_bytes:
             raise ProtocolError(413, "too_large", f"object {position} is larger than {limits.max_object_bytes} bytes")
         records.append(record)
@@ -1311,8 +1321,10 @@ def _objects_after(snapshot, query, since, limits, members):
     cap = min(query.limit or limits.max_response_objects, limits.max_response_objects)
     fragments, size, until, last_returned, incomplete = [], 0, since, since, False
     # Without a filter, one record past the cap says whether more remain.
-    for counter, record in snapshot.records_after(since, None if wanted else cap + 1):
-        if len(fragments) == cap or (fragments and size + len(record) > limits.max_response_bytes):
+    newer = snapshot.records_after(since, None if wanted else cap + 1)
+    for examined, (counter, record) in enumerate(newer):
+        if (len(fragments) == cap or examined == limits.max_examined
+                or (fragments and size + len(record) > limits.max_response_bytes)):
             incomplete = True
             break
         until = counter
@@ -1381,22 +1393,38 @@ def write_collection(db, query, records, limits):
                 return 200, _since_purged(snapshot)
     try:
         counters = db.append(records, if_last_counter=query.since, if_collection_id=query.collection_id,
-                             ignore_newer=None if wanted is None else lambda counter, record: not wanted(record))
+                             ignore_newer=None if wanted is None else _other_types(wanted, limits.max_examined))
     except AppendConflict:
         # Refused whole; say why from a fresh view (POST-5, POST-2).
         with db.snapshot() as snapshot:
             if query.collection_id != snapshot.collection_id:
                 return read_collection(snapshot, query, limits)
+            if 0 < query.since < snapshot.purge_horizon:
+                return 200, _since_purged(snapshot)
             members = {"since_invalid": True}
             fragments = _objects_after(snapshot, query, query.since, limits, members)
             return 200, _json_with_objects(members, fragments)
     return 200, json.dumps({"object_counters": counters}).encode()
 
 
+def _other_types(wanted, most):
+    """A test for append's ignore_newer: a newer record of another type is no conflict.
+
+    The writer lock is held while it runs, so it gives up (a conflict, which
+    the client resolves page by page) after looking at most records.
+    """
+    looked_at = itertools.count()
+    return lambda counter, record: next(looked_at) < most and not wanted(record)
+
+
 def delete_collection(db, body, limits):
     """Answer a DELETE (SPEC.md 2.4): empty the collection under a new collection_id."""
     reason = parse_json_body(body, limits) if body.strip() else None
-    if len(json.dumps(reason)) > MAX_REASON_BYTES:
+    try:
+        size = len(_compact_json(reason))
+    except (ValueError, RecursionError) as error:
+        raise ProtocolError(400, "bad_json", f"the reason cannot be stored as JSON: {error}") from None
+    if size > MAX_REASON_BYTES:
         raise ProtocolError(413, "too_large", f"the reason is larger than {MAX_REASON_BYTES} bytes of JSON")
     return 200, json.dumps({"collection_id": db.delete(reason)}).encode()
 
@@ -1422,12 +1450,14 @@ def make_token(secret, email, audience, now):
     return (payload + b"." + signature).decode()
 
 
+MAX_TOKEN_LENGTH = 2048      # characters; ours are about 250, longer ones are not ours
+
+
 def check_token(secret, token, now):
     """(email, domain) of a valid token; raises ProtocolError 401 otherwise (AUTH-3)."""
-    claims = _token_claims(secret, token)
-    if claims is None:
+    if not token or len(token) > MAX_TOKEN_LENGTH:
         raise ProtocolError(401, "unauthorized", "a valid token is needed: verify again")
-    email, domain, expires = claims
+    email, domain, expires = _token_claims(secret, token)
     if expires <= now:
         raise ProtocolError(401, "unauthorized", "the token has expired: verify again")
     return email, domain
@@ -1436,13 +1466,14 @@ def check_token(secret, token, now):
 @functools.lru_cache(maxsize=10_000)
 def _token_claims(secret, token):
     # A client polls with the same token for hours: checking its signature
-    # and parsing its JSON once keeps an empty poll free of both.
-    if not token or token.count(".") != 1 or not token.isascii():
-        return None
+    # and parsing its JSON once keeps an empty poll free of both. A token
+    # that fails raises, and exceptions are not cached.
+    if token.count(".") != 1 or not token.isascii():
+        raise ProtocolError(401, "unauthorized", "a valid token is needed: verify again")
     payload, signature = token.encode().split(b".")
     expected = base64.urlsafe_b64encode(hmac.new(secret, payload, "sha256").digest()).rstrip(b"=")
     if not hmac.compare_digest(signature, expected):
-        return None
+        raise ProtocolError(401, "unauthorized", "a valid token is needed: verify again")
     claims = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
     return claims["email"], domain_of_origin(claims["audience"]), claims["expires"]
 
@@ -1546,7 +1577,7 @@ def _collection(*raw_parts):
         raise ProtocolError(400, "bad_path", "a path part is not percent-encoded UTF-8") from None
     if not is_domain(domain):
         raise ProtocolError(400, "bad_path", f"{domain!r} is not a host in lower case")
-    tokens = bottle.request.query.getall("auth")
+    tokens = [value for name, value in _query_pairs() if name == "auth"]
     if len(tokens) > 1:
         raise ProtocolError(400, "bad_request", "auth may appear only once")
     email, token_domain = check_token(_config().secret, tokens[0] if tokens else "", time.time())
@@ -1560,13 +1591,23 @@ def _collection(*raw_parts):
 
 
 def _query_pairs():
-    return list(bottle.request.query.allitems())
+    # Not bottle.request.query: it decodes values as Latin-1, so include=é
+    # would not match the type "é".
+    try:
+        return urllib.parse.parse_qsl(bottle.request.query_string, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise ProtocolError(400, "bad_request", "the query is not percent-encoded UTF-8") from None
 
 
 def _body():
     limit = _config().limits.max_body_bytes
     if bottle.request.content_length > limit:
         raise ProtocolError(413, "too_large", f"the body is larger than {limit} bytes")
+    environ = bottle.request.environ
+    if environ.get("wsgi.input_terminated"):
+        # The server has already undone any chunking (cheroot does);
+        # bottle would try to undo it again.
+        return environ["wsgi.input"].read(limit + 1)
     return bottle.request.body.read(limit + 1)
 
 
@@ -1614,11 +1655,15 @@ def verify():
 @app.get("/syncclient.js")
 def syncclient_js():
     # [JS-1] The client's default server is wherever this request reached us.
-    scheme, netloc = bottle.request.urlparts[:2]
+    # Only Host, not X-Forwarded-Host: any client could send that one.
+    environ = bottle.request.environ
+    base = f"{environ['wsgi.url_scheme']}://{environ.get('HTTP_HOST') or environ['SERVER_NAME']}/"
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "syncclient.js"), "rb") as script:
         source = script.read()
-    body = source.replace(b'"{{server_url}}"', json.dumps(f"{scheme}://{netloc}/").encode())
-    return _answer(200, body, "application/javascript; charset=utf-8")
+    answer = _answer(200, source.replace(b'"{{server_url}}"', json.dumps(base).encode()),
+                     "application/javascript; charset=utf-8")
+    answer.set_header("Cache-Control", "no-cache")     # it names the host it was asked for
+    return answer
 
 
 @app.hook("after_request")
@@ -1630,9 +1675,9 @@ def cross_origin_and_backoff_headers():
     allowed = False
     if path == "/verify":
         # [CORS-3] Any origin may ask; only the audience's origin may read the answer.
-        allowed = request.method == "OPTIONS" or (origin is not None and domain_of_origin(origin) is not None
-                                                  and origin.rstrip("/").lower()
-                                                  == (request.forms.getunicode("audience") or "").rstrip("/").lower())
+        allowed = origin is not None and (request.method == "OPTIONS" or (
+            domain_of_origin(origin) is not None
+            and origin.rstrip("/").lower() == (request.forms.getunicode("audience") or "").rstrip("/").lower()))
     elif len(parts) == 3 and origin is not None:
         # [CORS-1] Only the origin of the collection's domain, one origin per header.
         allowed = domain_of_origin(origin) == urllib.parse.unquote(parts[0])
@@ -1711,6 +1756,7 @@ class Front:
 ###############################################################################
 
 
+MAX_HEADER_BYTES = 64 << 10   # bytes of request line and headers; a token query is ~300
 # The first is the default, chosen by bench.py's figures (README.md): of the
 # three, only cheroot keeps a connection open after a 204, and empty polls
 # (204s) are most of a sync server's traffic.
@@ -1791,13 +1837,14 @@ def serve(args):
         print(f"The Cut-Out serving http://{args.host}:{port}/ (data in {args.data_dir}, "
               f"{args.server})", flush=True)
     try:
-        _run_server(args.server, args.host, args.port, application, announce)
+        _run_server(args.server, args.host, args.port, application, announce,
+                    args.max_concurrent, args.max_body_bytes)
     except KeyboardInterrupt:
         pass
     print("The Cut-Out stopped", flush=True)
 
 
-def _run_server(kind, host, port, application, announce):
+def _run_server(kind, host, port, application, announce, max_concurrent=64, max_body_bytes=Limits.max_body_bytes):
     """Serve application on (host, port) with the named server until interrupted."""
     if kind == "cheroot":
         from cheroot import server as http, wsgi
@@ -1811,7 +1858,11 @@ def _run_server(kind, host, port, application, announce):
         class Connection(http.HTTPConnection):
             RequestHandlerClass = Request
 
-        server = wsgi.Server((host, port), application)
+        # More threads than requests allowed at once, so that Front sees the
+        # request one too many and answers 503 rather than leaving it queued.
+        server = wsgi.Server((host, port), application, numthreads=max_concurrent + 2)
+        server.max_request_header_size = MAX_HEADER_BYTES
+        server.max_request_body_size = max_body_bytes + 1024
         server.ConnectionClass = Connection
         server.prepare()
         announce(server.bind_addr[1])

@@ -1191,3 +1191,98 @@ def test_no_request_is_answered_with_a_server_error(fuzz_server):
 
     request_is_answered_sanely()
     assert len(_fuzz_cases) >= FUZZ_EXAMPLES
+
+
+# ---------------------------------------------------------------- what the server itself must hold out against
+
+
+def _token(base, email="ann@example.com", audience="http://app.example"):
+    return requests.post(base + "/verify", data={"assertion": email, "audience": audience},
+                         timeout=10).json()["auth"]["query"]["auth"]
+
+
+def test_a_huge_request_line_or_token_is_refused_cheaply(tmp_path):
+    with _server(tmp_path) as base:
+        host, port = urllib.parse.urlsplit(base).netloc.split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as client:
+            client.sendall(b"GET /app.example/ann@example.com/b?auth=" + b"x" * (1 << 20) + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.recv(100).split()[1].startswith(b"4")
+        for _ in range(20):     # long forged tokens are neither accepted nor remembered
+            answer = requests.get(base + "/app.example/ann@example.com/b", params={"auth": "y" * 30_000}, timeout=10)
+            assert answer.status_code == 401
+        assert requests.get(base + "/app.example/ann@example.com/b", params={"auth": _token(base)},
+                            timeout=10).status_code == 200
+
+
+def test_slow_clients_get_503_not_a_stalled_server(tmp_path):
+    """More requests stuck reading their bodies than --max-concurrent: the next one is
+    answered 503 at once, however many threads the server has by default."""
+    with _server(tmp_path, "--max-concurrent", "12") as base:
+        host, port = urllib.parse.urlsplit(base).netloc.split(":")
+        token = _token(base)
+        stuck = []
+        try:
+            for _ in range(12):
+                client = socket.create_connection((host, int(port)), timeout=10)
+                client.sendall(f"POST /app.example/ann@example.com/b?auth={token}&since=0&collection_id=x HTTP/1.1\r\n"
+                               f"Host: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n[".encode())
+                stuck.append(client)
+            deadline = time.monotonic() + 10
+            while True:
+                answer = requests.get(base + "/syncclient.js", timeout=10)
+                if answer.status_code == 503 or time.monotonic() > deadline:
+                    break
+            assert answer.status_code == 503 and answer.headers["Retry-After"].isdigit()
+        finally:
+            for client in stuck:
+                client.close()
+
+
+def test_chunked_bodies_are_read_once(tmp_path):
+    with _server(tmp_path) as base:
+        token = _token(base)
+        path = "/app.example/ann@example.com/b"
+        collection_id = requests.get(base + path, params={"auth": token}, timeout=10).json()["collection_id"]
+        host, port = urllib.parse.urlsplit(base).netloc.split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        body = iter([b'[{"type": "note", ', b'"id": 1, "data": "chunked"}]'])
+        connection.request("POST", f"{path}?auth={token}&since=0&collection_id={collection_id}", body=body,
+                           headers={"Content-Type": "application/json"}, encode_chunked=True)
+        answer = connection.getresponse()
+        assert (answer.status, json.loads(answer.read())) == (200, {"object_counters": [1]})
+        connection.close()
+
+
+@pytest.mark.parametrize("body", [b'[{"type": "a", "id": "x", "data": 1e400}]',
+                                  b'[{"type": "a", "id": "\\ud800", "data": 1}]'])
+def test_objects_json_cannot_hold_are_refused(tmp_path, body):
+    """Python reads 1e400 as infinity and keeps lone surrogates; neither could be written
+    back as JSON, so storing them would break every later read."""
+    with _server(tmp_path) as base:
+        token = _token(base)
+        path = base + "/app.example/ann@example.com/b"
+        collection_id = requests.get(path, params={"auth": token}, timeout=10).json()["collection_id"]
+        answer = requests.post(path, params={"auth": token, "since": 0, "collection_id": collection_id}, data=body,
+                               timeout=10)
+        assert (answer.status_code, answer.json()["error"]) == (400, "bad_object")
+        assert requests.get(path, params={"auth": token}, timeout=10).json()["objects"] == []
+
+
+def test_syncclient_js_names_the_host_asked_for_not_a_forwarded_one(tmp_path):
+    with _server(tmp_path) as base:
+        answer = requests.get(base + "/syncclient.js", headers={"X-Forwarded-Host": "evil.example"}, timeout=10)
+        assert base + "/" in answer.text and "evil.example" not in answer.text
+        assert answer.headers["Cache-Control"] == "no-cache"
+
+
+def test_a_post_below_the_purge_horizon_is_refused_under_the_lock(db):
+    """The protocol checks the horizon before appending; the append checks it again under
+    the writer lock, so a purge in between cannot let a stale client write."""
+    db.append([note("n", 1), note("n", 2)], now=1000)
+    db.append([tombstone("n", 1)], now=1000)
+    db.collect_garbage(purge_tombstones_before=2000)
+    with db.snapshot() as snapshot:
+        assert snapshot.purge_horizon == 3
+    with pytest.raises(AppendConflict):
+        db.append([note("n", 3)], if_last_counter=2)
+    assert db.append([note("n", 3)], if_last_counter=3) == [4]

@@ -890,6 +890,21 @@ def test_GET_7_no_match_is_200_with_empty_objects_and_until_not_204(server):
     expect_filtered(c.get(c.sync_params(since=0, exclude=["note", "task", "tag"])), [], newest)
 
 
+def test_GET_7_and_POST_4_filters_match_types_that_are_not_ascii(server):
+    """[GET-7] [POST-4] Types are compared as the UTF-8 text the query and the objects carry,
+    whatever their letters. (SPEC.md 2.2, 2.3)"""
+    c = Collection(server)
+    accented = note("é1", 1, "é")
+    counters = c.write([accented, note("n1", 2)])
+    expect_filtered(c.get(c.sync_params(since=0, include="é")), [(counters[0], accented)], counters[1])
+    stale = c.another_device()
+    stale.start()
+    stale.since = 0
+    response = stale.post([note("n2", 3)], stale.sync_params(include="é"))
+    body = expect_json(response, 200, "POST-4")
+    check(body.get("since_invalid") is True, "POST-4", 'an "é" object was missed: expected since_invalid', response)
+
+
 def test_GET_7_include_and_exclude_together_is_400_bad_filter(server):
     """[GET-7] include and exclude at once are answered 400 (bad_filter). (SPEC.md 2.2)"""
     c = Collection(server)
@@ -1220,6 +1235,18 @@ def test_DEL_1_a_reason_over_256_bytes_is_refused_and_changes_nothing(server):
     hello, pairs = c.hello()
     check(hello["collection_id"] == c.collection_id and pairs == [(counters[0], note("a", 1))], "DEL-1",
           "a refused DELETE changed the collection")
+
+
+def test_DEL_1_a_reason_is_measured_as_compact_utf8_json(server):
+    """[DEL-1] The reason is at most 256 bytes as compact JSON: 250 bytes of accented text
+    (125 characters of two bytes, plus quotes) is within it. (SPEC.md 2.4)"""
+    c = Collection(server)
+    c.write([note("a", 1)])
+    response = c.delete("é" * 125)
+    body = expect_json(response, 200, "DEL-1")
+    hello, _ = c.hello()
+    check(hello.get("collection_deleted") == "é" * 125 and hello["collection_id"] == body["collection_id"],
+          "DEL-1", "a 252-byte reason must be kept as sent", response)
 
 
 def test_DEL_2_hello_and_collection_changed_carry_the_reason_until_the_next_post(server):
