@@ -400,14 +400,11 @@ def posted():
     bottle.request.body.read()
     return bottle.HTTPResponse(body=posted_body, status=200, headers={"Content-Type": "application/json"})
 
-print(f"bare bottle serving http://127.0.0.1:{port}/ ({adapter})", flush=True)
-if adapter == "wsgiref":
-    from wsgiref.simple_server import make_server
-    import cutout
-    server = make_server("127.0.0.1", port, app, cutout.ThreadingWSGIServer, cutout._QuietHandler)
-    server.serve_forever()
-else:
-    bottle.run(app, server=adapter, host="127.0.0.1", port=port, quiet=True)
+import cutout
+
+# The same server setup as cutout.py's (threads, limits), so that only the app differs.
+cutout._run_server(adapter, "127.0.0.1", port, app,
+                   lambda port: print(f"bare bottle serving http://127.0.0.1:{port}/ ({adapter})", flush=True))
 """
 
 
