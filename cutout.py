@@ -1565,7 +1565,7 @@ def _protocol(handler):
     return route
 
 
-def _collection(*raw_parts):
+def _collection(pairs, *raw_parts):
     """The AppendOnlyDB the request may use; raises ProtocolError (PATH-1, AUTH-3, AUTH-4).
 
     The parts arrive still percent-encoded (see Front), so that a "/" inside
@@ -1577,7 +1577,7 @@ def _collection(*raw_parts):
         raise ProtocolError(400, "bad_path", "a path part is not percent-encoded UTF-8") from None
     if not is_domain(domain):
         raise ProtocolError(400, "bad_path", f"{domain!r} is not a host in lower case")
-    tokens = [value for name, value in _query_pairs() if name == "auth"]
+    tokens = [value for name, value in pairs if name == "auth"]
     if len(tokens) > 1:
         raise ProtocolError(400, "bad_request", "auth may appear only once")
     email, token_domain = check_token(_config().secret, tokens[0] if tokens else "", time.time())
@@ -1614,8 +1614,9 @@ def _body():
 @app.get("/<domain>/<user>/<bucket>")
 @_protocol
 def get_collection(domain, user, bucket):
-    db = _collection(domain, user, bucket)
-    query = parse_sync_query(_query_pairs())
+    pairs = _query_pairs()
+    db = _collection(pairs, domain, user, bucket)
+    query = parse_sync_query(pairs)
     with db.snapshot() as snapshot:
         return _answer(*read_collection(snapshot, query, _config().limits))
 
@@ -1623,8 +1624,9 @@ def get_collection(domain, user, bucket):
 @app.post("/<domain>/<user>/<bucket>")
 @_protocol
 def post_collection(domain, user, bucket):
-    db = _collection(domain, user, bucket)
-    query = parse_sync_query(_query_pairs())
+    pairs = _query_pairs()
+    db = _collection(pairs, domain, user, bucket)
+    query = parse_sync_query(pairs)
     records = parse_objects(_body(), _config().limits)
     return _answer(*write_collection(db, query, records, _config().limits))
 
@@ -1632,7 +1634,7 @@ def post_collection(domain, user, bucket):
 @app.delete("/<domain>/<user>/<bucket>")
 @_protocol
 def delete_collection_route(domain, user, bucket):
-    db = _collection(domain, user, bucket)
+    db = _collection(_query_pairs(), domain, user, bucket)
     return _answer(*delete_collection(db, _body(), _config().limits))
 
 
