@@ -811,8 +811,9 @@ class AppendOnlyDB:
         """Store records (a list of bytes) as one batch; return their counters.
 
         All of them are stored or none. With if_last_counter, the batch is
-        stored only if no record newer than that counter exists (except those
-        for which ignore_newer(counter, record) is true); with
+        stored only if that counter is one the collection has given, is not
+        below its purge horizon, and no record newer than it exists (except
+        those for which ignore_newer(counter, record) is true); with
         if_collection_id, only if that is the collection's id. Otherwise
         AppendConflict is raised. Returns once the records are on disk.
         """
@@ -824,8 +825,11 @@ class AppendOnlyDB:
         try:
             if if_collection_id is not None and if_collection_id != files.header.collection_id:
                 raise AppendConflict(files.last_counter, files.header.collection_id)
-            if if_last_counter is not None and 0 < if_last_counter < files.header.purge_horizon:
-                raise AppendConflict(files.last_counter, files.header.collection_id)    # may miss a delete
+            if if_last_counter is not None and (0 < if_last_counter < files.header.purge_horizon
+                                                or if_last_counter > files.last_counter):
+                # Below the horizon the caller may have missed a delete; past
+                # the newest counter it claims to have seen what never was.
+                raise AppendConflict(files.last_counter, files.header.collection_id)
             if if_last_counter is not None and files.last_record_counter > if_last_counter:
                 newer = view.records_after(if_last_counter)
                 if ignore_newer is None or not all(itertools.starmap(ignore_newer, newer)):
@@ -1386,19 +1390,16 @@ def write_collection(db, query, records, limits):
     if query.since is None or query.collection_id is None:
         raise ProtocolError(400, "bad_request", "a POST needs since and collection_id")
     wanted = query.wanted()
-    with db.snapshot() as snapshot:
-        if query.collection_id == snapshot.collection_id:
-            _check_since(snapshot, query)
-            if 0 < query.since < snapshot.purge_horizon:
-                return 200, _since_purged(snapshot)
     try:
         counters = db.append(records, if_last_counter=query.since, if_collection_id=query.collection_id,
                              ignore_newer=None if wanted is None else _other_types(wanted, limits.max_examined))
     except AppendConflict:
-        # Refused whole; say why from a fresh view (POST-5, POST-2).
+        # Refused whole, under the writer lock; say why from a fresh view
+        # (POST-5, GET-5, PURGE-1, POST-2).
         with db.snapshot() as snapshot:
             if query.collection_id != snapshot.collection_id:
                 return read_collection(snapshot, query, limits)
+            _check_since(snapshot, query)
             if 0 < query.since < snapshot.purge_horizon:
                 return 200, _since_purged(snapshot)
             members = {"since_invalid": True}
