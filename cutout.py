@@ -1760,6 +1760,9 @@ class Front:
 
 
 MAX_HEADER_BYTES = 64 << 10   # bytes of request line and headers; a token query is ~300
+# Requests served at once. Python runs one thread at a time, so more threads
+# add no speed, only memory (each gets its own malloc arena) and contention.
+MAX_CONCURRENT = 16
 # The first is the default, chosen by bench.py's figures (README.md): of the
 # three, only cheroot keeps a connection open after a 204, and empty polls
 # (204s) are most of a sync server's traffic.
@@ -1847,7 +1850,7 @@ def serve(args):
     print("The Cut-Out stopped", flush=True)
 
 
-def _run_server(kind, host, port, application, announce, max_concurrent=64, max_body_bytes=Limits.max_body_bytes):
+def _run_server(kind, host, port, application, announce, max_concurrent=None, max_body_bytes=Limits.max_body_bytes):
     """Serve application on (host, port) with the named server until interrupted."""
     if kind == "cheroot":
         from cheroot import server as http, wsgi
@@ -1863,7 +1866,7 @@ def _run_server(kind, host, port, application, announce, max_concurrent=64, max_
 
         # More threads than requests allowed at once, so that Front sees the
         # request one too many and answers 503 rather than leaving it queued.
-        server = wsgi.Server((host, port), application, numthreads=max_concurrent + 2)
+        server = wsgi.Server((host, port), application, numthreads=(max_concurrent or MAX_CONCURRENT) + 2)
         server.max_request_header_size = MAX_HEADER_BYTES
         server.max_request_body_size = max_body_bytes + 1024
         server.ConnectionClass = Connection
@@ -1922,8 +1925,8 @@ def parse_args(argv):
                         "(without one: the development verifier, on loopback only)")
     parser.add_argument("--poll-time", type=int, default=0, metavar="SECONDS",
                         help="ask clients to poll no sooner than this (X-Sync-Poll-Time)")
-    parser.add_argument("--max-concurrent", type=int, default=64,
-                        help="requests at once before answering 503 (default 64)")
+    parser.add_argument("--max-concurrent", type=int, default=MAX_CONCURRENT,
+                        help=f"requests at once before answering 503 (default {MAX_CONCURRENT})")
     parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
                         help=f"largest request body (default {Limits.max_body_bytes})")
     parser.add_argument("--max-object-bytes", type=int, default=Limits.max_object_bytes,
