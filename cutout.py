@@ -42,7 +42,7 @@ import bottle
 import requests
 
 __version__ = "0.1.0"
-__all__ = ["AppendOnlyDB", "AppendConflict", "DataDir", "GarbageReport", "Limits", "ProtocolError",
+__all__ = ["AppendOnlyDB", "AppendConflict", "DataDir", "GarbageReport", "Limits", "PollState", "ProtocolError",
            "StorageError", "SyncQuery", "app", "check_token", "make_token", "main", "parse_objects",
            "parse_sync_query", "read_collection", "write_collection"]
 
@@ -524,6 +524,30 @@ class _OpenCollection:
         self.dir_fd = self.data_fd = self.index_fd = None
 
 
+@dataclasses.dataclass(frozen=True)
+class PollState:
+    """What an empty poll needs to know of a collection (a Snapshot knows it too)."""
+
+    collection_id: str
+    last_counter: int
+    last_record_counter: int
+    purge_horizon: int
+
+
+# Per process, the PollState of each collection read here, with the identity
+# of the index file it was read from (inode, size, change time). Every
+# acknowledged append grows the index, and every repair or replacement
+# rewrites it or renames another in, so while that identity is unchanged the
+# state is: a poll then answers with one stat() instead of opening the files.
+_poll_states = {}
+MAX_POLL_STATES = 100_000     # collections remembered; past it, start again
+
+
+def _index_identity(path):
+    status = os.stat(path)
+    return status.st_ino, status.st_size, status.st_ctime_ns
+
+
 class Snapshot:
     """A consistent view of a collection as it was when the snapshot was taken.
 
@@ -804,8 +828,30 @@ class AppendOnlyDB:
     def snapshot(self, create=True):
         """A Snapshot of the collection, creating the collection if it is new (and create)."""
         files = self._open(exclusive=False) if create else _OpenCollection(self, exclusive=False)
+        try:
+            snapshot = Snapshot(files)
+            # Under the shared lock no writer can change the index, so the
+            # path names the very file this state was read from.
+            if len(_poll_states) >= MAX_POLL_STATES:
+                _poll_states.clear()
+            _poll_states[self.path] = (_index_identity(self.index_path), PollState(
+                snapshot.collection_id, snapshot.last_counter, snapshot.last_record_counter, snapshot.purge_horizon))
+        except BaseException:
+            files.close()
+            raise
         fcntl.flock(files.dir_fd, fcntl.LOCK_UN)    # the snapshot reads without it
-        return Snapshot(files)
+        return snapshot
+
+    def poll_state(self):
+        """The PollState last read here, if the index is still the file it was read from; else None."""
+        remembered = _poll_states.get(self.path)
+        if remembered is None:
+            return None
+        try:
+            identity = _index_identity(self.index_path)
+        except FileNotFoundError:
+            return None
+        return remembered[1] if remembered[0] == identity else None
 
     def append(self, records, if_last_counter=None, ignore_newer=None, if_collection_id=None, now=None):
         """Store records (a list of bytes) as one batch; return their counters.
@@ -855,11 +901,14 @@ class AppendOnlyDB:
             os.fdatasync(files.data_fd)
             try:
                 _pwrite_all(files.index_fd, entries.tobytes(), _entry_position(files.entry_count))
-            except OSError as error:
-                # The batch is durable, so it is acknowledged; the next open
-                # indexes it (the index is only an accelerator).
-                log.warning("%s: could not index counters %d..%d yet: %s",
-                            self.index_path, first, first + count - 1, error)
+            except OSError:
+                # The batch is durable and the next open will index it, but it
+                # is not acknowledged: an acknowledged append always grows the
+                # index (poll_state relies on it). A retry stores a newer copy
+                # of the same objects, which the model allows.
+                log.warning("%s: counters %d..%d are stored but not yet indexed",
+                            self.index_path, first, first + count - 1)
+                raise
             return list(range(first, first + count))
         finally:
             view.close()
@@ -1364,13 +1413,22 @@ def read_collection(snapshot, query, limits):
     _check_since(snapshot, query)
     if 0 < query.since < snapshot.purge_horizon:
         return 200, _since_purged(snapshot)
-    # [GET-3] "If nothing is newer than since, the server MUST answer 204."
-    # The empty poll reads no record and parses no JSON.
-    if query.since >= snapshot.last_record_counter:
+    if nothing_new(snapshot, query):
         return 204, None
     members = {}
     fragments = _objects_after(snapshot, query, query.since, limits, members)
     return 200, _json_with_objects(members, fragments)
+
+
+def nothing_new(state, query):
+    """Whether a GET is answered 204 No Content, from a PollState or a Snapshot.
+
+    [GET-3] "If the collection holds no object newer than since, the server
+    MUST answer 204." The empty poll reads no record and parses no JSON.
+    """
+    return (query.collection_id == state.collection_id and query.since is not None
+            and state.last_record_counter <= query.since <= state.last_counter      # GET-5
+            and not 0 < query.since < state.purge_horizon)                          # PURGE-1
 
 
 def _check_since(snapshot, query):
@@ -1618,6 +1676,9 @@ def get_collection(domain, user, bucket):
     pairs = _query_pairs()
     db = _collection(pairs, domain, user, bucket)
     query = parse_sync_query(pairs)
+    state = db.poll_state()
+    if state is not None and nothing_new(state, query):
+        return _answer(204, None)       # without opening a file
     with db.snapshot() as snapshot:
         return _answer(*read_collection(snapshot, query, _config().limits))
 
@@ -1867,6 +1928,7 @@ def _run_server(kind, host, port, application, announce, max_concurrent=None, ma
         # More threads than requests allowed at once, so that Front sees the
         # request one too many and answers 503 rather than leaving it queued.
         server = wsgi.Server((host, port), application, numthreads=(max_concurrent or MAX_CONCURRENT) + 2)
+        server.shutdown_timeout = 1     # seconds for busy threads when stopping; then stop anyway
         server.max_request_header_size = MAX_HEADER_BYTES
         server.max_request_body_size = max_body_bytes + 1024
         server.ConnectionClass = Connection

@@ -992,12 +992,11 @@ def _free_port():
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_server_starts_serves_and_stops_cleanly(tmp_path, stop_signal):
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", str(port),
+    server = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", "0",
                                "--data-dir", str(tmp_path / "data")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
-        assert server.stdout.readline().startswith(f"The Cut-Out serving http://127.0.0.1:{port}/")
+        port = _announced_port(server)
         slow = socket.create_connection(("127.0.0.1", port))   # a client that never sends a request
         with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
             client.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
@@ -1059,15 +1058,22 @@ def verifier_url():
     thread.join()
 
 
+def _announced_port(process):
+    """The port a cutout.py started with --port 0 says it is serving on."""
+    line = process.stdout.readline()
+    served = re.match(r"The Cut-Out serving http://127\.0\.0\.1:(\d+)/", line)
+    assert served, f"cutout.py did not start: {line!r}"
+    return int(served.group(1))
+
+
 @contextlib.contextmanager
 def _server(tmp_path, *options):
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", str(port),
+    # Port 0 and the port it announces: a port picked here could be taken before it binds.
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", "0",
                                 "--data-dir", str(tmp_path / "data"), *options],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert process.stdout.readline().startswith("The Cut-Out serving")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{_announced_port(process)}"
     finally:
         process.terminate()
         process.wait(timeout=10)
@@ -1286,3 +1292,41 @@ def test_a_post_below_the_purge_horizon_is_refused_under_the_lock(db):
     with pytest.raises(AppendConflict):
         db.append([note("n", 3)], if_last_counter=2)
     assert db.append([note("n", 3)], if_last_counter=3) == [4]
+
+
+def test_a_remembered_poll_state_lasts_only_while_the_index_is_unchanged(tmp_path):
+    """An empty poll may answer from the state a snapshot left behind, so that state must
+    go stale with every acknowledged append (from any process) and every replacement."""
+    db = AppendOnlyDB(tmp_path / "polled")
+    db.append([note("n", 1)])
+    assert db.poll_state() is None or db.poll_state().last_record_counter == 1
+    with db.snapshot() as snapshot:
+        assert db.poll_state() == cutout.PollState(snapshot.collection_id, 1, 1, 0)
+    appended = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import cutout; "
+                               "print(cutout.AppendOnlyDB(sys.argv[2]).append([b'{}']))", HERE, db.path],
+                              capture_output=True, text=True, timeout=60)
+    assert appended.stdout.strip() == "[2]"
+    assert db.poll_state() is None, "another process appended: the remembered state is stale"
+    read_all(db)
+    assert db.poll_state().last_record_counter == 2
+    for change in (lambda: db.append([note("n", 1, "again")]), db.collect_garbage, lambda: db.delete("reason")):
+        read_all(db)
+        assert db.poll_state() is not None
+        change()
+        assert db.poll_state() is None
+
+
+def test_empty_polls_see_what_another_server_process_wrote(tmp_path):
+    """Two server processes on one data directory: a client polling one sees at once what
+    another client wrote through the other."""
+    with _server(tmp_path) as first, _server(tmp_path) as second:
+        token = _token(first)
+        path = "/app.example/ann@example.com/b"
+        collection_id = requests.get(first + path, params={"auth": token}, timeout=10).json()["collection_id"]
+        poll = {"auth": token, "since": 0, "collection_id": collection_id}
+        assert requests.get(first + path, params=poll, timeout=10).status_code == 204
+        assert requests.get(first + path, params=poll, timeout=10).status_code == 204
+        written = requests.post(second + path, params=poll, json=[{"type": "n", "id": 1, "data": 1}], timeout=10)
+        assert written.json() == {"object_counters": [1]}
+        answer = requests.get(first + path, params=poll, timeout=10)
+        assert answer.status_code == 200 and answer.json()["objects"] == [[1, {"type": "n", "id": 1, "data": 1}]]

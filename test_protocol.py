@@ -110,13 +110,14 @@ class ReferenceServer:
     def __init__(self, data_dir, extra_args=()):
         self.data_dir = str(data_dir)
         self.extra_args = list(extra_args)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = 0       # cutout.py picks a free one and announces it, so none is taken meanwhile
+        self.url = None
         self.process = None
         self.output = collections.deque(maxlen=200)   # its last lines, for error messages
 
     def start(self):
         """Start cutout.py and return once it accepts connections."""
+        # The first start takes the port cutout.py picks; a restart asks for the same one.
         command = [sys.executable, "cutout.py", "--port", str(self.port), "--data-dir", self.data_dir,
                    *self.extra_args]
         # One pipe for both streams, read by a thread until the end, so that the server never
@@ -126,20 +127,23 @@ class ReferenceServer:
         lines = queue.Queue()
         self.reader = threading.Thread(target=self._read_output, args=(self.process, lines), daemon=True)
         self.reader.start()
-        banner = f"The Cut-Out serving {self.url}/"
+        banner = re.compile(r"The Cut-Out serving http://127\.0\.0\.1:(\d+)/")
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
                 line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 self.stop()
-                raise RuntimeError(f"{' '.join(command)} did not print {banner!r} "
+                raise RuntimeError(f"{' '.join(command)} did not say it was serving "
                                    f"within {START_TIMEOUT} s:\n{self.log()}") from None
             if line is None:
                 self.process.wait()
                 raise RuntimeError(f"{' '.join(command)} exited with {self.process.returncode} "
                                    f"before serving:\n{self.log()}")
-            if line.startswith(banner):
+            serving = banner.match(line)
+            if serving:
+                self.port = int(serving.group(1))
+                self.url = f"http://127.0.0.1:{self.port}"
                 break
         socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
 
