@@ -1849,10 +1849,26 @@ class _QuietHandler(WSGIRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
 
-def _stop_on_sigterm():
+def _serve_until_signalled(serve_forever, stop=None):
+    """Run serve_forever() until SIGTERM or SIGINT, which call stop() from another thread.
+
+    Raising KeyboardInterrupt in the serving thread instead can land inside
+    the server's own bookkeeping; cheroot then sometimes never stops. Without
+    stop, the signal raises KeyboardInterrupt (waitress catches it itself).
+    """
+    stoppers = []
+
     def handler(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
+        if stop is None:
+            raise KeyboardInterrupt
+        if not stoppers:
+            stoppers.append(threading.Thread(target=stop))
+            stoppers[0].start()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+    serve_forever()
+    for stopper in stoppers:
+        stopper.join()
 
 
 def _is_loopback(host):
@@ -1898,7 +1914,6 @@ def serve(args):
         verifier=verifier, poll_time=args.poll_time,
         limits=Limits(max_body_bytes=args.max_body_bytes, max_object_bytes=args.max_object_bytes))
     application = Front(app, args.max_concurrent)
-    _stop_on_sigterm()
 
     def announce(port):     # once listening, so that whoever reads this can connect
         print(f"The Cut-Out serving http://{args.host}:{port}/ (data in {args.data_dir}, "
@@ -1907,12 +1922,12 @@ def serve(args):
         _run_server(args.server, args.host, args.port, application, announce,
                     args.max_concurrent, args.max_body_bytes)
     except KeyboardInterrupt:
-        pass
+        pass            # waitress's, if it arrived outside its loop
     print("The Cut-Out stopped", flush=True)
 
 
 def _run_server(kind, host, port, application, announce, max_concurrent=None, max_body_bytes=Limits.max_body_bytes):
-    """Serve application on (host, port) with the named server until interrupted."""
+    """Serve application on (host, port) with the named server until SIGTERM or SIGINT."""
     if kind == "cheroot":
         from cheroot import server as http, wsgi
 
@@ -1934,25 +1949,17 @@ def _run_server(kind, host, port, application, announce, max_concurrent=None, ma
         server.ConnectionClass = Connection
         server.prepare()
         announce(server.bind_addr[1])
-        try:
-            server.serve()
-        finally:
-            server.stop()
+        _serve_until_signalled(server.serve, server.stop)
     elif kind == "waitress":
         import waitress
         server = waitress.create_server(application, host=host, port=port)
         announce(server.effective_port)
-        try:
-            server.run()
-        finally:
-            server.close()
+        _serve_until_signalled(server.run)     # it stops on KeyboardInterrupt, caught around its loop
     else:
         server = make_server(host, port, application, ThreadingWSGIServer, _QuietHandler)
         announce(server.server_port)
-        try:
-            server.serve_forever()
-        finally:
-            server.server_close()
+        _serve_until_signalled(server.serve_forever, server.shutdown)
+        server.server_close()
 
 
 def collect_garbage(args):
