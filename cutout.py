@@ -1862,8 +1862,11 @@ def _serve_until_signalled(serve_forever, stop=None):
         if stop is None:
             raise KeyboardInterrupt
         if not stoppers:
-            stoppers.append(threading.Thread(target=stop))
-            stoppers[0].start()
+            # A second signal can run this again before the first has finished:
+            # each call starts its own thread (stop() is safe to call twice).
+            stopper = threading.Thread(target=stop)
+            stoppers.append(stopper)
+            stopper.start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
     serve_forever()

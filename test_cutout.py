@@ -1352,3 +1352,22 @@ def test_every_server_stops_promptly_on_a_signal_after_serving(tmp_path, server_
             process.wait()
             process.stdout.close()
             process.stderr.close()
+
+
+def test_a_second_signal_while_stopping_does_no_harm(tmp_path):
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", "0",
+                                "--data-dir", str(tmp_path / "data")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _announced_port(process)
+        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)      # as a user pressing Ctrl-C twice
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        assert "stopped" in process.stdout.read() and "Traceback" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
