@@ -1773,14 +1773,28 @@ def _json_error_page(error):
 app.default_error_handler = _json_error_page
 
 
+class _DebugLog:
+    """A stream for wsgi.errors: tracebacks go to the log at DEBUG, so only --debug shows them."""
+
+    def write(self, text):
+        log.debug("%s", text.rstrip())
+
+    def flush(self):
+        pass
+
+
+_DEBUG_LOG = _DebugLog()
+
+
 class Front:
-    """WSGI middleware between the HTTP server and bottle, for three things bottle cannot do.
+    """WSGI middleware between the HTTP server and bottle, for what bottle cannot do.
 
     It answers 503 with Retry-After when more than max_concurrent requests
     are in progress (BACKOFF-1). It hands bottle the path as it was sent,
     still percent-encoded, because servers decode PATH_INFO and a "/" inside
-    a name would split it (PATH-1). And it drops the Content-Length that a
-    204 gets on its way out, which HTTP forbids there (RFC 9110, 8.6).
+    a name would split it (PATH-1). It drops the Content-Length that a 204
+    gets on its way out, which HTTP forbids there (RFC 9110, 8.6). And it
+    sends the tracebacks bottle writes to wsgi.errors to the log at DEBUG.
     """
 
     def __init__(self, application, max_concurrent, retry_after=1):
@@ -1788,6 +1802,7 @@ class Front:
         self.in_progress, self.lock = 0, threading.Lock()
 
     def __call__(self, environ, start_response):
+        environ["wsgi.errors"] = _DEBUG_LOG       # where bottle writes a traceback
         with self.lock:
             busy = self.in_progress >= self.max_concurrent
             if not busy:
