@@ -990,12 +990,44 @@ def _free_port():
         return probe.getsockname()[1]
 
 
+def _announced_port(process):
+    """The port a cutout.py started with --port 0 says it is serving on."""
+    line = process.stdout.readline()
+    served = re.match(r"The Cut-Out serving http://127\.0\.0\.1:(\d+)/", line)
+    assert served, f"cutout.py did not start: {line!r}"
+    return int(served.group(1))
+
+
+@contextlib.contextmanager
+def _cutout_process(tmp_path, *options):
+    """cutout.py serving tmp_path/data on a port it picks (see _announced_port); killed at
+    the end if it has not stopped by then."""
+    # Port 0 and the port it announces: a port picked here could be taken before it binds.
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", "0",
+                                "--data-dir", str(tmp_path / "data"), *options],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
+@contextlib.contextmanager
+def _server(tmp_path, *options):
+    """The base URL of a running cutout.py; it must stop on SIGTERM within 10 s at the end."""
+    with _cutout_process(tmp_path, *options) as process:
+        yield f"http://127.0.0.1:{_announced_port(process)}"
+        process.terminate()
+        process.wait(timeout=10)
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_server_starts_serves_and_stops_cleanly(tmp_path, stop_signal):
-    server = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", "0",
-                               "--data-dir", str(tmp_path / "data")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    try:
+    with _cutout_process(tmp_path) as server:
         port = _announced_port(server)
         slow = socket.create_connection(("127.0.0.1", port))   # a client that never sends a request
         with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
@@ -1005,12 +1037,6 @@ def test_server_starts_serves_and_stops_cleanly(tmp_path, stop_signal):
         assert server.wait(timeout=10) == 0
         slow.close()
         assert "stopped" in server.stdout.read()
-    finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait()
-        server.stdout.close()
-        server.stderr.close()
 
 
 def test_server_refuses_a_public_address_without_a_verifier(tmp_path):
@@ -1056,29 +1082,6 @@ def verifier_url():
     verifier.shutdown()
     verifier.server_close()
     thread.join()
-
-
-def _announced_port(process):
-    """The port a cutout.py started with --port 0 says it is serving on."""
-    line = process.stdout.readline()
-    served = re.match(r"The Cut-Out serving http://127\.0\.0\.1:(\d+)/", line)
-    assert served, f"cutout.py did not start: {line!r}"
-    return int(served.group(1))
-
-
-@contextlib.contextmanager
-def _server(tmp_path, *options):
-    # Port 0 and the port it announces: a port picked here could be taken before it binds.
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", "0",
-                                "--data-dir", str(tmp_path / "data"), *options],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        yield f"http://127.0.0.1:{_announced_port(process)}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        process.stdout.close()
-        process.stderr.close()
 
 
 def test_remote_verifier_decides_who_logs_in(tmp_path, verifier_url):
@@ -1337,37 +1340,19 @@ def test_every_server_stops_promptly_on_a_signal_after_serving(tmp_path, server_
     """Stopping by raising KeyboardInterrupt in the serving thread left cheroot hanging about
     one time in four; stopping must work every time, on every server."""
     for attempt in range(6):
-        process = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", "0", "--server",
-                                    server_kind, "--data-dir", str(tmp_path / "data")],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
+        with _cutout_process(tmp_path, "--server", server_kind) as process:
             base = f"http://127.0.0.1:{_announced_port(process)}"
             requests.get(base + "/app.example/ann@example.com/b", params={"auth": _token(base)}, timeout=10)
             process.send_signal(signal.SIGTERM if attempt % 2 else signal.SIGINT)
             assert process.wait(timeout=10) == 0
             assert "stopped" in process.stdout.read()
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            process.stdout.close()
-            process.stderr.close()
 
 
 def test_a_second_signal_while_stopping_does_no_harm(tmp_path):
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", "0",
-                                "--data-dir", str(tmp_path / "data")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with _cutout_process(tmp_path) as process:
         _announced_port(process)
         process.send_signal(signal.SIGINT)
         process.send_signal(signal.SIGINT)      # as a user pressing Ctrl-C twice
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
         assert "stopped" in process.stdout.read() and "Traceback" not in process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        process.stdout.close()
-        process.stderr.close()
