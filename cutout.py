@@ -26,6 +26,7 @@ import operator
 import os
 import re
 import secrets
+import shutil
 import signal
 import socketserver
 import struct
@@ -33,6 +34,7 @@ import sys
 import tarfile
 import threading
 import time
+import unicodedata
 import urllib.parse
 import zlib
 from array import array
@@ -776,6 +778,7 @@ class GarbageReport:
     expired: int = 0       # records whose `expires` had passed
     tombstones_purged: int = 0
     purge_horizon: int = 0
+    blobs_removed: int = 0     # blobs no kept record names, and crashed uploads
     seconds: float = 0.0
 
     @property
@@ -794,9 +797,37 @@ class AppendOnlyDB:
         self.path = os.path.abspath(path)
         self.data_path = os.path.join(self.path, "data")
         self.index_path = os.path.join(self.path, "index")
+        self.blobs_path = os.path.join(self.path, "blobs")
 
     def exists(self):
         return os.path.exists(self.data_path)
+
+    def blob_info(self, name):
+        """The BlobInfo of the blob called name, or None if there is none."""
+        found = self.open_blob(name)
+        if found is None:
+            return None
+        found[1].close()
+        return found[0]
+
+    def open_blob(self, name):
+        """(BlobInfo, file) of the blob called name, the file at its first byte; or None."""
+        match = BLOB_NAME.match(name)
+        if match is None:
+            return None
+        path = os.path.join(self.blobs_path, *match.groups())
+        try:
+            blob = open(path, "rb")
+        except FileNotFoundError:
+            return None
+        try:
+            info = BlobInfo.decode(blob.read(BLOB_HEADER_SIZE), path)
+            if os.fstat(blob.fileno()).st_size != BLOB_HEADER_SIZE + info.length:
+                raise StorageError(path, "the blob file is not as long as its header says")
+        except BaseException:
+            blob.close()
+            raise
+        return info, blob
 
     def _open(self, exclusive):
         """The collection's files, opened and checked; a new collection is made first."""
@@ -853,7 +884,8 @@ class AppendOnlyDB:
             return None
         return remembered[1] if remembered[0] == identity else None
 
-    def append(self, records, if_last_counter=None, ignore_newer=None, if_collection_id=None, now=None):
+    def append(self, records, if_last_counter=None, ignore_newer=None, if_collection_id=None, now=None,
+               blobs=None):
         """Store records (a list of bytes) as one batch; return their counters.
 
         All of them are stored or none. With if_last_counter, the batch is
@@ -862,6 +894,8 @@ class AppendOnlyDB:
         those for which ignore_newer(counter, record) is true); with
         if_collection_id, only if that is the collection's id. Otherwise
         AppendConflict is raised. Returns once the records are on disk.
+        blobs, a BlobBatch, is committed before the records are written and
+        pruned after (see "Blobs" below).
         """
         if not isinstance(records, (list, tuple)) or not all(isinstance(r, bytes) for r in records):
             raise TypeError("records must be a list of bytes")
@@ -882,6 +916,8 @@ class AppendOnlyDB:
                     raise AppendConflict(files.last_counter, files.header.collection_id)
             if not records:
                 return []
+            if blobs is not None and not blobs.commit(files.header.secret):
+                raise AppendConflict(files.last_counter, files.header.collection_id)
             first, count = files.last_counter + 1, len(records)
             batch, entries = bytearray(), array("Q")
             for i, record in enumerate(records):
@@ -909,6 +945,8 @@ class AppendOnlyDB:
                 log.warning("%s: counters %d..%d are stored but not yet indexed",
                             self.index_path, first, first + count - 1)
                 raise
+            if blobs is not None:
+                blobs.prune(files.header.secret)
             return list(range(first, first + count))
         finally:
             view.close()
@@ -928,6 +966,9 @@ class AppendOnlyDB:
                         DataHeader.new(), generation=live.header.generation + 1,
                         counter_floor=live.last_counter, purge_horizon=0, deleted={"reason": reason})
                     writer.install(header)
+                    # An upload racing this may leave a file behind; its append
+                    # is refused (the id changed) and gc removes the file.
+                    shutil.rmtree(self.blobs_path, ignore_errors=True)
             except BaseException:
                 writer.abandon()
                 raise
@@ -968,10 +1009,18 @@ class AppendOnlyDB:
             report.records_before = report.records_after = snapshot.record_count
             report.bytes_before = report.bytes_after = files.data_end
             report.purge_horizon = horizon = files.header.purge_horizon
-            fates = self._decide_fates(files, now, purge_tombstones_before, report)
+            blob_names = {}
+            fates = self._decide_fates(files, now, purge_tombstones_before, report, blob_names)
+            named = {name for position, name in blob_names.items() if fates[position] == _KEEP}
             if fates.count(_KEEP) == len(fates):
+                # Nothing to drop: the files stay as they are, and only blobs may go.
+                if os.path.isdir(self.blobs_path):
+                    with _OpenCollection(self, exclusive=True) as live:
+                        named.update(_blob_name_of(frame.record)
+                                     for frame in _scan_frames(live.data_fd, files.data_end, live.data_end))
+                        report.blobs_removed = self._sweep_blobs(named)
                 report.seconds = time.perf_counter() - started
-                return report       # nothing to drop: the files stay as they are
+                return report
             writer = _ReplacementWriter(self)
             try:
                 frames = _scan_frames(files.data_fd, DATA_HEADER_SIZE, files.data_end)
@@ -989,6 +1038,7 @@ class AppendOnlyDB:
                     for frame in itertools.islice(_scan_frames(live.data_fd, files.data_end, live.data_end), late):
                         writer.add(frame.counter, frame.record, frame.appended_at,
                                    frame.batch_index, frame.batch_count)
+                        named.add(_blob_name_of(frame.record))
                     if writer.record_count != fates.count(_KEEP) + late:
                         raise StorageError(self.data_path, "a record appended during garbage collection is damaged")
                     report.records_before += late
@@ -999,6 +1049,7 @@ class AppendOnlyDB:
                         live.header, generation=live.header.generation + 1,
                         counter_floor=live.last_counter, purge_horizon=horizon,
                         deleted=None if live.entry_count else live.header.deleted))
+                    report.blobs_removed = self._sweep_blobs(named)
             except BaseException:
                 writer.abandon()
                 raise
@@ -1006,9 +1057,10 @@ class AppendOnlyDB:
         return report
 
     @staticmethod
-    def _decide_fates(files, now, purge_tombstones_before, report):
+    def _decide_fates(files, now, purge_tombstones_before, report, blob_names):
         """One fate per record, in order (see _KEEP and the rest); fills report's counts.
 
+        Fills blob_names with {position: name} of the records that name a blob.
         Memory: one byte per record plus one dict entry per (type, id), about
         150 bytes; never the records themselves.
         """
@@ -1026,6 +1078,8 @@ class AppendOnlyDB:
             older = newest.get(key)
             if older is not None:
                 fates[older] = _REPLACED
+            if "blob" in obj:
+                blob_names[position] = _named_blob(obj)
             expires = obj.get("expires")
             if isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires <= now:
                 fates.append(_EXPIRED if older is None else _EXPIRED_HIDING)
@@ -1042,18 +1096,57 @@ class AppendOnlyDB:
         report.tombstones_purged = fates.count(_PURGED)
         return fates
 
-    def export_to(self, out):
-        """Write the collection to the binary file out as a tar stream of `data` then `index`.
+    def _sweep_blobs(self, named):
+        """Delete every blob not in named, and stale .partial files; return how many.
 
-        The export is a snapshot; appends made while it is written are not in it.
+        The caller holds the writer lock, so no append is between renaming
+        its blobs into place and writing the records that name them.
         """
-        with self.snapshot(create=False) as snapshot, tarfile.open(fileobj=out, mode="w|") as tar:
-            files = snapshot._files
-            for name, fd, size in (("data", files.data_fd, files.data_end),
-                                   ("index", files.index_fd, _entry_position(files.entry_count))):
+        removed, stale = 0, time.time() - STALE_PARTIAL_SECONDS
+        try:
+            keys = os.scandir(self.blobs_path)
+        except FileNotFoundError:
+            return 0
+        with keys:
+            for key in keys:
+                with os.scandir(key.path) as blobs:
+                    for blob in blobs:
+                        if (blob.stat().st_mtime > stale if blob.name.endswith(".partial")
+                                else f"{key.name}-{blob.name}" in named):
+                            continue
+                        os.unlink(blob.path)
+                        removed += 1
+                with contextlib.suppress(OSError):     # not empty: it holds a kept blob or an upload
+                    os.rmdir(key.path)
+        return removed
+
+    def _blob_paths(self):
+        """(key, nonce, path) of every blob in place, in a stable order."""
+        try:
+            keys = sorted(os.listdir(self.blobs_path))
+        except FileNotFoundError:
+            return
+        for key in keys:
+            for nonce in sorted(os.listdir(os.path.join(self.blobs_path, key))):
+                if not nonce.endswith(".partial"):
+                    yield key, nonce, os.path.join(self.blobs_path, key, nonce)
+
+    def export_to(self, out):
+        """Write the collection to the binary file out as a tar stream: `data`, `index`, then its blobs.
+
+        The export holds the lock shared while it is written, so appends wait
+        for it and it is one state of the collection, blobs included.
+        """
+        with _OpenCollection(self, exclusive=False) as files, tarfile.open(fileobj=out, mode="w|") as tar:
+            members = [("data", os.dup(files.data_fd), files.data_end),
+                       ("index", os.dup(files.index_fd), _entry_position(files.entry_count))]
+            members += ((f"blobs/{key}/{nonce}", os.open(path, os.O_RDONLY), None)
+                        for key, nonce, path in self._blob_paths())
+            for name, fd, size in members:
                 info = tarfile.TarInfo(name)
-                info.size, info.mode, info.mtime = size, 0o600, int(time.time())
-                with os.fdopen(os.dup(fd), "rb") as member:
+                info.size = _file_size(fd) if size is None else size
+                info.mode, info.mtime = 0o600, int(time.time())
+                with os.fdopen(fd, "rb") as member:
                     member.seek(0)
                     tar.addfile(info, member)
 
@@ -1070,9 +1163,9 @@ class AppendOnlyDB:
         """
         _make_dirs_durably(self.path)
         with self._maintenance():
-            writer = _ReplacementWriter(self)
+            writer, blobs = _ReplacementWriter(self), []
             try:
-                header, imported_last = self._receive(stream, writer)
+                header, imported_last = self._receive(stream, writer, blobs)
                 writer.sync()
                 with contextlib.ExitStack() as lock:
                     try:
@@ -1090,10 +1183,36 @@ class AppendOnlyDB:
                             header = dataclasses.replace(
                                 header, collection_id=DataHeader.new().collection_id,
                                 counter_floor=max(header.counter_floor, live_last or 0, imported_last))
+                    # The blobs first, so that no record is ever installed without its blob.
+                    for partial, final in blobs:
+                        os.rename(partial, final)
+                    for directory in {os.path.dirname(final) for _, final in blobs}:
+                        _fsync_dir(directory)
                     writer.install(header)
+                    self._sweep_blobs({"-".join(final.split(os.sep)[-2:]) for _, final in blobs})
             except BaseException:
                 writer.abandon()
+                for partial, _ in blobs:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(partial)
                 raise
+
+    def _receive_blob(self, member, source):
+        """Write an exported blob as a .partial file, checked; return (its path, the path it goes to)."""
+        parts = member.name.split("/")
+        if not (member.isfile() and len(parts) == 3 and parts[0] == "blobs"
+                and BLOB_NAME.match(f"{parts[1]}-{parts[2]}")):
+            raise StorageError(self.path, f"an export holds only data, index and blobs, not {member.name!r}")
+        final = os.path.join(self.blobs_path, parts[1], parts[2])
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(final + ".partial")       # left by an import that crashed
+        exported = BlobInfo.decode(source.read(BLOB_HEADER_SIZE), f"{self.path} (import of {member.name})")
+        written = _write_blob_file(final + ".partial", exported.content_type,
+                                   iter(functools.partial(source.read, BLOB_CHUNK), b""))
+        if written != exported:
+            os.unlink(final + ".partial")
+            raise StorageError(self.path, f"the exported blob {member.name} is damaged")
+        return final + ".partial", final
 
     def _readable_header(self):
         """The data file's header, or None if there is none that can be read."""
@@ -1108,8 +1227,12 @@ class AppendOnlyDB:
         finally:
             os.close(fd)
 
-    def _receive(self, stream, writer):
-        """Read an export into writer, checking all of it; return its header and last counter."""
+    def _receive(self, stream, writer, blobs):
+        """Read an export into writer, checking all of it; return its header and last counter.
+
+        Its blobs are written as .partial files in place; blobs gets
+        (partial path, final path) of each.
+        """
         try:
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 members = iter(tar)
@@ -1127,6 +1250,8 @@ class AppendOnlyDB:
                 if index_member is None or index_member.name != "index" or not index_member.isfile():
                     raise StorageError(self.path, "an export ends with its index")
                 exported_index = tar.extractfile(index_member).read()
+                for member in members:
+                    blobs.append(self._receive_blob(member, tar.extractfile(member)))
         except tarfile.TarError as error:
             raise StorageError(self.path, f"not a readable export: {error}") from None
         last_counter, expected_index = 0, 0
@@ -1142,6 +1267,200 @@ class AppendOnlyDB:
                 INDEX_HEADER.size:] or len(exported_index) != _entry_position(writer.record_count):
             raise StorageError(self.path, "the exported index does not match its data")
         return header, max(last_counter, header.counter_floor)
+
+
+###############################################################################
+# Blobs: attachments kept beside the stream
+###############################################################################
+# A record may carry a blob (SPEC.md BLOB-*), bytes too large to send with
+# every sync. Its bytes live in the collection directory as
+# blobs/<key>/<nonce>: key is an HMAC of the record's (type, id) under the
+# collection's secret, nonce is random, and the blob's name is "<key>-<nonce>".
+# So a name cannot be guessed, it proves which object owns the blob, and the
+# blobs of one object are one small directory.
+#
+# A blob file is a 512-byte header (magic, then space-padded JSON giving
+# content_type, length and sha256), then the bytes. The bytes are written as
+# <nonce>.partial and synced before the append that names the blob takes the
+# writer lock; under the lock they are renamed into place and the directory
+# is synced, and only then is the record written. So no record ever names a
+# missing or half-written blob. Once the batch is durable, still under the
+# lock, the other blobs of every object it wrote are deleted (an update
+# without a blob, or a tombstone, deletes them all). A crash leaves at worst
+# .partial files or blobs no record names, and garbage collection removes both.
+
+BLOB_MAGIC = b"CUTOUTBL"
+BLOB_HEADER_SIZE = 512
+BLOB_NAME = re.compile(r"([0-9a-f]{32})-([0-9a-f]{32})\Z")
+BLOB_CHUNK = 1 << 20              # bytes read or written at a time
+STALE_PARTIAL_SECONDS = 3600      # a .partial file older than this is a crash's leftover
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobInfo:
+    """What a blob file's header says of its bytes."""
+
+    content_type: str
+    length: int
+    sha256: str     # hex digest of the bytes
+
+    def encode(self):
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        room = BLOB_HEADER_SIZE - len(BLOB_MAGIC) - 1
+        if len(text) > room:
+            raise ValueError("blob header does not fit")
+        return BLOB_MAGIC + text.ljust(room) + b"\n"
+
+    @classmethod
+    def decode(cls, raw, path):
+        if len(raw) < BLOB_HEADER_SIZE or not raw.startswith(BLOB_MAGIC):
+            raise StorageError(path, "not a Cut-Out blob file (bad or missing header)")
+        try:
+            info = cls(**json.loads(raw[len(BLOB_MAGIC):BLOB_HEADER_SIZE]))
+        except (ValueError, TypeError) as error:
+            raise StorageError(path, f"unreadable blob header: {error}") from None
+        if not (isinstance(info.content_type, str) and type(info.length) is int and info.length >= 0
+                and isinstance(info.sha256, str) and len(info.sha256) == 64):
+            raise StorageError(path, "unreadable blob header: bad content_type, length or sha256")
+        return info
+
+
+def blob_key(secret, type_, id_):
+    """The key of (type, id)'s blobs: an HMAC under the collection's secret, 32 hex digits."""
+    name = json.dumps([type_, id_], separators=(",", ":"), ensure_ascii=False).encode()
+    return hmac.new(secret.encode(), name, hashlib.sha256).hexdigest()[:32]
+
+
+def _named_blob(obj):
+    """The name of the blob a stored object names, or None."""
+    blob = obj.get("blob") if isinstance(obj, dict) else None
+    href = blob.get("href") if isinstance(blob, dict) else None
+    return href.rpartition("/")[2] if isinstance(href, str) else None
+
+
+def _blob_name_of(record):
+    """The name of the blob a stored record names, or None."""
+    if b'"href"' not in record:     # most records carry no blob: skip parsing them
+        return None
+    try:
+        return _named_blob(json.loads(record))
+    except ValueError:
+        return None
+
+
+def _write_blob_file(path, content_type, chunks):
+    """Write the bytes of chunks as a blob file at path, synced; return its BlobInfo.
+
+    The file is removed again if anything fails, a bad chunk included.
+    """
+    directory = os.path.dirname(path)
+    for attempt in range(3):
+        _make_dirs_durably(directory)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            break
+        except FileNotFoundError:
+            # Garbage collection removed the empty directory between the two.
+            if attempt == 2:
+                raise
+    try:
+        digest, length = hashlib.sha256(), 0
+        for chunk in chunks:
+            _pwrite_all(fd, chunk, BLOB_HEADER_SIZE + length)
+            digest.update(chunk)
+            length += len(chunk)
+        info = BlobInfo(content_type, length, digest.hexdigest())
+        _pwrite_all(fd, info.encode(), 0)
+        os.fsync(fd)
+        return info
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+class BlobBatch:
+    """The blobs one append brings, and the objects whose other blobs it ends.
+
+    The protocol fills it (upload, existing, owner) before it appends; the
+    append commits it under the writer lock and prunes after the batch is
+    durable; discard() removes whatever was uploaded but not committed.
+    """
+
+    def __init__(self, db):
+        self.db = db
+        self.secret = None          # the collection's, read at the first upload
+        self.uploads = []           # (path of the .partial file, path to rename it to)
+        self.owners = []            # (type, id, nonce of the blob it keeps or None), per record
+        self.kept_paths = []        # of the blobs existing() found, to be found again under the lock
+
+    def key(self, type_, id_):
+        if self.secret is None:
+            with self.db.snapshot() as snapshot:
+                self.secret = snapshot.secret
+        return blob_key(self.secret, type_, id_)
+
+    def upload(self, type_, id_, content_type, chunks):
+        """Write a new blob of (type, id) from chunks of bytes; return (its name, BlobInfo)."""
+        key, nonce = self.key(type_, id_), secrets.token_hex(16)
+        path = os.path.join(self.db.blobs_path, key, nonce)
+        info = _write_blob_file(path + ".partial", content_type, chunks)
+        self.uploads.append((path + ".partial", path))
+        return f"{key}-{nonce}", info
+
+    def existing(self, type_, id_, name):
+        """The BlobInfo of the blob called name if it is one of (type, id)'s, else None."""
+        match = BLOB_NAME.match(name or "")
+        if match is None or match.group(1) != self.key(type_, id_):
+            return None
+        info = self.db.blob_info(name)
+        if info is not None:
+            self.kept_paths.append(os.path.join(self.db.blobs_path, *match.groups()))
+        return info
+
+    def owner(self, type_, id_, name=None):
+        """Record that the batch writes (type, id), keeping its blob called name, if any."""
+        self.owners.append((type_, id_, name and name.partition("-")[2]))
+
+    def commit(self, secret):
+        """Rename the uploads into place and sync them (the caller holds the writer lock).
+
+        False if the collection was deleted or replaced since the blobs were
+        keyed (its secret is another), or a kept blob was deleted since
+        existing() found it: then nothing is done.
+        """
+        if self.secret is not None and secret != self.secret or not all(map(os.path.exists, self.kept_paths)):
+            return False
+        for partial, final in self.uploads:
+            os.rename(partial, final)
+        for directory in {os.path.dirname(final) for _, final in self.uploads}:
+            _fsync_dir(directory)
+        self.uploads = []
+        return True
+
+    def prune(self, secret):
+        """Delete the blobs the batch's records no longer name (the caller holds the writer lock)."""
+        if not os.path.isdir(self.db.blobs_path):
+            return
+        newest = {blob_key(secret, type_, id_): kept for type_, id_, kept in self.owners}
+        for key, kept in newest.items():
+            try:
+                with os.scandir(os.path.join(self.db.blobs_path, key)) as entries:
+                    ended = [entry.path for entry in entries
+                             if entry.name != kept and not entry.name.endswith(".partial")]
+                for path in ended:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as error:    # garbage collection removes what is left
+                log.warning("%s: could not delete an ended blob: %s", self.db.path, error)
+
+    def discard(self):
+        for partial, _ in self.uploads:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+        self.uploads = []
 
 
 ###############################################################################
@@ -1223,11 +1542,21 @@ class Limits:
     max_response_objects: int = 1000
     max_response_bytes: int = 1 << 20
     max_examined: int = 10_000    # records a filtered answer may look at before it says incomplete
+    max_blob_bytes: int = 16 << 20
+
+    @property
+    def max_post_bytes(self):
+        """A POST body may be max_body_bytes plus the base64 of one largest blob (LIMIT-1, BLOB-7)."""
+        return self.max_body_bytes + 4 * -(-self.max_blob_bytes // 3)
 
 
 TOKEN_LIFETIME = 24 * 3600    # seconds a token from /verify is good for (AUTH-2)
 MAX_REASON_BYTES = 256        # bytes of JSON in a deletion's reason; it lives in the data header
-OBJECT_MEMBERS = frozenset({"type", "id", "data", "deleted", "expires"})
+OBJECT_MEMBERS = frozenset({"type", "id", "data", "deleted", "expires", "blob"})
+BLOB_MEMBERS = frozenset({"content_type", "data", "href"})
+# A media type as HTTP writes one (RFC 9110, 8.3.1), parameters included.
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+MEDIA_TYPE = re.compile(rf'(?=.{{1,255}}\Z){_TOKEN}/{_TOKEN}([ \t]*;[ \t]*{_TOKEN}=({_TOKEN}|"[^"\\\x00-\x1f\x7f]*"))*\Z')
 # A host as the path and an origin spell it (PATH-1): lower-case labels of
 # letters, digits and inner hyphens, joined by dots, and an optional port.
 DOMAIN_PATTERN = re.compile(r"(?=.{1,253}(:|\Z))([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*"
@@ -1290,10 +1619,11 @@ def _parse_integer(text, name, code, minimum):
     return int(text)
 
 
-def parse_json_body(body, limits):
+def parse_json_body(body, limits, max_bytes=None):
     """The JSON value of a request body; raises ProtocolError (ERR-2, LIMIT-1)."""
-    if len(body) > limits.max_body_bytes:
-        raise ProtocolError(413, "too_large", f"the body is larger than {limits.max_body_bytes} bytes")
+    max_bytes = max_bytes or limits.max_body_bytes
+    if len(body) > max_bytes:
+        raise ProtocolError(413, "too_large", f"the body is larger than {max_bytes} bytes")
     try:
         return json.loads(body.decode("utf-8"), parse_constant=_not_json)
     except (UnicodeDecodeError, ValueError) as error:
@@ -1313,25 +1643,103 @@ def _not_json(constant):
 
 
 def parse_objects(body, limits):
-    """The records to store for a POST body: each object's compact JSON (POST-1, LIMIT-1)."""
-    objects = parse_json_body(body, limits)
+    """The objects of a POST body, checked (POST-1, BLOB-1, LIMIT-1).
+
+    A blob's data is left as a _Base64, still in the body: a large blob is
+    decoded straight from the request body to its file, never parsed into a
+    string and decoded whole (that would hold four copies of it at once).
+    """
+    reduced, lifted = _lift_long_base64(body)
+    objects = parse_json_body(reduced, limits, limits.max_post_bytes)
+    if not lifted.keys() <= set(_blob_data(objects)):
+        # A long base64-like string elsewhere than a blob's data: read the body as it is.
+        reduced, lifted = body, {}
+        objects = parse_json_body(body, limits, limits.max_post_bytes)
+    if len(reduced) - sum(len(data) for data in _blob_data(objects) if data not in lifted) > limits.max_body_bytes:
+        raise ProtocolError(413, "too_large", f"the body, without its blobs' data, is larger than "
+                            f"{limits.max_body_bytes} bytes")
     if not isinstance(objects, list):
         raise ProtocolError(400, "bad_object", "the body must be a JSON list of objects")
-    records = []
     for position, obj in enumerate(objects):
         problem = _object_problem(obj)
         if problem:
             raise ProtocolError(400, "bad_object", f"object {position}: {problem}")
-        try:
-            record = _compact_json(obj)
-        except RecursionError:
-            raise ProtocolError(400, "bad_object", f"object {position} is nested too deeply") from None
-        except ValueError as error:     # 1e400 read as infinity, a lone surrogate
-            raise ProtocolError(400, "bad_object", f"object {position}: {error}") from None
-        if len(record) > limits.max_object_bytes:
-            raise ProtocolError(413, "too_large", f"object {position} is larger than {limits.max_object_bytes} bytes")
-        records.append(record)
-    return records
+        if "data" in obj.get("blob", ()):
+            data = obj["blob"]["data"]
+            obj["blob"]["data"] = _Base64.check(lifted[data] if data in lifted else data.encode(), limits, position)
+    return objects
+
+
+def _blob_data(objects):
+    """The "data" strings of the blobs in what a POST body holds."""
+    if isinstance(objects, list):
+        for obj in objects:
+            if isinstance(obj, dict) and isinstance(obj.get("blob"), dict) and isinstance(obj["blob"].get("data"), str):
+                yield obj["blob"]["data"]
+
+
+# JSON strings of at least this many base64 characters are cut out of a POST
+# body before it is parsed; shorter ones cost little to parse.
+LIFTED_BASE64_CHARS = 4096
+_LONG_BASE64 = re.compile(rb'"([A-Za-z0-9+/_-]{%d,}={0,2})"' % LIFTED_BASE64_CHARS)
+
+
+def _lift_long_base64(body):
+    """body with each long base64-like JSON string replaced by a short random
+    placeholder; and {placeholder: a memoryview of the string in body}."""
+    pieces, lifted, position, nonce = [], {}, 0, secrets.token_hex(8)
+    for match in _LONG_BASE64.finditer(body):
+        backslash = match.start() - 1
+        while backslash >= 0 and body[backslash] == ord("\\"):
+            backslash -= 1
+        if (match.start() - 1 - backslash) % 2:
+            continue        # an escaped quote: the match is inside a string, not one
+        placeholder = f"lifted-{nonce}-{len(lifted)}"
+        lifted[placeholder] = memoryview(body)[match.start(1):match.end(1)]
+        pieces += (body[position:match.start()], b'"%s"' % placeholder.encode())
+        position = match.end()
+    if not lifted:
+        return body, lifted
+    pieces.append(body[position:])
+    return b"".join(pieces), lifted
+
+
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/_-]*")
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
+@dataclasses.dataclass
+class _Base64:
+    """A blob's data as sent: base64 in the standard or URL-safe alphabet, padded or not (BLOB-1)."""
+
+    text: object        # bytes-like, the padding removed
+    urlsafe: bool
+    length: int         # of the bytes it decodes to
+
+    @classmethod
+    def check(cls, text, limits, position):
+        tail = bytes(text[-2:])
+        padding = len(tail) - len(tail.rstrip(b"="))
+        core = text[:len(text) - padding]
+        urlsafe = re.search(rb"[-_]", core) is not None
+        if (not _BASE64_TEXT.fullmatch(core) or len(core) % 4 == 1 or padding and (len(core) + padding) % 4
+                or urlsafe and re.search(rb"[+/]", core)):
+            raise ProtocolError(400, "bad_blob", f"object {position}: the blob's data is not base64 "
+                                "(one alphabet, standard or URL-safe; padding optional)")
+        length = len(core) * 3 // 4
+        if length > limits.max_blob_bytes:
+            raise ProtocolError(413, "too_large", f"object {position}: the blob is larger than "
+                                f"{limits.max_blob_bytes} bytes")
+        return cls(core, urlsafe, length)
+
+    def chunks(self):
+        """The decoded bytes, a chunk at a time."""
+        step = BLOB_CHUNK // 3 * 4      # characters, a multiple of 4
+        for start in range(0, len(self.text), step):
+            piece = bytes(self.text[start:start + step])
+            if self.urlsafe:
+                piece = piece.translate(_URLSAFE_TO_STANDARD)
+            yield base64.b64decode(piece + b"=" * (-len(piece) % 4), validate=True)
 
 
 def _object_problem(obj):
@@ -1352,6 +1760,25 @@ def _object_problem(obj):
     expires = obj.get("expires")
     if "expires" in obj and (not isinstance(expires, (int, float)) or isinstance(expires, bool)):
         return '"expires" must be a number (unix seconds)'
+    return _blob_problem(obj) if "blob" in obj else None
+
+
+def _blob_problem(obj):
+    """What makes obj's "blob" not one of SPEC.md BLOB-1, or None."""
+    blob = obj["blob"]
+    if "deleted" in obj:
+        return "a tombstone carries no blob"
+    if not isinstance(blob, dict):
+        return '"blob" must be an object'
+    if set(blob) - BLOB_MEMBERS:
+        return f'"blob" has members the protocol does not know: {", ".join(sorted(set(blob) - BLOB_MEMBERS))}'
+    if not isinstance(blob.get("content_type"), str) or not MEDIA_TYPE.match(blob["content_type"]):
+        return '"blob" needs a "content_type" that is a media type, such as "image/png"'
+    if "data" not in blob and "href" not in blob:
+        return '"blob" needs "data" (base64) or the "href" the server gave it'
+    for member in ("data", "href"):
+        if member in blob and not (isinstance(blob[member], str) and blob[member].isascii()):
+            return f'the blob\'s "{member}" must be an ASCII string'
     return None
 
 
@@ -1443,14 +1870,20 @@ def _since_purged(snapshot):
     return json.dumps({"since_purged": True, "collection_id": snapshot.collection_id}).encode()
 
 
-def write_collection(db, query, records, limits):
-    """Answer a POST (SPEC.md 2.3): (status, body bytes). Stores all records or none."""
+def write_collection(db, query, objects, limits, blob_base="/"):
+    """Answer a POST (SPEC.md 2.3): (status, body bytes). Stores all objects or none, with their blobs.
+
+    blob_base is the path under which the collection's blobs are served (BLOB-2).
+    """
     if query.since is None or query.collection_id is None:
         raise ProtocolError(400, "bad_request", "a POST needs since and collection_id")
     wanted = query.wanted()
+    blobs = BlobBatch(db)
     try:
+        records, hrefs = _records(objects, blobs, limits, blob_base)
         counters = db.append(records, if_last_counter=query.since, if_collection_id=query.collection_id,
-                             ignore_newer=None if wanted is None else _other_types(wanted, limits.max_examined))
+                             ignore_newer=None if wanted is None else _other_types(wanted, limits.max_examined),
+                             blobs=blobs)
     except AppendConflict:
         # Refused whole, under the writer lock; say why from a fresh view
         # (POST-5, GET-5, PURGE-1, POST-2).
@@ -1463,7 +1896,65 @@ def write_collection(db, query, records, limits):
             members = {"since_invalid": True}
             fragments = _objects_after(snapshot, query, query.since, limits, members)
             return 200, _json_with_objects(members, fragments)
-    return 200, json.dumps({"object_counters": counters}).encode()
+    finally:
+        blobs.discard()     # uploads of a refused POST
+    answer = {"object_counters": counters}
+    if any("blob" in obj for obj in objects):
+        answer["blob_hrefs"] = hrefs        # BLOB-2
+    return 200, json.dumps(answer).encode()
+
+
+def _records(objects, blobs, limits, blob_base):
+    """The record to store for each object, and the href of each one's blob (or None).
+
+    New blobs are written to blobs; each object's other blobs end when its
+    record is stored (BLOB-4).
+    """
+    records, hrefs = [], []
+    for position, obj in enumerate(objects):
+        name = None
+        if "blob" in obj:
+            name = _blob_kept_or_made(obj, position, blobs, blob_base)
+            obj = dict(obj, blob={"content_type": obj["blob"]["content_type"], "href": blob_base + name})
+        blobs.owner(obj["type"], obj["id"], name)
+        hrefs.append(name and blob_base + name)
+        try:
+            record = _compact_json(obj)
+        except RecursionError:
+            raise ProtocolError(400, "bad_object", f"object {position} is nested too deeply") from None
+        except ValueError as error:     # 1e400 read as infinity, a lone surrogate
+            raise ProtocolError(400, "bad_object", f"object {position}: {error}") from None
+        if len(record) > limits.max_object_bytes:
+            raise ProtocolError(413, "too_large", f"object {position} is larger than {limits.max_object_bytes} bytes")
+        records.append(record)
+    return records, hrefs
+
+
+def _blob_kept_or_made(obj, position, blobs, blob_base):
+    """The name of the blob obj's record will name: the one its href keeps, or a new one of its data."""
+    blob, type_, id_ = obj["blob"], obj["type"], obj["id"]
+    kept = None
+    if "href" in blob:
+        href = blob["href"]
+        name = href[len(blob_base):] if href.startswith(blob_base) else ""
+        kept = blobs.existing(type_, id_, name)
+        if kept is None:        # BLOB-5
+            raise ProtocolError(400, "bad_blob", f"object {position}: {href!r} is not a blob of this object")
+        if "data" not in blob:
+            if kept.content_type != blob["content_type"]:
+                raise ProtocolError(400, "bad_blob", f"object {position}: the content_type is not the blob's; "
+                                    "send the data again to change it")
+            return name
+    data = blob["data"]
+    if kept is not None:
+        digest = hashlib.sha256()
+        for chunk in data.chunks():
+            digest.update(chunk)
+        if (digest.hexdigest(), blob["content_type"]) != (kept.sha256, kept.content_type):
+            raise ProtocolError(400, "bad_blob", f"object {position}: the blob's data and href disagree")
+        return name
+    name, _ = blobs.upload(type_, id_, blob["content_type"], data.chunks())
+    return name
 
 
 def _other_types(wanted, most):
@@ -1580,7 +2071,7 @@ def verify_assertion(secret, verifier, assertion, audience, now):
 
 app = bottle.Bottle()
 COLLECTION_METHODS = ("GET", "POST", "DELETE")
-EXPOSED_HEADERS = "X-Sync-Poll-Time, Retry-After"
+EXPOSED_HEADERS = "X-Sync-Poll-Time, Retry-After, ETag, Content-Range, Content-Disposition, Accept-Ranges"
 PREFLIGHT_MAX_AGE = 600       # seconds a browser may cache a preflight answer
 
 
@@ -1658,8 +2149,8 @@ def _query_pairs():
         raise ProtocolError(400, "bad_request", "the query is not percent-encoded UTF-8") from None
 
 
-def _body():
-    limit = _config().limits.max_body_bytes
+def _body(limit=None):
+    limit = limit or _config().limits.max_body_bytes
     if bottle.request.content_length > limit:
         raise ProtocolError(413, "too_large", f"the body is larger than {limit} bytes")
     environ = bottle.request.environ
@@ -1689,8 +2180,13 @@ def post_collection(domain, user, bucket):
     pairs = _query_pairs()
     db = _collection(pairs, domain, user, bucket)
     query = parse_sync_query(pairs)
-    records = parse_objects(_body(), _config().limits)
-    return _answer(*write_collection(db, query, records, _config().limits))
+    limits = _config().limits
+    objects = parse_objects(_body(limits.max_post_bytes), limits)
+    # Blob hrefs name the collection as a path, so they stay good whatever
+    # host or proxy a client reaches the server by.
+    names = (urllib.parse.unquote(part) for part in (domain, user, bucket))
+    blob_base = "/" + "/".join(urllib.parse.quote(name, safe="") for name in names) + "/+static/"
+    return _answer(*write_collection(db, query, objects, limits, blob_base))
 
 
 @app.delete("/<domain>/<user>/<bucket>")
@@ -1700,7 +2196,102 @@ def delete_collection_route(domain, user, bucket):
     return _answer(*delete_collection(db, _body(), _config().limits))
 
 
+@app.get("/<domain>/<user>/<bucket>/+static/<name>")
+@_protocol
+def get_blob(domain, user, bucket, name):
+    pairs = _query_pairs()
+    found = _collection(pairs, domain, user, bucket).open_blob(name)
+    if found is None:
+        raise ProtocolError(404, "not_found", "this collection has no blob of that name")
+    info, blob = found
+    try:
+        return _blob_answer(info, blob, name, dict(pairs).get("filename"), bottle.request.environ)
+    except BaseException:
+        blob.close()
+        raise
+
+
+# The only types served as what they are: media and plain text, which a
+# browser shows but never runs. Anything else (text/html, image/svg+xml, XML,
+# JavaScript, ...) from the API's own origin could run script that reads the
+# user's collections, so it is served as a download (BLOB-6).
+INLINE_BLOB_TYPES = re.compile(r"(image/(png|jpeg|gif|webp|avif|bmp)|audio/.+|video/.+|text/plain)\Z")
+BYTE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)\Z")
+
+
+def _blob_answer(info, blob, name, filename, environ):
+    """The answer to a GET of a blob: whole, one byte range, or 304 (BLOB-6, BLOB-8)."""
+    etag = f'"{name}"'
+    inline = INLINE_BLOB_TYPES.match(info.content_type.partition(";")[0].strip().lower())
+    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, no-cache",
+               "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox; default-src 'none'",
+               "Content-Type": info.content_type if inline else "application/octet-stream"}
+    if filename is not None or not inline:
+        headers["Content-Disposition"] = _attachment(filename)
+    if etag in (tag.strip().removeprefix("W/") for tag in environ.get("HTTP_IF_NONE_MATCH", "").split(",")) \
+            or environ.get("HTTP_IF_NONE_MATCH", "").strip() == "*":
+        blob.close()
+        return bottle.HTTPResponse(status=304, headers={"ETag": etag, "Cache-Control": "private, no-cache"})
+    status, start, end = 200, 0, info.length
+    if environ.get("HTTP_IF_RANGE", etag) == etag:
+        byte_range = _byte_range(environ.get("HTTP_RANGE"), info.length)
+        if byte_range is not None:
+            status, (start, end) = 206, byte_range
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{info.length}"
+    headers["Content-Length"] = str(end - start)
+    return bottle.HTTPResponse(body=_blob_bytes(blob, start, end), status=status, headers=headers)
+
+
+def _byte_range(header, length):
+    """(start, end) of the one byte range a Range header asks for, or None to send all (RFC 9110, 14)."""
+    match = BYTE_RANGE.match((header or "").replace(" ", ""))
+    if match is None or match.groups() == ("", ""):
+        return None         # not one byte range: ignored, as the RFC allows
+    first, last = match.groups()
+    if first == "":
+        if int(last) == 0 or length == 0:
+            raise _unsatisfiable(length)
+        return max(0, length - int(last)), length
+    if last != "" and int(last) < int(first):
+        return None         # not a valid range: ignored
+    if int(first) >= length:
+        raise _unsatisfiable(length)
+    return int(first), length if last == "" else min(int(last) + 1, length)
+
+
+def _unsatisfiable(length):
+    return ProtocolError(416, "range_not_satisfiable", f"the blob has {length} bytes",
+                         headers={"Content-Range": f"bytes */{length}"})
+
+
+def _blob_bytes(blob, start, end):
+    try:
+        blob.seek(BLOB_HEADER_SIZE + start)
+        while start < end:
+            chunk = blob.read(min(BLOB_CHUNK, end - start))
+            if not chunk:
+                raise StorageError(blob.name, "the blob file ended early")
+            start += len(chunk)
+            yield chunk
+    finally:
+        blob.close()
+
+
+def _attachment(filename):
+    """A Content-Disposition for a download named filename, made safe to save (BLOB-6)."""
+    if filename is None:
+        return "attachment"
+    # The last part of a path; no control or format characters (a right-to-left
+    # override could make "txt.exe" look like "exe.txt"), none that file systems refuse.
+    name = re.split(r"[/\\]", filename)[-1]
+    name = "".join("_" if unicodedata.category(c)[0] == "C" or c in '"*:<>?|' else c for c in name)
+    name = name.strip(" .")[:200] or "download"
+    fallback = name.encode("ascii", "replace").decode().replace("?", "_")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(name, safe='')}"
+
+
 @app.route("/<domain>/<user>/<bucket>", method="OPTIONS")
+@app.route("/<domain>/<user>/<bucket>/+static/<name>", method="OPTIONS")
 @app.route("/verify", method="OPTIONS")
 def preflight(**url_parts):
     # [CORS-2] No token is needed: a browser sends none with a preflight.
@@ -1742,7 +2333,7 @@ def cross_origin_and_backoff_headers():
         allowed = origin is not None and (request.method == "OPTIONS" or (
             domain_of_origin(origin) is not None
             and origin.rstrip("/").lower() == (request.forms.getunicode("audience") or "").rstrip("/").lower()))
-    elif len(parts) == 3 and origin is not None:
+    elif _is_collection_path(parts) and origin is not None:
         # [CORS-1] Only the origin of the collection's domain, one origin per header.
         allowed = domain_of_origin(origin) == urllib.parse.unquote(parts[0])
     if path == "/syncclient.js":
@@ -1751,13 +2342,19 @@ def cross_origin_and_backoff_headers():
         response.set_header("Access-Control-Allow-Origin", origin)
         response.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
         if request.method == "OPTIONS":
-            response.set_header("Access-Control-Allow-Methods", ", ".join(COLLECTION_METHODS))
-            response.set_header("Access-Control-Allow-Headers", "Content-Type")
+            response.set_header("Access-Control-Allow-Methods",
+                                "GET" if len(parts) == 5 else ", ".join(COLLECTION_METHODS))
+            response.set_header("Access-Control-Allow-Headers", "Content-Type, Range, If-None-Match, If-Range")
             response.set_header("Access-Control-Max-Age", str(PREFLIGHT_MAX_AGE))
     response.add_header("Vary", "Origin")
     poll_time = _config().poll_time
     if poll_time and len(parts) == 3:
         response.set_header("X-Sync-Poll-Time", str(poll_time))
+
+
+def _is_collection_path(parts):
+    """Whether the path's parts name a collection or one of its blobs."""
+    return len(parts) == 3 or len(parts) == 5 and parts[3] == "+static"
 
 
 def _json_error_page(error):
@@ -1792,7 +2389,7 @@ class Front:
     It answers 503 with Retry-After when more than max_concurrent requests
     are in progress (BACKOFF-1). It hands bottle the path as it was sent,
     still percent-encoded, because servers decode PATH_INFO and a "/" inside
-    a name would split it (PATH-1). It drops the Content-Length that a 204
+    a name would split it (PATH-1). It drops the Content-Length that a 204 or 304
     gets on its way out, which HTTP forbids there (RFC 9110, 8.6). And it
     sends the tracebacks bottle writes to wsgi.errors to the log at DEBUG.
     """
@@ -1813,14 +2410,14 @@ class Front:
         if busy:
             headers = [("Content-Type", "application/json"), ("Retry-After", str(self.retry_after))]
             origin, parts = environ.get("HTTP_ORIGIN"), environ.get("PATH_INFO", "").strip("/").split("/")
-            if origin and len(parts) == 3 and domain_of_origin(origin) == urllib.parse.unquote(parts[0]):
+            if origin and _is_collection_path(parts) and domain_of_origin(origin) == urllib.parse.unquote(parts[0]):
                 headers += [("Access-Control-Allow-Origin", origin),
                             ("Access-Control-Expose-Headers", EXPOSED_HEADERS), ("Vary", "Origin")]
             start_response("503 Service Unavailable", headers)
             return [json.dumps({"error": "overloaded", "message": "too busy: try again later"}).encode()]
 
         def respond(status, headers, exc_info=None):
-            if status.startswith("204"):
+            if status.startswith(("204", "304")):
                 headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
             return start_response(status, headers, exc_info)
         try:
@@ -1930,7 +2527,8 @@ def serve(args):
         data_dir=DataDir(args.data_dir),
         secret=_server_secret(args.secret_file or os.path.join(args.data_dir, ".secret")),
         verifier=verifier, poll_time=args.poll_time,
-        limits=Limits(max_body_bytes=args.max_body_bytes, max_object_bytes=args.max_object_bytes))
+        limits=Limits(max_body_bytes=args.max_body_bytes, max_object_bytes=args.max_object_bytes,
+                      max_blob_bytes=args.max_blob_bytes))
     application = Front(app, args.max_concurrent)
 
     def announce(port):     # once listening, so that whoever reads this can connect
@@ -1938,7 +2536,7 @@ def serve(args):
               f"{args.server})", flush=True)
     try:
         _run_server(args.server, args.host, args.port, application, announce,
-                    args.max_concurrent, args.max_body_bytes)
+                    args.max_concurrent, app.config["cutout.server"].limits.max_post_bytes)
     except KeyboardInterrupt:
         pass            # waitress's, if it arrived outside its loop
     print("The Cut-Out stopped", flush=True)
@@ -1990,14 +2588,15 @@ def collect_garbage(args):
         report = db.collect_garbage(purge_tombstones_before=purge_before)
         print(f"{os.path.relpath(db.path, data_dir.root)}: removed {report.removed} of "
               f"{report.records_before} records ({report.replaced} replaced, {report.expired} expired, "
-              f"{report.tombstones_purged} tombstones purged), {report.bytes_before - report.bytes_after} bytes")
+              f"{report.tombstones_purged} tombstones purged), {report.bytes_before - report.bytes_after} bytes, "
+              f"{report.blobs_removed} blobs")
         for field in ("records_before", "records_after", "bytes_before", "bytes_after",
-                      "replaced", "expired", "tombstones_purged", "seconds"):
+                      "replaced", "expired", "tombstones_purged", "blobs_removed", "seconds"):
             setattr(total, field, getattr(total, field) + getattr(report, field))
     megabytes = total.bytes_before / 1e6
     rate = megabytes / total.seconds if total.seconds else 0.0
     print(f"total: removed {total.removed} of {total.records_before} records, "
-          f"{total.bytes_before - total.bytes_after} bytes; read {megabytes:.1f} MB in "
+          f"{total.bytes_before - total.bytes_after} bytes, {total.blobs_removed} blobs; read {megabytes:.1f} MB in "
           f"{total.seconds:.2f} s ({rate:.1f} MB/s)")
 
 
@@ -2018,6 +2617,8 @@ def parse_args(argv):
                         help=f"largest request body (default {Limits.max_body_bytes})")
     parser.add_argument("--max-object-bytes", type=int, default=Limits.max_object_bytes,
                         help=f"largest object, as JSON (default {Limits.max_object_bytes})")
+    parser.add_argument("--max-blob-bytes", type=int, default=Limits.max_blob_bytes,
+                        help=f"largest blob (default {Limits.max_blob_bytes})")
     parser.add_argument("--server", choices=SERVERS, default=SERVERS[0],
                         help=f"the HTTP server bottle runs on (default {SERVERS[0]})")
     parser.add_argument("--debug", action="store_true", help="log every request")
