@@ -8,6 +8,8 @@ CUTOUT_CRASH_KILLS sets how many times the crash test kills a writer.
 import base64
 import contextlib
 import fcntl
+import hashlib
+import hmac
 import http.client
 import http.server
 import io
@@ -947,6 +949,241 @@ def test_a_damaged_export_is_refused_and_the_old_copy_stays(tmp_path, damage):
         target.import_from(io.BytesIO(stream))
     assert read_all(target) == [(1, b"keep me")]
     assert not os.path.exists(target.data_path + ".new")
+
+
+# ---------------------------------------------------------------- blobs
+
+BLOB_BASE = "/app.example/ann%40example.com/notes/+static/"
+
+
+def _post(db, objects, since=None, limits=None):
+    """Answer a POST of objects (JSON values) to db at since (default: the newest counter)."""
+    limits = limits or cutout.Limits()
+    with db.snapshot() as snapshot:
+        query = cutout.SyncQuery(since=snapshot.last_counter if since is None else since,
+                                 collection_id=snapshot.collection_id)
+    body = json.dumps(objects).encode()
+    status, answer = cutout.write_collection(db, query, cutout.parse_objects(body, limits), limits, BLOB_BASE)
+    return json.loads(answer)
+
+
+def _photo(id_, content, **extra):
+    blob = {"content_type": "image/png", "data": base64.b64encode(content).decode()}
+    return {"type": "photo", "id": id_, "data": {"n": id_}, "blob": blob, **extra}
+
+
+def _blob_files(db):
+    """{path relative to blobs/: bytes} of every file under the collection's blobs/."""
+    found = {}
+    for directory, _, names in os.walk(db.blobs_path):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as blob:
+                found[os.path.relpath(path, db.blobs_path)] = blob.read()
+    return found
+
+
+def _blob_bytes(db, href):
+    found = db.open_blob(href.rpartition("/")[2])
+    assert found is not None, f"{href} has no blob"
+    info, blob = found
+    with blob:
+        return blob.read()
+
+
+def test_blob_files_follow_the_documented_layout(db):
+    """[DISK-13] A blob lives in blobs/<key>/<nonce>, key an HMAC of [type, id] under the
+    collection's secret, behind a 512-byte header; no .partial file stays behind."""
+    content = bytes(range(256)) * 40
+    answer = _post(db, [_photo("p\u00e9", content), {"type": "note", "id": 1, "data": None}])
+    href = answer["blob_hrefs"][0]
+    assert answer["blob_hrefs"][1] is None and href.startswith(BLOB_BASE)
+    with db.snapshot() as snapshot:
+        secret = snapshot.secret
+        stored = json.loads(list(snapshot.records_after(0))[0][1])
+    assert stored["blob"] == {"content_type": "image/png", "href": href}
+    key = hmac.new(secret.encode(), json.dumps(["photo", "p\u00e9"], separators=(",", ":"),
+                                               ensure_ascii=False).encode(), hashlib.sha256).hexdigest()[:32]
+    name = href[len(BLOB_BASE):]
+    assert re.fullmatch(key + r"-[0-9a-f]{32}", name)
+    files = _blob_files(db)
+    assert list(files) == [os.path.join(key, name[33:])]
+    raw = files[os.path.join(key, name[33:])]
+    assert raw[:8] == b"CUTOUTBL" and raw[511:512] == b"\n"
+    assert json.loads(raw[8:512]) == {"content_type": "image/png", "length": len(content),
+                                      "sha256": hashlib.sha256(content).hexdigest()}
+    assert raw[512:] == content
+
+
+def test_a_refused_post_leaves_no_blob_behind(db):
+    """[DISK-13] The uploads of a POST that is refused (since_invalid, or a bad object after
+    the blob) are removed; nothing is stored."""
+    _post(db, [{"type": "note", "id": 1, "data": 1}, {"type": "note", "id": 2, "data": 2}])
+    answer = _post(db, [_photo("p", b"x" * 10_000)], since=1)
+    assert answer["since_invalid"] is True
+    foreign = {"type": "photo", "id": "q", "data": 1, "blob": {"content_type": "image/png", "href": BLOB_BASE + "0" * 65}}
+    with pytest.raises(cutout.ProtocolError) as refused:
+        _post(db, [_photo("p", b"y" * 10_000), foreign])
+    assert refused.value.code == "bad_blob"
+    assert _blob_files(db) == {}
+    assert len(read_all(db)) == 2
+
+
+def test_long_base64_like_strings_outside_blobs_are_stored_as_sent(db):
+    """A POST body's long base64-like strings are cut out before parsing only when they are
+    a blob's data; anywhere else (data, an id, a key, inside a string after an escaped
+    quote) they are stored exactly as sent."""
+    long = "QUJD" * 2000
+    objects = [{"type": "note", "id": long, "data": {long: [long, 'say \\"' + long + '\\"', 'x"' + long]}},
+               _photo("p", b"z" * 9000)]
+    answer = _post(db, objects)
+    stored = [json.loads(record) for _, record in read_all(db)]
+    assert stored[0] == objects[0]
+    assert stored[1]["blob"]["href"] == answer["blob_hrefs"][1]
+    assert _blob_bytes(db, answer["blob_hrefs"][1]) == b"z" * 9000
+    # An escaped slash is JSON for "/": such data is decoded like any other.
+    body = b'[{"type": "photo", "id": 1, "data": 1, "blob": {"content_type": "image/png", "data": "' + \
+        base64.b64encode(b"\xff\xff\xff" * 2000).replace(b"/", b"\\/") + b'"}}]'
+    limits = cutout.Limits()
+    with db.snapshot() as snapshot:
+        query = cutout.SyncQuery(since=snapshot.last_counter, collection_id=snapshot.collection_id)
+    _, answer = cutout.write_collection(db, query, cutout.parse_objects(body, limits), limits, BLOB_BASE)
+    assert _blob_bytes(db, json.loads(answer)["blob_hrefs"][0]) == b"\xff\xff\xff" * 2000
+
+
+def test_gc_removes_blobs_no_record_names_and_stale_partials(db):
+    """[DISK-11] [DISK-13] Garbage collection deletes the blobs of dropped records, blobs no
+    record names, and .partial files older than an hour; it keeps the rest."""
+    kept, expiring = _post(db, [_photo("kept", b"k" * 100), _photo("gone", b"g" * 100, expires=1)])["blob_hrefs"]
+    kept_name = kept.rpartition("/")[2]
+    key_dir = os.path.join(db.blobs_path, kept_name[:32])
+    orphan = os.path.join(key_dir, "f" * 32)            # renamed into place, then a crash before its append
+    shutil.copy(os.path.join(key_dir, kept_name[33:]), orphan)
+    fresh, stale = os.path.join(key_dir, "a" * 32 + ".partial"), os.path.join(key_dir, "b" * 32 + ".partial")
+    for partial in (fresh, stale):
+        with open(partial, "wb") as upload:
+            upload.write(b"upload in progress")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    report = db.collect_garbage(now=2)
+    assert report.expired == 1 and report.blobs_removed == 3
+    assert sorted(_blob_files(db)) == sorted([os.path.join(kept_name[:32], kept_name[33:]),
+                                              os.path.relpath(fresh, db.blobs_path)])
+    assert _blob_bytes(db, kept) == b"k" * 100
+    # With no record to drop, gc still removes a blob no record names.
+    shutil.copy(os.path.join(key_dir, kept_name[33:]), orphan)
+    report = db.collect_garbage(now=2)
+    assert report.removed == 0 and report.blobs_removed == 1 and not os.path.exists(orphan)
+    assert _blob_bytes(db, kept) == b"k" * 100
+    assert db.open_blob(expiring.rpartition("/")[2]) is None
+
+
+def test_deleting_a_collection_deletes_its_blobs(db):
+    [href] = _post(db, [_photo("p", b"p" * 100)])["blob_hrefs"]
+    db.delete("moved")
+    assert not os.path.exists(db.blobs_path) and db.open_blob(href.rpartition("/")[2]) is None
+
+
+def test_export_and_import_carry_the_blobs(tmp_path):
+    """[DISK-12] An export holds the blobs after data and index; an import installs them,
+    and deletes the blobs the collection held that the export did not."""
+    source, target = AppendOnlyDB(tmp_path / "source"), AppendOnlyDB(tmp_path / "target")
+    hrefs = _post(source, [_photo("a", b"a" * 5000), _photo("b", b"b" * 3)])["blob_hrefs"]
+    [old] = _post(target, [_photo("old", b"o" * 10)])["blob_hrefs"]
+    exported = io.BytesIO()
+    source.export_to(exported)
+    exported.seek(0)
+    with tarfile.open(fileobj=exported) as tar:
+        names = tar.getnames()
+    assert names[:2] == ["data", "index"] and sorted(names[2:]) == sorted(
+        "blobs/" + href.rpartition("/")[2].replace("-", "/") for href in hrefs)
+    exported.seek(0)
+    target.import_from(exported)
+    assert _blob_bytes(target, hrefs[0]) == b"a" * 5000 and _blob_bytes(target, hrefs[1]) == b"b" * 3
+    assert target.open_blob(old.rpartition("/")[2]) is None
+    assert not [name for name in _blob_files(target) if name.endswith(".partial")]
+    # The moved collection keeps its secret, so its objects keep their blobs on update.
+    kept = {"type": "photo", "id": "a", "data": 2, "blob": {"content_type": "image/png", "href": hrefs[0]}}
+    assert _post(target, [kept])["blob_hrefs"] == [hrefs[0]]
+
+
+def test_an_export_with_a_damaged_blob_is_refused(tmp_path):
+    """[DISK-12] A blob whose bytes do not match its header refuses the whole import."""
+    source, target = AppendOnlyDB(tmp_path / "source"), AppendOnlyDB(tmp_path / "target")
+    _post(source, [_photo("a", b"a" * 5000)])
+    target.append([b"the old copy"])
+    exported = io.BytesIO()
+    source.export_to(exported)
+    raw = bytearray(exported.getvalue())
+    raw[raw.rindex(b"a" * 100)] ^= 1           # a byte of the blob, past its header
+    with pytest.raises(StorageError, match="damaged"):
+        target.import_from(io.BytesIO(bytes(raw)))
+    assert read_all(target) == [(1, b"the old copy")]
+    assert _blob_files(target) == {}
+
+
+_BLOB_WRITER = r"""
+import base64, hashlib, json, random, sys
+sys.path.insert(0, sys.argv[1])
+import cutout
+db, limits = cutout.AppendOnlyDB(sys.argv[2]), cutout.Limits()
+rng = random.Random(int(sys.argv[3]))
+print("ready", flush=True)
+while True:
+    with db.snapshot() as snapshot:
+        query = cutout.SyncQuery(since=snapshot.last_counter, collection_id=snapshot.collection_id)
+    objects = []
+    for _ in range(rng.randint(1, 3)):
+        id_ = rng.randint(1, 5)
+        if rng.random() < 0.2:
+            objects.append({"type": "photo", "id": id_, "deleted": True})
+        else:
+            content = rng.randbytes(rng.randint(0, 300_000))
+            objects.append({"type": "photo", "id": id_, "data": hashlib.sha256(content).hexdigest(),
+                            "blob": {"content_type": "image/png", "data": base64.b64encode(content).decode()}})
+    status, answer = cutout.write_collection(db, query, cutout.parse_objects(json.dumps(objects).encode(), limits),
+                                             limits, "/a/b/c/+static/")
+    for obj, href in zip(objects, json.loads(answer).get("blob_hrefs", [])):
+        if href:
+            print(href, obj["data"], flush=True)
+"""
+
+
+def test_kill_9_during_blob_posts_leaves_every_record_with_its_blob(tmp_path):
+    """[DISK-13] A process posting objects with blobs is killed with SIGKILL at random moments;
+    after each kill every acknowledged blob of a newest object is there and whole, and no
+    record names a missing blob. Garbage collection then leaves only named blobs."""
+    db = AppendOnlyDB(tmp_path / "crash")
+    rng = random.Random(4648)
+    kills = max(10, CRASH_KILLS // 5)
+    acknowledged = {}
+    for kill in range(kills):
+        writer = subprocess.Popen([sys.executable, "-c", _BLOB_WRITER, HERE, db.path, str(kill)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline() == "ready\n"
+        time.sleep(rng.uniform(0, 0.3))
+        writer.send_signal(signal.SIGKILL)
+        for line in writer.stdout:
+            if line.endswith("\n"):
+                href, digest = line.split()
+                acknowledged[href] = digest
+        writer.wait()
+        writer.stdout.close()
+        newest = {}
+        for _, record in read_all(db):
+            obj = json.loads(record)
+            newest[obj["id"]] = obj     # older versions' blobs may be gone (BLOB-4)
+        for obj in newest.values():
+            if "blob" in obj:
+                content = _blob_bytes(db, obj["blob"]["href"])
+                assert hashlib.sha256(content).hexdigest() == obj["data"], f"a blob is damaged after kill {kill}"
+    assert len(acknowledged) > kills, "the writer should have had time to post"
+    crashed = [name for name in _blob_files(db) if name.endswith(".partial")]
+    for name in crashed:        # uploads cut short by a kill; an hour later gc may take them
+        os.utime(os.path.join(db.blobs_path, name), (time.time() - 7200, time.time() - 7200))
+    db.collect_garbage()
+    named = {obj["blob"]["href"].rpartition("/")[2] for obj in (json.loads(r) for _, r in read_all(db)) if "blob" in obj}
+    assert {path.replace(os.sep, "-") for path in _blob_files(db)} == named
+    print(f"{kills} kills, {len(acknowledged)} acknowledged blobs, {len(crashed)} uploads cut short")
 
 
 # ---------------------------------------------------------------- the data directory

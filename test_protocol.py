@@ -40,6 +40,7 @@ shown, and runs the purge itself:
                              (cutout.py: python cutout.py gc --data-dir DIR --purge-tombstones-days 0)
     CUTOUT_MAX_BODY_BYTES    its request body limit        (default 1048576, cutout.py's default)
     CUTOUT_MAX_OBJECT_BYTES  its limit for one object      (default 262144, cutout.py's default)
+    CUTOUT_MAX_BLOB_BYTES    its limit for one blob        (default 16777216, cutout.py's default)
     CUTOUT_SPEC              where SPEC.md is              (default: next to this file)
 
 If a test needs a setting that you did not give, it fails and names that setting, because a
@@ -49,6 +50,7 @@ the server at a verifier that cannot be reached (AUTH-1).
 """
 
 import argparse
+import base64
 import collections
 import contextlib
 import json
@@ -82,12 +84,13 @@ REFERENCE_MAX_CONCURRENT = 2  # requests in progress at once
 
 MAX_BODY_BYTES = int(os.environ.get("CUTOUT_MAX_BODY_BYTES", 1024 * 1024))     # bytes per request body
 MAX_OBJECT_BYTES = int(os.environ.get("CUTOUT_MAX_OBJECT_BYTES", 256 * 1024))  # bytes of JSON per object
+MAX_BLOB_BYTES = int(os.environ.get("CUTOUT_MAX_BLOB_BYTES", 16 * 1024 * 1024))  # bytes per blob
 
 # ERR-1: "CODE is one of the codes named in this chapter."
 CHAPTER_CODES = (
     "not_found", "bad_path", "method_not_allowed", "bad_request", "bad_since", "bad_limit",
     "bad_filter", "bad_object", "unauthorized", "assertion_rejected", "verifier_unavailable",
-    "bad_json", "too_large",
+    "bad_json", "too_large", "bad_blob", "range_not_satisfiable",
 )
 
 
@@ -1850,6 +1853,385 @@ def test_JS_1_syncclient_js_is_served_with_the_base_url_it_was_reached_at(server
         expect_status(response, 200, "JS-1")
         check(f"http://{other}" in response.text, "JS-1",
               f"reached as http://{other}/ the library must name that URL", response)
+
+
+###############################################################################
+# 2.11 Blobs
+###############################################################################
+
+def blob_bytes(size, seed=0):
+    """size bytes that cover every byte value, so both base64 alphabets differ in them."""
+    return bytes((i * 7 + seed) % 256 for i in range(size))
+
+
+def with_blob(id_, content, content_type="image/png", encode=base64.b64encode, type_="photo", data=None):
+    blob = {"content_type": content_type, "data": encode(content).decode()}
+    return {"type": type_, "id": id_, "data": data or {"caption": str(id_)}, "blob": blob}
+
+
+def post_blobs(c, objects, spec_id="BLOB-2"):
+    """POST objects at c's since; their blob_hrefs, checked to be one per object."""
+    if c.collection_id is None:
+        c.start()
+    response = c.post(objects, c.sync_params())
+    counters = object_counters(response, len(objects), spec_id)
+    c.since = counters[-1]
+    hrefs = response.json().get("blob_hrefs")
+    check(isinstance(hrefs, list) and len(hrefs) == len(objects), spec_id,
+          'an answer to a POST with blobs carries "blob_hrefs", one per object', response)
+    for obj, href in zip(objects, hrefs):
+        if "blob" in obj:
+            check(isinstance(href, str) and href.startswith(c.path + "/+static/"), spec_id,
+                  f"a blob's href must be {c.path}/+static/NAME, not {href!r}", response)
+        else:
+            check(href is None, spec_id, "an object without a blob has null in blob_hrefs", response)
+    return hrefs
+
+
+def fetch(c, href, params=None, headers=None):
+    """GET a blob's href with c's token (in the query, as an <img src> carries it)."""
+    return c.request("GET", params, path=href, headers=headers)
+
+
+def expect_blob(c, href, content, spec_id):
+    response = fetch(c, href)
+    expect_status(response, 200, spec_id)
+    check(response.content == content, spec_id,
+          f"the blob's bytes differ from those posted ({len(response.content)} vs {len(content)} bytes)", response)
+    check(response.headers.get("Content-Length") == str(len(content)), spec_id,
+          "a blob is served with its Content-Length", response)
+    return response
+
+
+def expect_refused_and_nothing_stored(c, objects, status, codes, spec_id):
+    _, before = c.hello()
+    expect_error(c.post(objects, c.sync_params()), status, codes, spec_id)
+    _, after = c.hello()
+    check(after == before, spec_id, f"a refused POST stored {len(after) - len(before)} objects")
+
+
+BAD_BLOBS = {
+    "no content_type": {"data": "QUJD"},
+    "a content_type that is not a media type": {"content_type": "png", "data": "QUJD"},
+    "a content_type that splits a header": {"content_type": "text/plain\r\nSet-Cookie: a=b", "data": "QUJD"},
+    "neither data nor href": {"content_type": "image/png"},
+    "an unknown member": {"content_type": "image/png", "data": "QUJD", "size": 3},
+    "data that is not base64": {"content_type": "image/png", "data": "QU@D"},
+    "data mixing both alphabets": {"content_type": "image/png", "data": "ab+_"},
+    "data padded wrongly": {"content_type": "image/png", "data": "QUJ="[:3] + "=="},
+    "data one character too long": {"content_type": "image/png", "data": "QUJDR"},
+    "data that is not a string": {"content_type": "image/png", "data": [1, 2]},
+    "a blob that is not an object": "QUJD",
+}
+
+
+@pytest.mark.parametrize("problem", sorted(BAD_BLOBS))
+def test_BLOB_1_a_malformed_blob_is_400_and_stores_nothing(server, problem):
+    """[BLOB-1] A blob without a valid content_type, with neither data nor href, with other
+    members, with data that is not such base64, or on a tombstone is answered 400
+    (bad_blob, or bad_object), and nothing is stored. (SPEC.md 2.11)"""
+    c = Collection(server)
+    c.start()
+    bad = {"type": "photo", "id": "p", "data": 1, "blob": BAD_BLOBS[problem]}
+    expect_refused_and_nothing_stored(c, [note("before", 1), bad], 400, ("bad_blob", "bad_object"), "BLOB-1")
+
+
+def test_BLOB_1_a_tombstone_with_a_blob_is_400(server):
+    """[BLOB-1] An object that is not a tombstone MAY carry "blob"; on a tombstone it is
+    answered 400 (bad_blob, or bad_object), and nothing is stored. (SPEC.md 2.11)"""
+    c = Collection(server)
+    c.start()
+    bad = {"type": "photo", "id": "p", "deleted": True, "blob": {"content_type": "image/png", "data": "QUJD"}}
+    expect_refused_and_nothing_stored(c, [bad], 400, ("bad_blob", "bad_object"), "BLOB-1")
+
+
+def test_BLOB_1_both_alphabets_with_or_without_padding_give_the_same_bytes(server):
+    """[BLOB-1] BASE64 is the bytes in base64 (RFC 4648), in the standard alphabet (+/) or the
+    URL-safe one (-_) but not a mix, with or without = padding. (SPEC.md 2.11)"""
+    c = Collection(server)
+    encodings = {
+        "standard, padded": base64.b64encode,
+        "standard, unpadded": lambda b: base64.b64encode(b).rstrip(b"="),
+        "URL-safe, padded": base64.urlsafe_b64encode,
+        "URL-safe, unpadded": lambda b: base64.urlsafe_b64encode(b).rstrip(b"="),
+    }
+    # Small and large ones (a server may decode long strings differently), of every length mod 3.
+    cases = [(name, blob_bytes(size, seed)) for seed, name in enumerate(encodings)
+             for size in (0, 1, 2, 3, 300_001, 300_002)]
+    objects = [with_blob(i, content, encode=encodings[name]) for i, (name, content) in enumerate(cases)]
+    hrefs = post_blobs(c, objects, "BLOB-1")
+    for (name, content), href in zip(cases, hrefs):
+        response = fetch(c, href)
+        check(response.status_code == 200 and response.content == content, "BLOB-1",
+              f"{len(content)} bytes posted as {name} base64 came back as {len(response.content)} other bytes",
+              response)
+
+
+def test_BLOB_2_a_blob_is_stored_apart_and_the_object_carries_its_href(server):
+    """[BLOB-2] The server MUST store the bytes before it answers the POST, and MUST store and
+    return the object with "blob": {"content_type": TYPE, "href": HREF} in place of the data,
+    and the POST's answer MUST also carry "blob_hrefs", one per object. (SPEC.md 2.11)"""
+    c = Collection(server)
+    content = blob_bytes(50_000)
+    hrefs = post_blobs(c, [with_blob("p1", content), note("n1", "plain")])
+    expect_blob(c, hrefs[0], content, "BLOB-2")
+    body, pairs = c.hello(spec_id="BLOB-2")
+    check([obj for _, obj in pairs] == [
+        {"type": "photo", "id": "p1", "data": {"caption": "p1"},
+         "blob": {"content_type": "image/png", "href": hrefs[0]}},
+        note("n1", "plain")], "BLOB-2", f"the stored objects are not as posted with the href: {pairs}")
+    # A POST without blobs answers as POST-3 did.
+    response = c.post([note("n2", 1)], c.sync_params())
+    object_counters(response, 1, "BLOB-2")
+
+
+def test_BLOB_3_an_update_with_the_href_keeps_the_blob(server):
+    """[BLOB-3] A later version of the object that carries {"content_type", "href"} without data,
+    where href names the object's current blob and content_type is the blob's, MUST keep the
+    blob. With both data and href, the data MUST be the blob's very bytes. (SPEC.md 2.11)"""
+    c = Collection(server)
+    content = blob_bytes(10_000)
+    [href] = post_blobs(c, [with_blob("p", content)])
+    kept = {"type": "photo", "id": "p", "data": "renamed", "blob": {"content_type": "image/png", "href": href}}
+    check(post_blobs(c, [kept], "BLOB-3") == [href], "BLOB-3", "keeping a blob must keep its href")
+    expect_blob(c, href, content, "BLOB-3")
+    both = dict(with_blob("p", content), data="again")
+    both["blob"]["href"] = href
+    check(post_blobs(c, [both], "BLOB-3") == [href], "BLOB-3", "data equal to the blob's keeps its href")
+    expect_blob(c, href, content, "BLOB-3")
+
+
+def test_BLOB_3_an_href_with_other_data_or_another_type_is_400(server):
+    """[BLOB-3] With both data and href, the data MUST be the blob's very bytes (and the content
+    type the blob's); otherwise, or when the content type differs from the blob's without new
+    data, the POST is answered 400 (bad_blob) and nothing is stored. (SPEC.md 2.11)"""
+    c = Collection(server)
+    content = blob_bytes(1000)
+    [href] = post_blobs(c, [with_blob("p", content)])
+    other_bytes = with_blob("p", content + b"!")
+    other_bytes["blob"]["href"] = href
+    other_type = {"type": "photo", "id": "p", "data": 1, "blob": {"content_type": "image/gif", "href": href}}
+    for bad in (other_bytes, other_type):
+        expect_refused_and_nothing_stored(c, [note("before", 1), bad], 400, "bad_blob", "BLOB-3")
+    expect_blob(c, href, content, "BLOB-3")
+
+
+def test_BLOB_4_new_data_replaces_the_blob_and_its_absence_deletes_it(server):
+    """[BLOB-4] A later version with new data MUST replace the blob, and one without a blob, or a
+    tombstone, MUST delete it: once the POST is answered, the old blob's href is answered 404.
+    (SPEC.md 2.11)"""
+    c = Collection(server)
+    first, second = blob_bytes(2000, 1), blob_bytes(3000, 2)
+    [old, kept_a, kept_b] = post_blobs(c, [with_blob("p", first), with_blob("a", first), with_blob("b", first)])
+    [new] = post_blobs(c, [with_blob("p", second)], "BLOB-4")
+    check(new != old, "BLOB-4", "new data must give a new href", None)
+    expect_error(fetch(c, old), 404, "not_found", "BLOB-4")
+    expect_blob(c, new, second, "BLOB-4")
+    c.write([note("a", "no blob now", type_="photo"), tombstone("b", type_="photo")], "BLOB-4")
+    for href in (kept_a, kept_b):
+        expect_error(fetch(c, href), 404, "not_found", "BLOB-4")
+    expect_blob(c, new, second, "BLOB-4")
+
+
+def test_BLOB_5_a_blob_name_depends_on_a_secret_of_the_collection(server):
+    """[BLOB-5] A blob's name MUST NOT be derivable from the object's type and id without a
+    secret of the collection. (SPEC.md 2.11)"""
+    content = blob_bytes(100)
+    names = set()
+    for _ in range(2):
+        c = Collection(server)
+        for _ in range(2):
+            [href] = post_blobs(c, [with_blob("same-id", content)], "BLOB-5")
+            names.add(href.rpartition("/")[2])
+    check(len(names) == 4, "BLOB-5", f"the same (type, id) and bytes got names that repeat: {sorted(names)}")
+
+
+def test_BLOB_5_an_href_of_another_object_collection_or_user_is_400(server):
+    """[BLOB-5] An href that does not name a blob of this very object (one of another object,
+    collection or user, or one made up) is answered 400 (bad_blob) and nothing is stored.
+    (SPEC.md 2.11)"""
+    c = Collection(server)
+    [href] = post_blobs(c, [with_blob("mine", blob_bytes(100))])
+    other_bucket = Collection(server, c.email, c.origin, bucket="other")
+    [other_bucket_href] = post_blobs(other_bucket, [with_blob("mine", blob_bytes(100))])
+    other_user = Collection(server)
+    [other_user_href] = post_blobs(other_user, [with_blob("mine", blob_bytes(100))])
+    name = href.rpartition("/")[2]
+    for foreign in (href,                                        # of another object here
+                    other_bucket_href, other_user_href,          # of the same (type, id) elsewhere
+                    other_bucket.path + "/+static/" + name,      # this blob's name under another path
+                    c.path + "/+static/" + "0" * len(name),      # made up
+                    c.path + "/+static/../" + name):
+        obj = {"type": "photo", "id": "yours", "data": 1, "blob": {"content_type": "image/png", "href": foreign}}
+        expect_refused_and_nothing_stored(c, [obj], 400, "bad_blob", "BLOB-5")
+
+
+def test_BLOB_6_only_the_collections_owner_gets_a_blob(server):
+    """[BLOB-6] GET HREF?auth=TOKEN MUST answer the bytes to the collection's owner only (AUTH-3
+    and AUTH-4 apply), ...; 404 (not_found) for a name the collection has no blob of.
+    (SPEC.md 2.11)"""
+    c = Collection(server)
+    content = blob_bytes(1000)
+    [href] = post_blobs(c, [with_blob("p", content)])
+    expect_blob(c, href, content, "BLOB-6")
+    expect_error(fetch(c, href, {"auth": None}), 401, "unauthorized", "BLOB-6")
+    expect_error(fetch(c, href, {"auth": c.token[:-4] + "AAAA"}), 401, "unauthorized", "BLOB-6")
+    stranger = Collection(server)
+    expect_error(fetch(stranger, href), 401, "unauthorized", "BLOB-6")
+    name = href.rpartition("/")[2]
+    other_bucket = Collection(server, c.email, c.origin, bucket="other")
+    expect_error(fetch(other_bucket, other_bucket.path + "/+static/" + name), 404, "not_found", "BLOB-6")
+    expect_error(fetch(c, c.path + "/+static/" + "0" * len(name)), 404, "not_found", "BLOB-6")
+
+
+def test_BLOB_6_blobs_carry_etag_nosniff_and_cors(server):
+    """[BLOB-6] GET HREF?auth=TOKEN MUST answer the bytes ... with Content-Length, an ETag,
+    X-Content-Type-Options: nosniff and CORS as in CORS-1. (SPEC.md 2.11)"""
+    c = Collection(server)
+    [href] = post_blobs(c, [with_blob("p", blob_bytes(100))])
+    response = fetch(c, href, headers={"Origin": c.origin})
+    expect_status(response, 200, "BLOB-6")
+    check(response.headers.get("ETag", "").startswith('"'), "BLOB-6", "a blob needs a strong ETag", response)
+    check(response.headers.get("X-Content-Type-Options", "").lower() == "nosniff", "BLOB-6",
+          "a blob must be served with X-Content-Type-Options: nosniff", response)
+    check(response.headers.get("Access-Control-Allow-Origin") == c.origin, "BLOB-6",
+          f"a blob fetched from {c.origin} must allow that origin (CORS-1)", response)
+    elsewhere = fetch(c, href, headers={"Origin": "http://evil.example.test"})
+    check("Access-Control-Allow-Origin" not in elsewhere.headers, "BLOB-6",
+          "a blob must not be allowed to another origin (CORS-1)", elsewhere)
+    preflight = c.request("OPTIONS", {"auth": None}, path=href,
+                          headers={"Origin": c.origin, "Access-Control-Request-Method": "GET",
+                                   "Access-Control-Request-Headers": "range"})
+    expect_status(preflight, 204, "BLOB-6")
+    check(preflight.headers.get("Access-Control-Allow-Origin") == c.origin, "BLOB-6",
+          "a preflight for a blob from the collection's origin must be allowed (CORS-2)", preflight)
+
+
+SAFE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp", "audio/ogg", "video/mp4", "text/plain")
+UNSAFE_TYPES = ("text/html", "text/html; charset=utf-8", "image/svg+xml", "application/xhtml+xml",
+                "application/xml", "text/xml", "application/javascript", "text/javascript", "application/pdf",
+                "application/octet-stream", "multipart/x-mixed-replace; boundary=x", "TEXT/HTML")
+
+
+def test_BLOB_6_types_a_browser_would_run_are_served_as_downloads(server):
+    """[BLOB-6] A blob MUST be served with its own content type only if a browser shows that type
+    without running it; every other type (text/html, image/svg+xml, application/xhtml+xml, XML,
+    JavaScript, PDF, ...) MUST be served as application/octet-stream with Content-Disposition:
+    attachment. (SPEC.md 2.11)"""
+    c = Collection(server)
+    types = SAFE_TYPES + UNSAFE_TYPES
+    page = b"<html><script>alert(document.domain)</script></html>"
+    hrefs = post_blobs(c, [with_blob(i, page, content_type) for i, content_type in enumerate(types)], "BLOB-6")
+    for content_type, href in zip(types, hrefs):
+        response = fetch(c, href)
+        expect_status(response, 200, "BLOB-6")
+        served = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        disposition = response.headers.get("Content-Disposition", "").split(";")[0].strip().lower()
+        check(response.headers.get("X-Content-Type-Options", "").lower() == "nosniff", "BLOB-6",
+              "every blob is served with X-Content-Type-Options: nosniff", response)
+        if content_type in SAFE_TYPES:
+            check(served == content_type, "BLOB-6", f"a {content_type} blob may be served as itself", response)
+        else:
+            check(served == "application/octet-stream" and disposition == "attachment", "BLOB-6",
+                  f"a {content_type} blob must be served as application/octet-stream, as an attachment",
+                  response)
+
+
+FILENAMES = {
+    "photo.png": ('filename="photo.png"', "filename*=UTF-8''photo.png"),
+    "../../etc/passwd": ('filename="passwd"', "filename*=UTF-8''passwd"),
+    "C:\\Users\\ann\\a.txt": ('filename="a.txt"', "filename*=UTF-8''a.txt"),
+    'say "hi"?.txt': ('filename="say _hi__.txt"', "filename*=UTF-8''say%20_hi__.txt"),
+    "caf\u00e9.png": ('filename="caf_.png"', "filename*=UTF-8''caf%C3%A9.png"),
+    "evil\u202egnp.exe": ('filename="evil_gnp.exe"', "filename*=UTF-8''evil_gnp.exe"),
+    "line\r\nbreak": ('filename="line__break"', "filename*=UTF-8''line__break"),
+    "...": ('filename="download"', "filename*=UTF-8''download"),
+    "": ('filename="download"', "filename*=UTF-8''download"),
+}
+
+
+def test_BLOB_6_a_download_name_is_made_safe(server):
+    """[BLOB-6] With ?filename=NAME, the answer MUST carry Content-Disposition: attachment with
+    NAME made safe to save: its last path part, without control or format characters or
+    "*:<>?|, without leading or trailing dots and spaces, at most 200 characters, download if
+    nothing is left; as filename="..." (non-ASCII as _) and filename*=UTF-8''.... (SPEC.md 2.11)"""
+    c = Collection(server)
+    [href] = post_blobs(c, [with_blob("p", b"png")])
+    cases = dict(FILENAMES, **{"x" * 300: (f'filename="{"x" * 200}"', f"filename*=UTF-8''{'x' * 200}")})
+    for filename, (plain, extended) in cases.items():
+        response = fetch(c, href, {"filename": filename})
+        expect_status(response, 200, "BLOB-6")
+        parts = [part.strip() for part in response.headers.get("Content-Disposition", "").split(";")]
+        check(parts == ["attachment", plain, extended], "BLOB-6",
+              f"?filename={filename!r} must give attachment; {plain}; {extended}", response)
+
+
+def test_BLOB_7_a_blob_over_the_limit_is_413_and_stores_nothing(server):
+    """[BLOB-7] A blob larger than the server's limit (this server: 16 MiB, or
+    CUTOUT_MAX_BLOB_BYTES) is answered 413 (too_large) and nothing is stored. (SPEC.md 2.11)"""
+    c = Collection(server)
+    c.start()
+    expect_refused_and_nothing_stored(c, [note("before", 1), with_blob("big", bytes(MAX_BLOB_BYTES + 1))],
+                                      413, "too_large", "BLOB-7")
+
+
+def test_BLOB_7_blob_data_does_not_count_against_the_body_limit(server):
+    """[BLOB-7] A POST body may be as large as the body limit (LIMIT-1) plus the base64 of one
+    largest blob; what it holds besides its blobs' data MUST fit the body limit. (SPEC.md 2.11)"""
+    c = Collection(server)
+    content = blob_bytes(min(MAX_BLOB_BYTES, MAX_BODY_BYTES + 1000))
+    [href] = post_blobs(c, [with_blob("p", content)], "BLOB-7")
+    expect_blob(c, href, content, "BLOB-7")
+    # The rest of the body still counts: a small blob does not let a large body through.
+    body, _ = objects_body(MAX_BODY_BYTES + 1, min(100_000, MAX_OBJECT_BYTES // 2))
+    body = body[:-1] + b"," + json_bytes(with_blob("q", b"tiny")) + b"]"
+    expect_error(c.post(body, c.sync_params()), 413, "too_large", "BLOB-7")
+
+
+def test_BLOB_8_one_byte_range_is_206_with_content_range(server):
+    """[BLOB-8] A GET of a blob with Range: bytes=FIRST-LAST (or FIRST-, or -SUFFIX), one range,
+    MUST be answered 206 with those bytes and Content-Range: bytes FIRST-LAST/LENGTH.
+    (SPEC.md 2.11)"""
+    c = Collection(server)
+    content = blob_bytes(1000)
+    [href] = post_blobs(c, [with_blob("p", content)])
+    for header, first, last in (("bytes=0-99", 0, 99), ("bytes=990-", 990, 999), ("bytes=-10", 990, 999),
+                                ("bytes=500-5000", 500, 999), ("bytes=-5000", 0, 999), ("bytes=7-7", 7, 7)):
+        response = fetch(c, href, headers={"Range": header})
+        expect_status(response, 206, "BLOB-8")
+        check(response.content == content[first:last + 1], "BLOB-8", f"Range: {header} got other bytes", response)
+        check(response.headers.get("Content-Range") == f"bytes {first}-{last}/1000", "BLOB-8",
+              f"Range: {header} must be answered Content-Range: bytes {first}-{last}/1000", response)
+
+
+def test_BLOB_8_an_unsatisfiable_range_is_416_and_an_invalid_one_gets_all(server):
+    """[BLOB-8] A range that starts past the end, or an empty suffix, 416 (range_not_satisfiable)
+    with Content-Range: bytes */LENGTH. A header that is not one valid byte range, or an If-Range
+    that is not the blob's ETag, gets the whole blob (200). (SPEC.md 2.11)"""
+    c = Collection(server)
+    content = blob_bytes(1000)
+    [href] = post_blobs(c, [with_blob("p", content)])
+    for header in ("bytes=1000-", "bytes=5000-6000", "bytes=-0"):
+        response = fetch(c, href, headers={"Range": header})
+        expect_error(response, 416, "range_not_satisfiable", "BLOB-8")
+        check(response.headers.get("Content-Range") == "bytes */1000", "BLOB-8",
+              f"Range: {header} must be answered Content-Range: bytes */1000", response)
+    for headers in ({"Range": "bytes=5-2"}, {"Range": "bytes=0-1,5-6"}, {"Range": "lines=1-2"},
+                    {"Range": "bytes=0-1", "If-Range": '"not-its-etag"'}):
+        response = fetch(c, href, headers=headers)
+        expect_status(response, 200, "BLOB-8")
+        check(response.content == content, "BLOB-8", f"{headers} must get the whole blob", response)
+
+
+def test_BLOB_8_if_none_match_with_the_etag_is_304(server):
+    """[BLOB-8] If-None-Match with the blob's ETag is answered 304 without a body. (SPEC.md 2.11)"""
+    c = Collection(server)
+    [href] = post_blobs(c, [with_blob("p", blob_bytes(100))])
+    etag = fetch(c, href).headers.get("ETag")
+    check(etag, "BLOB-8", "a blob needs an ETag")
+    expect_no_body(fetch(c, href, headers={"If-None-Match": etag}), 304, "BLOB-8")
+    ranged = fetch(c, href, headers={"Range": "bytes=0-9", "If-Range": etag})
+    expect_status(ranged, 206, "BLOB-8")
 
 
 ###############################################################################
