@@ -20,7 +20,10 @@ same adapter (a route that does nothing but answer):
   6. GET of the newest 10 objects and durable POST of 10 objects:
      requests/s and p50/p99 latency beside the bare route's;
   7. a client catching up on 10,000 and 100,000 objects through `limit`
-     pages: objects/s, and the server's peak memory, which must stay flat.
+     pages: objects/s, and the server's peak memory, which must stay flat;
+  8. a 10 MB blob posted (base64 in the JSON body) and downloaded: MB/s, beside
+     the bare route reading the same body and bottle.static_file serving the
+     same bytes, and how much the server's peak memory grew, in blob sizes.
 
 The servers run in processes of their own on 127.0.0.1; the load comes from
 this process, 8 threads each reusing one http.client connection, which is
@@ -36,7 +39,7 @@ the baseline, their ratio and, where there is one, the target with "ok" or
 
     python bench.py                  # full sizes: a few minutes; data in ./bench-data, removed after
     python bench.py --quick          # sizes 10x smaller, shorter runs: a smoke run
-    python bench.py --only 5 --only 6 --only 7    # the HTTP part alone: a minute and a half
+    python bench.py --only 5 --only 6 --only 7 --only 8   # the HTTP part alone: two minutes
     python bench.py --dir /mnt/disk/bench --keep
 
 Needs only the standard library and cutout.py (which imports bottle); the
@@ -44,6 +47,7 @@ waitress and cheroot adapters need those packages.
 """
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import hashlib
@@ -97,13 +101,15 @@ class Sizes:
     catchup_batch: int = 1_000      #    objects per POST while building them (~200 KB bodies)
     catchup_page: int = 1_000       #    limit= of each page (the server's cap is 1000)
     catchup_runs: int = 3           #    catch-ups per collection, on one server process
+    blob_bytes: int = 10_000_000    # 8. one blob's size
+    blob_runs: int = 3              #    uploads and downloads per side
 
 
 FULL = Sizes()
 QUICK = Sizes(big=100_000, small=100, newest_reads=500, append_batches=30,
               read_all=10_000, gc_keys=10_000,
               http_warmup=0.2, http_rounds=2, http_round=0.5,
-              catchup_small=1_000, catchup_big=10_000)
+              catchup_small=1_000, catchup_big=10_000, blob_bytes=1_000_000)
 
 
 ###############################################################################
@@ -384,6 +390,7 @@ sys.path.insert(0, sys.argv[3])
 import bottle
 
 adapter, port, newest_body = sys.argv[1], int(sys.argv[2]), sys.argv[4].encode()
+served_file = sys.argv[5] if len(sys.argv) > 5 else None
 posted_body = b'{"object_counters":[1,2,3,4,5,6,7,8,9,10]}'
 app = bottle.Bottle()
 
@@ -400,11 +407,17 @@ def posted():
     bottle.request.body.read()
     return bottle.HTTPResponse(body=posted_body, status=200, headers={"Content-Type": "application/json"})
 
+@app.get("/file")
+def file():
+    return bottle.static_file(os.path.basename(served_file), os.path.dirname(served_file))
+
+import os
 import cutout
 
 # The same server setup as cutout.py's (threads, limits), so that only the app differs.
 cutout._run_server(adapter, "127.0.0.1", port, app,
-                   lambda port: print(f"bare bottle serving http://127.0.0.1:{port}/ ({adapter})", flush=True))
+                   lambda port: print(f"bare bottle serving http://127.0.0.1:{port}/ ({adapter})", flush=True),
+                   max_body_bytes=cutout.Limits().max_post_bytes)
 """
 
 
@@ -502,10 +515,11 @@ def start_ours(adapter, data_dir, log_dir):
     return ServerProcess(f"cutout.py --server {adapter}", argv, port, os.path.join(log_dir, f"ours-{adapter}.log"))
 
 
-def start_bare(adapter, log_dir, newest_body=b"{}"):
+def start_bare(adapter, log_dir, newest_body=b"{}", served_file=None):
     port = unused_port()
     here = os.path.dirname(os.path.abspath(cutout.__file__))
     argv = [sys.executable, "-c", BARE_CHILD, adapter, str(port), here, newest_body.decode()]
+    argv += [served_file] if served_file else []
     return ServerProcess(f"bare bottle on {adapter}", argv, port, os.path.join(log_dir, f"bare-{adapter}.log"))
 
 
@@ -879,6 +893,63 @@ def catch_up_once(api, client, bucket, page):
     return pages, got
 
 
+def blobs(root, sizes):
+    size = sizes.blob_bytes
+    section(f"8. HTTP: a blob of {size / 1e6:g} MB posted and downloaded, vs the bare route")
+    content = os.urandom(size)
+    post_body = json.dumps([{"type": "photo", "id": 1, "data": {}, "blob": {
+        "content_type": "image/jpeg", "data": base64.b64encode(content).decode()}}]).encode()
+    served_file = os.path.join(root, "blob-bytes")
+    with open(served_file, "wb") as bytes_file:
+        bytes_file.write(content)
+    print(f"  {sizes.blob_runs} interleaved runs per side, median; one client; JSON body {len(post_body):,} bytes. "
+          f"Memory: the server's\n  peak RSS (VmHWM) after it all, less that before the first upload, "
+          f"in blob sizes.", flush=True)
+    print(f"  {'adapter':<9} | {'POST MB/s':>9} {'bare':>7} {'ratio':>5} | {'GET MB/s':>8} {'static':>7} "
+          f"{'ratio':>5} | {'peak RSS growth MB':>18} {'blobs':>5}")
+    for adapter in installed_adapters():
+        data_dir, log_dir = os.path.join(root, f"http-8-{adapter}"), os.path.join(root, "logs")
+        os.makedirs(log_dir, exist_ok=True)
+        try:
+            with contextlib.closing(start_ours(adapter, data_dir, log_dir)) as ours, \
+                    contextlib.closing(start_bare(adapter, log_dir, served_file=served_file)) as bare:
+                api, client, bare_client = Api(ours), Client(ours.port), Client(bare.port)
+                collection_id, since = api.hello(client, "blobs")
+                before = ours.peak_rss()
+                times = {side: [] for side in ("post", "bare post", "get", "static")}
+                headers = {"Content-Type": "application/json"}
+                for run in range(sizes.blob_runs):
+                    started = time.perf_counter()
+                    answer = json.loads(expect(*client.request(
+                        "POST", api.path("blobs", since=since, collection_id=collection_id), post_body, headers),
+                        200, "post blob"))
+                    times["post"].append(time.perf_counter() - started)
+                    since, href = answer["object_counters"][-1], answer["blob_hrefs"][0]
+                    started = time.perf_counter()
+                    expect(*bare_client.request("POST", "/json", post_body, headers), 200, "bare post")
+                    times["bare post"].append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    got = expect(*client.request("GET", href + "?" + urllib.parse.urlencode({"auth": api.token})),
+                                 200, "get blob")
+                    times["get"].append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    static = expect(*bare_client.request("GET", "/file"), 200, "bare static")
+                    times["static"].append(time.perf_counter() - started)
+                    if got != content or static != content:
+                        raise RuntimeError("a blob came back with other bytes")
+                growth = ours.peak_rss() - before
+                client.close()
+                bare_client.close()
+            rate = {side: size / 1e6 / median(spent) for side, spent in times.items()}
+            print(f"  {adapter:<9} | {rate['post']:>9.0f} {rate['bare post']:>7.0f} "
+                  f"{rate['post'] / rate['bare post']:>5.2f} | {rate['get']:>8.0f} {rate['static']:>7.0f} "
+                  f"{rate['get'] / rate['static']:>5.2f} | {growth / 1e6:>18.1f} {growth / size:>5.1f}", flush=True)
+        except Exception as error:
+            print(f"  {adapter}: FAILED: {error}", flush=True)
+    print(f"  bare: the bare route reading the same body, and bottle.static_file serving the same bytes; "
+          f"MB/s are of the\n  blob's {size / 1e6:g} MB either way (the POST body is base64, a third larger).")
+
+
 def http_summary():
     """One line per adapter, and which adapter wins where, for choosing the default by the numbers."""
     if not http_results:
@@ -945,7 +1016,7 @@ def main(argv=None):
     parser.add_argument("--dir", default="./bench-data", help="where the collections go (default ./bench-data)")
     parser.add_argument("--quick", action="store_true", help="sizes 10x smaller and shorter runs, for a smoke run")
     parser.add_argument("--keep", action="store_true", help="leave DIR in place at the end")
-    parser.add_argument("--only", type=int, choices=range(1, 8), action="append",
+    parser.add_argument("--only", type=int, choices=range(1, 9), action="append",
                         help="run only workload N (repeatable)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -963,7 +1034,7 @@ def main(argv=None):
     started = time.perf_counter()
     try:
         workloads = (newest_of_big_vs_small, durable_appends, read_all, garbage_collection,
-                     empty_polls, newest_and_posts, catch_up)
+                     empty_polls, newest_and_posts, catch_up, blobs)
         for number, workload in enumerate(workloads, 1):
             if not args.only or number in args.only:
                 workload(root, sizes)
