@@ -416,8 +416,7 @@ import cutout
 
 # The same server setup as cutout.py's (threads, limits), so that only the app differs.
 cutout._run_server(adapter, "127.0.0.1", port, app,
-                   lambda port: print(f"bare bottle serving http://127.0.0.1:{port}/ ({adapter})", flush=True),
-                   max_body_bytes=cutout.Limits().max_post_bytes)
+                   lambda port: print(f"bare bottle serving http://127.0.0.1:{port}/ ({adapter})", flush=True))
 """
 
 

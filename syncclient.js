@@ -1,11 +1,607 @@
-/* The Cut-Out sync client.
+/* syncclient.js: the Cut-Out sync client, for today's browsers.
  *
- * A placeholder until the client has its own issue: the server fills in the
- * URL it was loaded from, so that an app that loads this script from a sync
- * server talks to that server by default (SPEC.md JS-1).
+ * It runs the sync process of SPEC.md chapter 2 between an app's own storage
+ * and a Cut-Out server, and knows nothing of the app's UI or data model: the
+ * app hands it an `appData` object that reads and writes the app's storage
+ * (README.md, "The client library", has a complete example).
+ *
+ *     <script src="http://127.0.0.1:8088/syncclient.js"></script>
+ *     const sync = new Sync(appData, {getAssertion: async () => email});
+ *     await sync.request();            // log in
+ *
+ * One file, no build step. The server fills in DEFAULT_SERVER_URL with the
+ * address this file was loaded from (SPEC.md JS-1). Every Sync keeps its own
+ * state (login, collection_id, since) in localStorage under a key made of its
+ * server and bucket, so several can run side by side in one page.
  */
-var CutoutSync = (function () {
+(function (root) {
   "use strict";
-  var defaultServerUrl = "{{server_url}}";
-  return { defaultServerUrl: defaultServerUrl };
-})();
+
+  const DEFAULT_SERVER_URL = "{{server_url}}";
+
+  const DEFAULTS = {
+    serverUrl: DEFAULT_SERVER_URL,
+    bucket: "default",           // the collection's last path part: one app may keep several
+    audience: null,              // the app's origin; default: this page's
+    getAssertion: null,          // async () => an identity assertion (the dev verifier takes the email)
+    storage: null,               // a localStorage-like object; default: localStorage
+    pollInterval: 30000,         // ms between polls while the page is shown
+    hiddenPollInterval: 300000,  // ms between polls while it is hidden
+    slowPollInterval: 600000,    // ms between polls after scheduleSlowly()
+    immediateDelay: 250,         // ms that scheduleImmediately() waits, so a burst of changes is one sync
+    backoffInitial: 1000,        // ms before the first retry after a network error; doubles each time
+    backoffMax: 300000,          // ms, the longest such wait
+    maxMergeAttempts: 5,         // POSTs refused with since_invalid before a sync gives up
+    fetch: null,                 // default: the global fetch
+  };
+
+  const OBJECT_MEMBERS = new Set(["type", "id", "data", "deleted", "expires", "blob"]);
+
+  /* A failed sync step. `status` is the HTTP status (0 for no answer), `code`
+   * the server's error code, `retryAfter` seconds to wait, if the server said. */
+  class SyncError extends Error {
+    constructor(message, {status = 0, code = null, retryAfter = null} = {}) {
+      super(message);
+      this.name = "SyncError";
+      this.status = status;
+      this.code = code;
+      this.retryAfter = retryAfter;
+    }
+  }
+
+  /* Call appData[name](...args). It may return a value, a Promise, or take a
+   * Node-style callback as its last parameter; either way a Promise results. */
+  function callApp(appData, name, args, optional) {
+    const method = appData[name];
+    if (typeof method !== "function") {
+      return optional ? Promise.resolve(undefined)
+        : Promise.reject(new SyncError(`appData.${name} is missing`));
+    }
+    return new Promise((resolve, reject) => {
+      let settled = false;
+      const settle = (error, value) => {
+        if (settled) return;
+        settled = true;
+        if (error) reject(error); else resolve(value);
+      };
+      let result;
+      try {
+        result = method.apply(appData, [...args, settle]);
+      } catch (error) {
+        settle(error);
+        return;
+      }
+      if (result && typeof result.then === "function") {
+        result.then((value) => settle(null, value), (error) => settle(error || new Error(`appData.${name} failed`)));
+      } else if (method.length <= args.length) {
+        settle(null, result);       // it takes no callback: its return value is the answer
+      }
+    });
+  }
+
+  /* Why obj cannot be posted (SPEC.md POST-1, BLOB-1), or null. */
+  function objectProblem(obj) {
+    if (!obj || typeof obj !== "object" || Array.isArray(obj)) return "is not an object";
+    const unknown = Object.keys(obj).filter((key) => !OBJECT_MEMBERS.has(key));
+    if (unknown.length) return `has members the protocol does not know: ${unknown.join(", ")}`;
+    if (typeof obj.type !== "string" || !obj.type) return '"type" must be a non-empty string';
+    if (!(typeof obj.id === "string" || Number.isInteger(obj.id))) return '"id" must be a string or an integer';
+    if (("data" in obj) === ("deleted" in obj)) return 'needs either "data" or "deleted": true, not both';
+    if ("deleted" in obj && obj.deleted !== true) return '"deleted" can only be true';
+    if ("data" in obj && obj.data === undefined) return '"data" must be a JSON value';
+    if ("expires" in obj && typeof obj.expires !== "number") return '"expires" must be a number (unix seconds)';
+    if ("blob" in obj) {
+      const blob = obj.blob;
+      if (obj.deleted) return "a tombstone carries no blob";
+      if (!blob || typeof blob !== "object") return '"blob" must be an object';
+      if (typeof blob.content_type !== "string" || !/^[^\s\/]+\/[^\s\/;]+/.test(blob.content_type)) {
+        return '"blob" needs a "content_type" such as "image/png"';
+      }
+      if (!("data" in blob) && !("href" in blob)) return '"blob" needs "data" (base64) or its "href"';
+    }
+    try {
+      JSON.stringify(obj);
+    } catch (error) {
+      return `cannot be sent as JSON: ${error.message}`;
+    }
+    return null;
+  }
+
+  function keyOf(obj) {
+    return JSON.stringify([obj.type, obj.id]);
+  }
+
+  /* The newest version of each (type, id) among [counter, object] pairs, oldest first. */
+  function newestOnly(pairs) {
+    const newest = new Map();
+    for (const [, obj] of pairs) {
+      newest.delete(keyOf(obj));      // re-inserted: the Map keeps the order of the newest
+      newest.set(keyOf(obj), obj);
+    }
+    return [...newest.values()];
+  }
+
+  function sleep(ms) {
+    return new Promise((resolve) => setTimeout(resolve, ms));
+  }
+
+  class Sync {
+    constructor(appData, options = {}) {
+      this.appData = appData;
+      this.options = {...DEFAULTS, ...options};
+      const location = root.location;
+      this.serverUrl = new URL(this.options.serverUrl, location && location.href).href.replace(/\/?$/, "/");
+      this.audience = this.options.audience || (location && location.origin);
+      this.storage = this.options.storage || root.localStorage;
+      this.fetch = this.options.fetch || root.fetch.bind(root);
+      this.storageKey = `cutout-sync ${this.serverUrl} ${this.options.bucket}`;
+      this._state = this._load();
+      this._watchers = [];
+      this._running = null;         // the sync in progress, if any
+      this._again = false;          // a sync was asked for while one ran
+      this._timer = null;
+      this._active = false;
+      this._notBefore = 0;          // Date.now() before which no request goes out (poll time, Retry-After)
+      this._failures = 0;           // network errors in a row, for the backoff
+      this._pace = "normal";        // or "slow"
+      this._lastPoll = 0;           // Date.now() of the last scheduled sync
+      this._pollTime = 0;           // ms, the server's X-Sync-Poll-Time
+      this._listeners = [];
+      // The app calls it when its data changed (the 2012 client's slot, kept).
+      appData.onupdate = () => this.scheduleImmediately();
+      this.activate();
+    }
+
+    // ---------------------------------------------------------------- state
+
+    _load() {
+      try {
+        const saved = JSON.parse(this.storage.getItem(this.storageKey) || "null");
+        if (saved && typeof saved === "object") return saved;
+      } catch (error) {
+        // A damaged entry is forgotten: the next sync starts from scratch.
+      }
+      return {};
+    }
+
+    _save() {
+      this.storage.setItem(this.storageKey, JSON.stringify(this._state));
+    }
+
+    _forgetCollection() {
+      const state = this._state;
+      delete state.collectionId;
+      delete state.since;
+      delete state.known;
+      this._save();
+    }
+
+    /* The (type, id) keys the app holds from this collection, so that a full
+     * re-read can say which ones are gone (SPEC.md PURGE-1). */
+    _remember(objects) {
+      const known = new Set(this._state.known || []);
+      for (const obj of objects) {
+        if (obj.deleted) known.delete(keyOf(obj)); else known.add(keyOf(obj));
+      }
+      this._state.known = [...known];
+    }
+
+    _status(state, detail) {
+      callApp(this.appData, "status", [state, detail], true).catch(() => {});
+    }
+
+    lastSyncTime() {
+      return this._state.lastSyncTime || null;
+    }
+
+    // ---------------------------------------------------------------- login
+
+    isLoggedIn() {
+      return Boolean(this._state.auth);
+    }
+
+    email() {
+      return this._state.email || null;
+    }
+
+    /* Log in: get an assertion from options.getAssertion, verify it with the
+     * server (SPEC.md AUTH-1) and keep the token. Resolves to the email. */
+    async request() {
+      if (typeof this.options.getAssertion !== "function") {
+        throw new SyncError("no options.getAssertion to log in with");
+      }
+      const assertion = await this.options.getAssertion();
+      if (!assertion) throw new SyncError("login cancelled: no assertion");
+      const response = await this._fetch(this.serverUrl + "verify", {
+        method: "POST",
+        headers: {"Content-Type": "application/x-www-form-urlencoded"},
+        body: new URLSearchParams({assertion, audience: this.audience}).toString(),
+      });
+      const body = await this._json(response);
+      if (!response.ok || !body || body.status !== "okay" || !body.auth) {
+        throw new SyncError(`login refused: ${(body && (body.message || body.reason)) || response.status}`,
+                            {status: response.status, code: body && body.error});
+      }
+      if (this._state.email && this._state.email !== body.email) {
+        // Another user: nothing this device saved is in their collection.
+        this._state = {};
+        await callApp(this.appData, "resetSaved", [], true);
+      }
+      this._state.email = body.email;
+      this._state.auth = body.auth.query || {};
+      this._save();
+      this._status("login", {email: body.email});
+      for (const watcher of this._watchers) this._tell(watcher, "onlogin", [body.email, body]);
+      this.scheduleImmediately();
+      return body.email;
+    }
+
+    logout() {
+      const wasIn = this.isLoggedIn();
+      delete this._state.auth;
+      this._save();
+      if (wasIn) {
+        this._status("logout");
+        for (const watcher of this._watchers) this._tell(watcher, "onlogout", []);
+      }
+    }
+
+    toggleLogin() {
+      if (this.isLoggedIn()) {
+        this.logout();
+        return Promise.resolve(null);
+      }
+      return this.request();
+    }
+
+    /* watch({onlogin(email), onlogout()}): told now of the current state, and of every change. */
+    watch(watcher) {
+      this._watchers.push(watcher);
+      if (this.isLoggedIn()) this._tell(watcher, "onlogin", [this._state.email, null]);
+      else this._tell(watcher, "onlogout", []);
+    }
+
+    _tell(watcher, name, args) {
+      if (typeof watcher[name] !== "function") return;
+      setTimeout(() => {
+        try {
+          watcher[name](...args);
+        } catch (error) {
+          this._status("error", {error});
+        }
+      }, 0);
+    }
+
+    /* url (a blob's href) made absolute on the server, with the token in its query (SPEC.md BLOB-6). */
+    authenticateUrl(url) {
+      const absolute = new URL(url, this.serverUrl);
+      for (const [name, value] of Object.entries(this._state.auth || {})) {
+        absolute.searchParams.set(name, value);
+      }
+      return absolute.href;
+    }
+
+    // ---------------------------------------------------------------- HTTP
+
+    _collectionUrl(params) {
+      const parts = [new URL(this.audience).host, this._state.email, this.options.bucket];
+      const url = new URL(parts.map(encodeURIComponent).join("/"), this.serverUrl);
+      for (const [name, value] of Object.entries({...this._state.auth, ...params})) {
+        if (value !== undefined && value !== null) url.searchParams.set(name, value);
+      }
+      return url.href;
+    }
+
+    async _fetch(url, init) {
+      const wait = this._notBefore - Date.now();
+      if (wait > 0) await sleep(wait);
+      let response;
+      try {
+        response = await this.fetch(url, {...init, cache: "no-store", credentials: "omit"});
+      } catch (error) {
+        throw new SyncError(`the server cannot be reached (${error.message})`);
+      }
+      const pollTime = Number(response.headers.get("X-Sync-Poll-Time"));
+      if (pollTime > 0) this._pollTime = pollTime * 1000;
+      if (response.status === 503) {
+        const retryAfter = Number(response.headers.get("Retry-After")) || 1;
+        this._notBefore = Date.now() + retryAfter * 1000;
+        throw new SyncError(`the server is busy: trying again in ${retryAfter} s`, {status: 503, retryAfter});
+      }
+      return response;
+    }
+
+    async _json(response) {
+      if (response.status === 204) return null;
+      try {
+        return await response.json();
+      } catch (error) {
+        throw new SyncError(`the server answered ${response.status} without JSON`, {status: response.status});
+      }
+    }
+
+    /* A request to the collection; logs in again once on 401 (SPEC.md AUTH-3). */
+    async _collectionRequest(method, params, body) {
+      for (let attempt = 0; ; attempt++) {
+        if (!this.isLoggedIn()) throw new SyncError("not logged in", {status: 401});
+        const init = {method};
+        if (body !== undefined) {
+          init.headers = {"Content-Type": "application/json"};
+          init.body = JSON.stringify(body);
+        }
+        const response = await this._fetch(this._collectionUrl(params), init);
+        if (response.status === 401 && attempt === 0 && typeof this.options.getAssertion === "function") {
+          delete this._state.auth;
+          this._status("reauthenticating");
+          await this.request();
+          continue;
+        }
+        if (response.status === 401) {
+          this.logout();
+          throw new SyncError("the server refused the login: log in again", {status: 401, code: "unauthorized"});
+        }
+        const answer = await this._json(response);
+        if (!response.ok) {
+          throw new SyncError(`${method} refused: ${(answer && answer.message) || response.status}`,
+                              {status: response.status, code: answer && answer.error});
+        }
+        return {status: response.status, answer};
+      }
+    }
+
+    // ---------------------------------------------------------------- the sync process
+
+    /* Sync now: receive what is new, then send what is pending. Resolves when
+     * done; rejects with a SyncError (nothing pending is lost either way). */
+    syncNow() {
+      if (this._running) {
+        this._again = true;
+        return this._running;
+      }
+      this._running = (async () => {
+        try {
+          this._status("syncing");
+          await this._receive();
+          await this._send();
+          this._state.lastSyncTime = Date.now();
+          this._save();
+          this._failures = 0;
+          this._status("synced", {lastSyncTime: this._state.lastSyncTime});
+        } catch (error) {
+          if (error instanceof SyncError && error.status === 0) this._failures += 1;
+          this._status("error", {error, message: error.message});
+          throw error;
+        } finally {
+          this._running = null;
+          this._schedule();
+        }
+      })();
+      return this._running;
+    }
+
+    /* GET everything after since, page by page (SPEC.md GET-2..GET-7). */
+    async _receive() {
+      const state = this._state;
+      let params = state.collectionId ? {since: state.since || 0, collection_id: state.collectionId} : {};
+      let {status, answer} = await this._collectionRequest("GET", params);
+      if (status === 204) return;
+      if (answer.since_purged) {
+        await this._readAgain();
+        return;
+      }
+      if (!state.collectionId || answer.collection_changed || answer.collection_deleted !== undefined) {
+        if (state.collectionId) await this._reset(answer);
+        state.collectionId = answer.collection_id;
+        state.since = 0;
+      }
+      await this._takePages(answer);
+    }
+
+    /* Follow "incomplete" through its pages, then hand the newest of each
+     * object to the app, and only then move since on. */
+    async _takePages(answer, collected = []) {
+      const state = this._state;
+      let since = state.since || 0;
+      for (;;) {
+        collected.push(...answer.objects);
+        if (answer.objects.length) since = Math.max(since, answer.objects[answer.objects.length - 1][0]);
+        if (answer.until !== undefined) since = Math.max(since, answer.until);
+        if (!answer.incomplete) break;
+        const page = await this._collectionRequest("GET", {since, collection_id: state.collectionId});
+        if (page.status === 204) break;
+        answer = page.answer;
+        if (answer.collection_changed || answer.since_purged) {
+          throw new SyncError("the collection changed while it was read: trying again", {status: 409});
+        }
+      }
+      const objects = newestOnly(collected);
+      if (objects.length) await callApp(this.appData, "objectsReceived", [objects]);
+      this._remember(objects);
+      state.since = since;
+      this._save();
+    }
+
+    /* The collection was replaced (collection_changed, collection_deleted):
+     * everything the app holds counts as unsaved, and it is read again. */
+    async _reset(answer) {
+      this._status(answer.collection_deleted !== undefined ? "collection_deleted" : "collection_changed",
+                   {reason: answer.collection_deleted});
+      await callApp(this.appData, "resetSaved", [], true);
+      delete this._state.known;
+    }
+
+    /* Since is below the purge horizon (SPEC.md PURGE-1): read it all again;
+     * objects the app holds that are not there any more were deleted. */
+    async _readAgain() {
+      this._status("reading_again");
+      const {answer} = await this._collectionRequest("GET", {});
+      const known = new Set(this._state.known || []);
+      this._state.collectionId = answer.collection_id;
+      this._state.since = 0;
+      const collected = [];
+      await this._takePages(answer, collected);
+      const seen = new Set(collected.map(([, obj]) => keyOf(obj)));
+      const gone = [...known].filter((key) => !seen.has(key)).map((key) => {
+        const [type, id] = JSON.parse(key);
+        return {type, id, deleted: true};
+      });
+      if (gone.length) {
+        await callApp(this.appData, "objectsReceived", [gone]);
+        this._remember(gone);
+        this._save();
+      }
+    }
+
+    /* POST what the app has pending; on since_invalid, hand it what it missed
+     * and try again, a few times at most (SPEC.md POST-2..POST-5). */
+    async _send() {
+      for (let attempt = 1; ; attempt++) {
+        const pending = (await callApp(this.appData, "getPendingObjects", [])) || [];
+        const good = [], errors = [];
+        for (const obj of pending) {
+          const problem = objectProblem(obj);
+          if (problem) errors.push({object: obj, error: problem}); else good.push(obj);
+        }
+        if (errors.length) await callApp(this.appData, "reportObjectErrors", [errors], true);
+        if (!good.length) return;
+        const state = this._state;
+        const {answer} = await this._collectionRequest(
+          "POST", {since: state.since || 0, collection_id: state.collectionId}, good);
+        if (answer.object_counters) {
+          const hrefs = answer.blob_hrefs || [];
+          const saved = good.map((obj, i) => hrefs[i]
+            ? {...obj, blob: {content_type: obj.blob.content_type, href: hrefs[i]}} : obj);
+          state.since = Math.max(state.since || 0, ...answer.object_counters);
+          this._remember(saved);
+          this._save();
+          await callApp(this.appData, "objectsSaved", [saved]);
+          return;
+        }
+        if (attempt >= this.options.maxMergeAttempts) {
+          throw new SyncError(`gave up after ${attempt} attempts: the collection kept changing`, {status: 409});
+        }
+        if (answer.since_purged) {
+          await this._readAgain();
+        } else if (answer.collection_changed || answer.collection_deleted !== undefined) {
+          await this._reset(answer);
+          state.collectionId = answer.collection_id;
+          state.since = 0;
+          await this._takePages(answer);
+        } else if (answer.since_invalid) {
+          this._status("merging", {objects: answer.objects.length});
+          await this._takePages(answer);
+        } else {
+          throw new SyncError("the server's answer to a POST is not one the protocol knows", {status: 502});
+        }
+      }
+    }
+
+    /* Forget where this device is in the collection, so that the next sync reads it all
+     * again and sends everything the app holds (the server keeps its copy). */
+    async reset() {
+      this._forgetCollection();
+      await callApp(this.appData, "resetSaved", [], true);
+    }
+
+    /* Delete the server's copy of the collection (SPEC.md DEL-1), with a reason for
+     * the other devices. This device's objects count as unsaved: the next sync sends them
+     * unless the app removes them first. */
+    async deleteCollection(reason) {
+      const {answer} = await this._collectionRequest("DELETE", {}, reason === undefined ? null : reason);
+      this._forgetCollection();
+      this._state.collectionId = answer.collection_id;
+      this._state.since = 0;
+      this._save();
+      await callApp(this.appData, "resetSaved", [], true);
+      return answer.collection_id;
+    }
+
+    // ---------------------------------------------------------------- scheduling
+
+    activate() {
+      if (this._active) return;
+      this._active = true;
+      const on = (target, event, handler) => {
+        if (!target || !target.addEventListener) return;
+        target.addEventListener(event, handler);
+        this._listeners.push([target, event, handler]);
+      };
+      on(root.document, "visibilitychange", () => this._schedule());
+      on(root, "online", () => {
+        this._failures = 0;
+        this.scheduleImmediately();
+      });
+      on(root, "offline", () => this._schedule());
+      this._schedule(this.isLoggedIn() ? this.options.immediateDelay : undefined);
+    }
+
+    deactivate() {
+      this._active = false;
+      clearTimeout(this._timer);
+      this._timer = null;
+      for (const [target, event, handler] of this._listeners) target.removeEventListener(event, handler);
+      this._listeners = [];
+    }
+
+    /* Sync soon (debounced), but never sooner than the server allows. */
+    scheduleImmediately() {
+      this._schedule(this.options.immediateDelay);
+    }
+
+    resetSchedule() {
+      this._pace = "normal";
+      this._schedule();
+    }
+
+    scheduleSlowly() {
+      this._pace = "slow";
+      this._schedule();
+    }
+
+    _interval() {
+      if (this._pace === "slow") return this.options.slowPollInterval;
+      if (root.document && root.document.hidden) return this.options.hiddenPollInterval;
+      return this.options.pollInterval;
+    }
+
+    /* (Re)arm the one timer: after `delay` ms, or the normal interval; later
+     * if the server asked (X-Sync-Poll-Time, Retry-After) or after failures. */
+    _schedule(delay) {
+      if (!this._active) return;
+      if (this._running) {
+        if (delay !== undefined) this._again = true;
+        return;
+      }
+      if (this._again) {
+        this._again = false;
+        delay = this.options.immediateDelay;
+      }
+      let wait = delay === undefined ? this._interval() : delay;
+      if (this._failures) {
+        const backoff = Math.min(this.options.backoffMax,
+                                 this.options.backoffInitial * 2 ** (this._failures - 1));
+        wait = Math.max(wait, backoff / 2 + Math.random() * backoff / 2);
+      }
+      wait = Math.max(wait, this._notBefore - Date.now(), this._lastPoll + this._pollTime - Date.now());
+      if (root.navigator && root.navigator.onLine === false) {
+        clearTimeout(this._timer);
+        this._timer = null;      // the "online" event resumes
+        return;
+      }
+      clearTimeout(this._timer);
+      this._timer = setTimeout(() => {
+        this._timer = null;
+        if (!this.isLoggedIn()) return;
+        this._lastPoll = Date.now();
+        // A timer never throws: the error went to appData.status.
+        this.syncNow().catch(() => {});
+      }, Math.max(0, wait));
+    }
+  }
+
+  Sync.SyncError = SyncError;
+  Sync.objectProblem = objectProblem;
+  Sync.defaultServerUrl = DEFAULT_SERVER_URL;
+  root.Sync = Sync;
+  if (typeof module === "object" && module.exports) module.exports = Sync;
+})(typeof window !== "undefined" ? window : globalThis);

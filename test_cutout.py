@@ -1077,6 +1077,58 @@ def test_gc_removes_blobs_no_record_names_and_stale_partials(db):
     assert db.open_blob(expiring.rpartition("/")[2]) is None
 
 
+def test_a_chunked_body_past_the_limit_is_refused_whole(tmp_path):
+    """A chunked body is read only up to the POST limit; one that goes on past it is
+    refused, even when what was read would parse (a review found it stored)."""
+    with _server(tmp_path, "--max-body-bytes", "2000", "--max-blob-bytes", "8000") as base:
+        token = _token(base)
+        path = "/app.example/ann%40example.com/notes"
+        hello = requests.get(base + path, params={"auth": token}).json()
+        blobs = [_photo(i, b"b" * 4500) for i in range(2)]
+        body = json.dumps(blobs).encode()
+        limit = cutout.Limits(max_body_bytes=2000, max_blob_bytes=8000).max_post_bytes
+        body += b" " * (limit + 1 - len(body)) + b"GARBAGE, not JSON" + b" " * 20_000
+
+        def chunks():
+            for start in range(0, len(body), 4096):
+                yield body[start:start + 4096]
+        answer = requests.post(base + path, params={"auth": token, "since": 0,
+                                                    "collection_id": hello["collection_id"]}, data=chunks())
+        assert answer.status_code == 413 and answer.json()["error"] == "too_large"
+        assert requests.get(base + path, params={"auth": token}).json()["objects"] == []
+
+
+def test_a_body_of_many_small_values_is_measured_before_it_is_parsed(tmp_path):
+    """A POST body far over the body limit, made of tiny JSON values (which take some 25
+    times their size to parse), is refused without being parsed."""
+    body = b"[" + b"{}," * 7_000_000 + b"{}]"
+    with pytest.raises(cutout.ProtocolError) as refused:
+        cutout.parse_objects(body, cutout.Limits())
+    assert refused.value.status == 413
+
+
+def test_gc_beside_failing_uploads_does_not_fail(db):
+    """Uploads that fail delete their own .partial files without the lock; gc going through
+    the same directory at that moment carries on."""
+    [href] = _post(db, [_photo("p", b"p")])["blob_hrefs"]
+    key_dir = os.path.join(db.blobs_path, href.rpartition("/")[2][:32])
+    partials = [os.path.join(key_dir, f"{i:032x}.partial") for i in range(3000)]
+    for path in partials:
+        open(path, "wb").close()
+    old = time.time() - 7200
+    for path in partials:
+        os.utime(path, (old, old))
+    def discard():         # as BlobBatch.discard() does
+        for path in partials:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    remover = threading.Thread(target=discard)
+    remover.start()
+    report = db.collect_garbage()
+    remover.join()
+    assert report.blobs_removed <= len(partials) and _blob_bytes(db, href) == b"p"
+
+
 def test_deleting_a_collection_deletes_its_blobs(db):
     [href] = _post(db, [_photo("p", b"p" * 100)])["blob_hrefs"]
     db.delete("moved")

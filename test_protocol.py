@@ -1936,6 +1936,23 @@ def test_BLOB_1_a_malformed_blob_is_400_and_stores_nothing(server, problem):
     expect_refused_and_nothing_stored(c, [note("before", 1), bad], 400, ("bad_blob", "bad_object"), "BLOB-1")
 
 
+def test_BLOB_1_an_object_that_cannot_be_stored_is_refused_before_its_blob(server):
+    """[BLOB-1] An object with a blob that breaks the rules of POST-1 (here an id with a lone
+    UTF-16 surrogate, and an object too large) is answered 400 or 413 as POST-1 and LIMIT-1
+    say, with the blob's data or its href, and nothing is stored. (SPEC.md 2.11)"""
+    c = Collection(server)
+    [href] = post_blobs(c, [with_blob("p", b"x")])
+    surrogate = b'[{"type": "photo", "id": "\\ud800", "data": 1, "blob": {"content_type": "image/png", "%s": "%s"}}]'
+    for member, value in (("data", "QUJD"), ("href", href)):
+        _, before = c.hello()
+        expect_error(c.post(surrogate % (member.encode(), value.encode()), c.sync_params()), 400,
+                     ("bad_object", "bad_blob"), "BLOB-1")
+        _, after = c.hello()
+        check(after == before, "BLOB-1", "a refused POST stored something")
+    big = dict(with_blob("q", b"x"), data="y" * MAX_OBJECT_BYTES)
+    expect_refused_and_nothing_stored(c, [big], 413, "too_large", "BLOB-1")
+
+
 def test_BLOB_1_a_tombstone_with_a_blob_is_400(server):
     """[BLOB-1] An object that is not a tombstone MAY carry "blob"; on a tombstone it is
     answered 400 (bad_blob, or bad_object), and nothing is stored. (SPEC.md 2.11)"""
@@ -2057,7 +2074,8 @@ def test_BLOB_5_an_href_of_another_object_collection_or_user_is_400(server):
     other_user = Collection(server)
     [other_user_href] = post_blobs(other_user, [with_blob("mine", blob_bytes(100))])
     name = href.rpartition("/")[2]
-    for foreign in (href,                                        # of another object here
+    [replaced] = post_blobs(c, [with_blob("mine", blob_bytes(200))])     # "mine" has a new blob now
+    for foreign in (href,                                        # of another object here, and replaced
                     other_bucket_href, other_user_href,          # of the same (type, id) elsewhere
                     other_bucket.path + "/+static/" + name,      # this blob's name under another path
                     c.path + "/+static/" + "0" * len(name),      # made up
@@ -2107,7 +2125,8 @@ def test_BLOB_6_blobs_carry_etag_nosniff_and_cors(server):
           "a preflight for a blob from the collection's origin must be allowed (CORS-2)", preflight)
 
 
-SAFE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp", "audio/ogg", "video/mp4", "text/plain")
+SAFE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp", "image/avif", "image/bmp", "audio/ogg",
+              "video/mp4", "text/plain")
 UNSAFE_TYPES = ("text/html", "text/html; charset=utf-8", "image/svg+xml", "application/xhtml+xml",
                 "application/xml", "text/xml", "application/javascript", "text/javascript", "application/pdf",
                 "application/octet-stream", "multipart/x-mixed-replace; boundary=x", "TEXT/HTML")
@@ -2146,6 +2165,7 @@ FILENAMES = {
     "evil\u202egnp.exe": ('filename="evil_gnp.exe"', "filename*=UTF-8''evil_gnp.exe"),
     "line\r\nbreak": ('filename="line__break"', "filename*=UTF-8''line__break"),
     "...": ('filename="download"', "filename*=UTF-8''download"),
+    "x" * 199 + " .png": (f'filename="{"x" * 199}"', f"filename*=UTF-8''{'x' * 199}"),
     "": ('filename="download"', "filename*=UTF-8''download"),
 }
 
@@ -2173,6 +2193,9 @@ def test_BLOB_7_a_blob_over_the_limit_is_413_and_stores_nothing(server):
     c.start()
     expect_refused_and_nothing_stored(c, [note("before", 1), with_blob("big", bytes(MAX_BLOB_BYTES + 1))],
                                       413, "too_large", "BLOB-7")
+    # Far over: still a JSON answer, whatever part of the server sees it first.
+    expect_refused_and_nothing_stored(c, [with_blob("bigger", bytes(MAX_BLOB_BYTES + MAX_BLOB_BYTES // 2))],
+                                      413, "too_large", "BLOB-7")
 
 
 def test_BLOB_7_blob_data_does_not_count_against_the_body_limit(server):
@@ -2195,7 +2218,7 @@ def test_BLOB_8_one_byte_range_is_206_with_content_range(server):
     c = Collection(server)
     content = blob_bytes(1000)
     [href] = post_blobs(c, [with_blob("p", content)])
-    for header, first, last in (("bytes=0-99", 0, 99), ("bytes=990-", 990, 999), ("bytes=-10", 990, 999),
+    for header, first, last in (("bytes=0-99", 0, 99), ("Bytes=990-", 990, 999), ("bytes=-10", 990, 999),
                                 ("bytes=500-5000", 500, 999), ("bytes=-5000", 0, 999), ("bytes=7-7", 7, 7)):
         response = fetch(c, href, headers={"Range": header})
         expect_status(response, 206, "BLOB-8")
@@ -2217,6 +2240,7 @@ def test_BLOB_8_an_unsatisfiable_range_is_416_and_an_invalid_one_gets_all(server
         check(response.headers.get("Content-Range") == "bytes */1000", "BLOB-8",
               f"Range: {header} must be answered Content-Range: bytes */1000", response)
     for headers in ({"Range": "bytes=5-2"}, {"Range": "bytes=0-1,5-6"}, {"Range": "lines=1-2"},
+                    {"Range": "bytes=0-" + "9" * 5000},
                     {"Range": "bytes=0-1", "If-Range": '"not-its-etag"'}):
         response = fetch(c, href, headers=headers)
         expect_status(response, 200, "BLOB-8")

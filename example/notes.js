@@ -1,0 +1,224 @@
+/* Notes: an offline-first app that keeps its notes in IndexedDB and syncs them
+ * through a Cut-Out server with syncclient.js.
+ *
+ *     python cutout.py                                  # the sync server, on 127.0.0.1:8088
+ *     python -m http.server 8000 --directory example    # this app; open http://localhost:8000/
+ *
+ * The part an app developer copies is `appData`: the glue between the app's own
+ * storage and the sync library. Each note is a record {id, text, updated,
+ * image, version, savedVersion}; it is pending (not yet on the server) while
+ * version !== savedVersion. Query parameters: server (the sync server's URL),
+ * bucket, poll (ms between polls).
+ */
+"use strict";
+
+const params = new URLSearchParams(location.search);
+const SERVER = params.get("server") || "http://127.0.0.1:8088/";
+const BUCKET = params.get("bucket") || "notes";
+const POLL = Number(params.get("poll")) || 10000;
+
+// ------------------------------------------------------------------ IndexedDB
+
+let database = null;
+
+function openDatabase() {
+  return new Promise((resolve, reject) => {
+    const request = indexedDB.open(`cutout-notes ${BUCKET}`, 1);
+    request.onupgradeneeded = () => request.result.createObjectStore("notes", {keyPath: "id"});
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+}
+
+/* Run work(store) in one transaction; resolves with what work returned once it commits. */
+function transaction(mode, work) {
+  return new Promise((resolve, reject) => {
+    const tx = database.transaction("notes", mode);
+    let result;
+    Promise.resolve(work(tx.objectStore("notes"))).then((value) => { result = value; }, reject);
+    tx.oncomplete = () => resolve(result);
+    tx.onerror = tx.onabort = () => reject(tx.error);
+  });
+}
+
+function asPromise(request) {
+  return new Promise((resolve, reject) => {
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+}
+
+const allNotes = () => transaction("readonly", (store) => asPromise(store.getAll()));
+const isPending = (note) => note.version !== note.savedVersion;
+
+// ------------------------------------------------------------------ the glue: appData
+
+const sentVersions = new Map();     // id -> the version getPendingObjects handed out
+
+function toObject(note) {
+  if (note.deleted) return {type: "note", id: note.id, deleted: true};
+  const obj = {type: "note", id: note.id, data: {text: note.text, updated: note.updated}};
+  if (note.image) obj.blob = {...note.image};     // {content_type, data} or, once saved, {content_type, href}
+  return obj;
+}
+
+const appData = {
+  async getPendingObjects() {
+    const pending = (await allNotes()).filter(isPending);
+    for (const note of pending) sentVersions.set(note.id, note.version);
+    return pending.map(toObject);
+  },
+
+  async objectsSaved(objects) {
+    await transaction("readwrite", async (store) => {
+      for (const obj of objects) {
+        const note = await asPromise(store.get(obj.id));
+        if (!note || note.version !== sentVersions.get(obj.id)) continue;   // changed since: still pending
+        if (note.deleted) {
+          store.delete(obj.id);
+          continue;
+        }
+        note.savedVersion = note.version;
+        if (obj.blob && obj.blob.href) note.image = {content_type: obj.blob.content_type, href: obj.blob.href};
+        store.put(note);
+      }
+    });
+    render();
+  },
+
+  async objectsReceived(objects) {
+    await transaction("readwrite", async (store) => {
+      for (const obj of objects) {
+        const local = await asPromise(store.get(obj.id));
+        // The newer edit wins; a local edit newer than what arrived stays pending, and is sent next.
+        if (local && isPending(local) && (obj.deleted || local.updated > obj.data.updated)) continue;
+        if (obj.deleted) {
+          store.delete(obj.id);
+          continue;
+        }
+        const version = local ? local.version + 1 : 1;
+        store.put({id: obj.id, text: obj.data.text, updated: obj.data.updated, image: obj.blob || null,
+                   version, savedVersion: version, deleted: false});
+      }
+    });
+    render();
+  },
+
+  async resetSaved() {
+    await transaction("readwrite", async (store) => {
+      for (const note of await asPromise(store.getAll())) {
+        note.savedVersion = null;
+        store.put(note);
+      }
+    });
+  },
+
+  status(state, detail) {
+    const text = detail && detail.message ? `${state}: ${detail.message}` : state;
+    document.getElementById("status").textContent = text;
+  },
+
+  reportObjectErrors(errors) {
+    console.warn("notes that cannot be synced:", errors);
+  },
+
+  onupdate: null,       // filled by Sync: called below after every local change
+};
+
+// ------------------------------------------------------------------ the app
+
+let sync = null;
+
+async function change(id, update) {
+  await transaction("readwrite", async (store) => {
+    const note = (await asPromise(store.get(id))) || {id, text: "", image: null, version: 0, savedVersion: null};
+    Object.assign(note, update, {updated: Date.now(), version: note.version + 1});
+    store.put(note);
+  });
+  render();
+  appData.onupdate();
+}
+
+const notesApp = {
+  add: (text, image = null) => change(crypto.randomUUID(), {text, image, deleted: false}),
+  edit: (id, text) => change(id, {text}),
+  remove: (id) => change(id, {deleted: true}),
+  list: async () => (await allNotes()).filter((note) => !note.deleted),
+  get sync() { return sync; },
+};
+
+function readImage(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve({content_type: file.type || "application/octet-stream",
+                                   data: reader.result.split(",")[1]});
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function render() {
+  const list = document.getElementById("notes");
+  const notes = (await allNotes()).filter((note) => !note.deleted).sort((a, b) => a.updated - b.updated);
+  list.replaceChildren(...notes.map((note) => {
+    const item = document.createElement("li");
+    item.dataset.id = note.id;
+    item.classList.toggle("pending", isPending(note));
+    const text = Object.assign(document.createElement("input"), {className: "note-text", value: note.text});
+    text.addEventListener("change", () => notesApp.edit(note.id, text.value));
+    item.append(text);
+    if (note.image) {
+      const src = note.image.href ? sync.authenticateUrl(note.image.href)
+        : `data:${note.image.content_type};base64,${note.image.data}`;
+      item.append(Object.assign(document.createElement("img"), {src, alt: "attached image"}));
+    }
+    const remove = Object.assign(document.createElement("button"), {className: "delete", textContent: "Delete"});
+    remove.addEventListener("click", () => notesApp.remove(note.id));
+    item.append(remove);
+    return item;
+  }));
+}
+
+function showLogin(email) {
+  document.getElementById("login-form").hidden = Boolean(email);
+  document.getElementById("who").hidden = document.getElementById("logout").hidden = !email;
+  document.getElementById("who").textContent = email || "";
+}
+
+function loadScript(src) {
+  return new Promise((resolve, reject) => {
+    const script = Object.assign(document.createElement("script"), {src});
+    script.onload = resolve;
+    script.onerror = () => reject(new Error(`cannot load ${src}`));
+    document.head.append(script);
+  });
+}
+
+async function start() {
+  database = await openDatabase();
+  await loadScript(new URL("syncclient.js", SERVER).href);
+  sync = new Sync(appData, {
+    serverUrl: SERVER, bucket: BUCKET, pollInterval: POLL,
+    // With the server's development verifier, the assertion is just the email.
+    getAssertion: async () => document.getElementById("email").value || localStorage.getItem("notes-email"),
+  });
+  sync.watch({onlogin: (email) => { localStorage.setItem("notes-email", email); showLogin(email); },
+              onlogout: () => showLogin(null)});
+  document.getElementById("login-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sync.request().catch((error) => appData.status("error", {message: error.message}));
+  });
+  document.getElementById("logout").addEventListener("click", () => sync.logout());
+  document.getElementById("sync-now").addEventListener("click", () => sync.syncNow().catch(() => {}));
+  document.getElementById("new-note").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const file = document.getElementById("image").files[0];
+    await notesApp.add(document.getElementById("text").value, file ? await readImage(file) : null);
+    event.target.reset();
+  });
+  await render();
+  window.notesApp = notesApp;       // for the console, and for the browser tests
+  document.body.dataset.ready = "true";
+}
+
+start().catch((error) => appData.status("error", {message: error.message}));

@@ -1,0 +1,514 @@
+"""Tests of syncclient.js in a real browser: Debian's chromium, driven by Playwright.
+
+The example notes app (example/) is served from one origin (http://localhost:PORT)
+and cutout.py from another (http://127.0.0.1:PORT), so every sync request is
+cross-origin, as when the server is hosted centrally. Two browser contexts are two
+devices of one user, each with its own localStorage and IndexedDB. Servers are
+real processes, started, stopped and restarted by the tests; nothing is mocked.
+
+They need /usr/bin/chromium (apt-get install chromium; CUTOUT_CHROMIUM names
+another) and the Python package playwright; without them they are skipped, and
+.ci/run, which installs both, fails on any skipped test.
+"""
+
+import contextlib
+import functools
+import http.server
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import zlib
+
+import pytest
+import requests
+
+import cutout
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHROMIUM = os.environ.get("CUTOUT_CHROMIUM", "/usr/bin/chromium")
+# Chromium's own calls home are refused on a closed network, many at a time; these keep it quiet.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-default-apps"]
+POLL_MS = 300           # the example app's poll interval in these tests
+WAIT_MS = 20_000        # how long a device may take to see a change
+
+
+class CutoutServer:
+    """cutout.py in a process of its own, stopped and started again on the same port."""
+
+    def __init__(self, data_dir, *options):
+        self.data_dir, self.options, self.port, self.process = str(data_dir), list(options), 0, None
+
+    def start(self):
+        # A port of our choosing, not --port 0: the server sets SO_REUSEADDR only on a
+        # given port, and without it a restart cannot bind while old connections linger.
+        for attempt in range(3):
+            port = self.port or _free_port()
+            self.process = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "cutout.py"), "--port", str(port),
+                 "--data-dir", self.data_dir, *self.options],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            line = self.process.stdout.readline()
+            if re.match(rf"The Cut-Out serving http://127\.0\.0\.1:{port}/", line):
+                self.port = port        # kept, so that a restart serves the same URL
+                return self
+            self.process.wait()
+            error = self.process.stderr.read()
+            self.process.stdout.close()
+            self.process.stderr.close()
+            if "in use" not in error or self.port:
+                break
+        pytest.fail(f"cutout.py did not start: {line!r} {error[-500:]}")
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        if self.process:
+            self.process.stdout.close()
+            self.process.stderr.close()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}/"
+
+    def secret(self):
+        with open(os.path.join(self.data_dir, ".secret"), "rb") as secret_file:
+            return secret_file.read().strip()
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class _QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def app_origin():
+    """The example app, served from its own origin."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_QuietFiles, directory=os.path.join(HERE, "example")))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://localhost:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no browser at {CHROMIUM} (apt-get install chromium)")
+    with playwright_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    started = CutoutServer(tmp_path / "data").start()
+    yield started
+    started.stop()
+
+
+class Device:
+    """One browser context running the example app: a device of the user's."""
+
+    def __init__(self, browser, app_origin, server, email="ann@example.com", bucket="notes"):
+        self.context = browser.new_context()
+        self.page = self.context.new_page()
+        self.errors, self.responses = [], []
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("response", self._note_response)
+        query = urllib.parse.urlencode({"server": server.url, "bucket": bucket, "poll": POLL_MS})
+        self.url = f"{app_origin}/index.html?{query}"
+        self.open()
+        if email:
+            self.login(email)
+
+    def _note_response(self, response):
+        # When the request started, by the browser's clock: Playwright hands events to
+        # Python only while Python calls it, so the time they arrive here says little.
+        if "/+static/" not in response.url and "127.0.0.1" in response.url:
+            started = response.request.timing["startTime"] / 1000
+            self.responses.append((started, response.request.method, response.status, response.url))
+
+    def open(self):
+        self.page.goto(self.url)
+        self.page.wait_for_selector("body[data-ready=true]")
+
+    def login(self, email):
+        self.page.fill("#email", email)
+        self.page.click("#login")
+        self.page.wait_for_selector("#who:not([hidden])")
+
+    def add(self, text):
+        self.page.fill("#text", text)
+        self.page.click("#add")
+        # Stored once the form is empty again: filling it sooner would race the reset.
+        self.page.wait_for_function("text => document.getElementById('text').value === '' && "
+                                    "notesApp.list().then(ns => ns.some(n => n.text === text))", arg=text)
+
+    def note_id(self, text):
+        return self.page.evaluate("text => notesApp.list().then(ns => ns.find(n => n.text === text).id)", text)
+
+    def edit(self, text, new_text):
+        self.page.evaluate("([id, text]) => notesApp.edit(id, text)", [self.note_id(text), new_text])
+
+    def texts(self):
+        return sorted(self.page.evaluate("notesApp.list().then(ns => ns.map(n => n.text))"))
+
+    def pending(self):
+        return self.page.evaluate("notesApp.list().then(ns => ns.filter(n => n.version !== n.savedVersion).length)")
+
+    def wait_for(self, texts, what=""):
+        """Wait until the device holds exactly these texts, all saved; fail naming what it holds."""
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while time.monotonic() < deadline:
+            if self.texts() == sorted(texts) and self.pending() == 0:
+                return
+            self.page.wait_for_timeout(100)
+        pytest.fail(f"{what}: the device holds {self.texts()} ({self.pending()} pending), not {sorted(texts)}; "
+                    f"status {self.page.inner_text('#status')!r}; page errors {self.errors}")
+
+    def status(self):
+        return self.page.inner_text("#status")
+
+
+def server_objects(server, email="ann@example.com", origin=None, bucket="notes"):
+    """The newest version of each object the server holds, read over HTTP as any client would."""
+    token = requests.post(server.url + "verify", data={"assertion": email, "audience": origin}).json()
+    path = f"{server.url}{urllib.parse.urlsplit(origin).netloc}/{urllib.parse.quote(email)}/{bucket}"
+    newest, since, collection_id = {}, 0, None
+    while True:
+        params = {"auth": token["auth"]["query"]["auth"]}
+        if collection_id:
+            params.update(since=since, collection_id=collection_id)
+        response = requests.get(path, params=params)
+        if response.status_code == 204:
+            break
+        answer = response.json()
+        collection_id = answer.get("collection_id", collection_id)
+        for counter, obj in answer["objects"]:
+            newest[(obj["type"], obj["id"])] = obj
+            since = counter
+        if not answer.get("incomplete"):
+            break
+    return {key: obj for key, obj in newest.items() if not obj.get("deleted")}
+
+
+# ---------------------------------------------------------------- two devices
+
+
+def test_create_update_and_delete_propagate_between_devices(browser, app_origin, server):
+    phone, laptop = Device(browser, app_origin, server), Device(browser, app_origin, server)
+    phone.add("milk")
+    phone.add("eggs")
+    laptop.wait_for(["eggs", "milk"], "created on the phone")
+    laptop.edit("milk", "oat milk")
+    phone.wait_for(["eggs", "oat milk"], "updated on the laptop")
+    phone.page.click(f"li[data-id='{phone.note_id('eggs')}'] .delete")
+    laptop.wait_for(["oat milk"], "deleted on the phone")
+    assert [obj["data"]["text"] for obj in server_objects(server, origin=app_origin).values()] == ["oat milk"]
+    assert not phone.errors and not laptop.errors
+
+
+def test_edits_made_offline_merge_through_since_invalid(browser, app_origin, server):
+    phone, laptop = Device(browser, app_origin, server), Device(browser, app_origin, server)
+    phone.add("one")
+    phone.add("two")
+    laptop.wait_for(["one", "two"], "before going offline")
+    phone.context.set_offline(True)
+    phone.edit("one", "one, edited offline")
+    phone.add("three, written offline")
+    phone.page.wait_for_timeout(3 * POLL_MS)
+    assert phone.pending() == 2, "offline, the edits must wait"
+    laptop.edit("two", "two, edited meanwhile")
+    laptop.add("four")
+    laptop.page.wait_for_function("notesApp.list().then(ns => ns.every(n => n.version === n.savedVersion))")
+    phone.context.set_offline(False)
+    expected = ["four", "one, edited offline", "three, written offline", "two, edited meanwhile"]
+    phone.wait_for(expected, "the phone back online")
+    laptop.wait_for(expected, "the laptop after the phone's merge")
+    refused = [url for _, method, status, url in phone.responses if method == "POST" and status == 200]
+    assert refused, "the phone posted nothing"
+    assert sorted(obj["data"]["text"] for obj in server_objects(server, origin=app_origin).values()) == expected
+
+
+def test_a_server_restart_loses_no_local_edit(browser, app_origin, server):
+    phone, laptop = Device(browser, app_origin, server), Device(browser, app_origin, server)
+    phone.add("before the restart")
+    laptop.wait_for(["before the restart"], "before the restart")
+    server.stop()
+    phone.add("while the server was down")
+    phone.page.wait_for_timeout(2000)
+    assert phone.pending() == 1 and "error" in phone.status()
+    server.start()
+    phone.wait_for(["before the restart", "while the server was down"], "the phone after the restart")
+    laptop.wait_for(["before the restart", "while the server was down"], "the laptop after the restart")
+
+
+def test_a_503_with_retry_after_is_waited_out(browser, app_origin, tmp_path):
+    server = CutoutServer(tmp_path / "data", "--max-concurrent", "1").start()
+    try:
+        phone = Device(browser, app_origin, server)
+        phone.add("first")
+        phone.wait_for(["first"], "before the server is busy")
+        # A request whose body never comes keeps the one slot busy (BACKOFF-1).
+        hog = socket.create_connection(("127.0.0.1", server.port))
+        hog.sendall(b"POST /verify HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                    b"Content-Length: 100\r\n\r\n")
+        phone.page.wait_for_timeout(300)
+        phone.add("while busy")
+        for _ in range(100):
+            if any(status == 503 for _, _, status, _ in phone.responses):
+                break
+            phone.page.wait_for_timeout(100)
+        hog.close()
+        phone.wait_for(["first", "while busy"], "after the server was busy")
+        times = [(at, status) for at, _, status, url in phone.responses if "/notes" in url]
+        busy = max(at for at, status in times if status == 503)
+        after = [at for at, status in times if at > busy]
+        assert after and after[0] - busy >= 0.9, "the next request came before Retry-After: 1 had passed"
+    finally:
+        server.stop()
+
+
+def test_an_expired_token_is_renewed_without_losing_an_edit(browser, app_origin, server):
+    phone, laptop = Device(browser, app_origin, server), Device(browser, app_origin, server)
+    phone.add("with a fresh token")
+    laptop.wait_for(["with a fresh token"], "before the token expires")
+    # The server's own signature, two days old: a token that has expired (AUTH-2).
+    expired = cutout.make_token(server.secret(), "ann@example.com", app_origin.lower(), time.time() - 2 * 86400)
+    phone.page.evaluate("""token => {
+        const key = Object.keys(localStorage).find(k => k.startsWith("cutout-sync "));
+        const state = JSON.parse(localStorage.getItem(key));
+        state.auth.auth = token;
+        localStorage.setItem(key, JSON.stringify(state));
+    }""", expired)
+    phone.open()        # the device comes back days later
+    phone.add("after the token expired")
+    laptop.wait_for(["after the token expired", "with a fresh token"], "an edit made with an expired token")
+    assert any(status == 401 for _, _, status, _ in phone.responses), "the expired token was never refused"
+
+
+def test_a_deleted_collection_is_recovered_without_losing_a_local_edit(browser, app_origin, server):
+    phone, laptop = Device(browser, app_origin, server), Device(browser, app_origin, server)
+    phone.add("shared")
+    laptop.wait_for(["shared"], "before the delete")
+    phone.context.set_offline(True)
+    phone.edit("shared", "edited before the delete was seen")
+    collection_id = laptop.page.evaluate("notesApp.sync.deleteCollection('moving to a new server')")
+    assert isinstance(collection_id, str)
+    phone.context.set_offline(False)
+    phone.wait_for(["edited before the delete was seen"], "the phone after the collection was deleted")
+    laptop.wait_for(["edited before the delete was seen"], "the laptop after the phone resent its notes")
+    assert [obj["data"]["text"] for obj in server_objects(server, origin=app_origin).values()] == [
+        "edited before the delete was seen"]
+
+
+def _png(width=2, height=2):
+    """A real PNG image, made here."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_a_blob_round_trips_and_displays_through_authenticate_url(browser, app_origin, server, tmp_path):
+    phone, laptop = Device(browser, app_origin, server), Device(browser, app_origin, server)
+    image = tmp_path / "dot.png"
+    image.write_bytes(_png(3, 2))
+    phone.page.fill("#text", "a photo")
+    phone.page.set_input_files("#image", str(image))
+    phone.page.click("#add")
+    laptop.wait_for(["a photo"], "a note with an image")
+    img = laptop.page.wait_for_selector("#notes img")
+    src = img.get_attribute("src")
+    assert src.startswith(server.url) and "/+static/" in src and "auth=" in src
+    laptop.page.wait_for_function("img => img.complete && img.naturalWidth === 3", arg=img, timeout=WAIT_MS)
+    assert requests.get(src).content == image.read_bytes()
+    [note] = server_objects(server, origin=app_origin).values()
+    assert set(note["blob"]) == {"content_type", "href"} and note["blob"]["content_type"] == "image/png"
+    # The phone's copy now keeps the href, not the bytes.
+    assert phone.page.evaluate("notesApp.list().then(ns => ns[0].image)") == note["blob"]
+
+
+# ---------------------------------------------------------------- the library, with an app kept in memory
+
+# An appData that keeps its objects in memory and records every call, made in the page.
+MEMORY_APP = """() => {
+window.memoryApp = (name) => {
+  const app = {objects: new Map(), pending: new Map(), calls: [], received: [], errors: []};
+  app.put = (obj) => { app.pending.set(JSON.stringify([obj.type, obj.id]), obj); app.onupdate && app.onupdate(); };
+  app.getPendingObjects = () => { app.calls.push("getPendingObjects"); return [...app.pending.values()]; };
+  app.objectsSaved = (objects) => {
+    app.calls.push("objectsSaved");
+    for (const obj of objects) {
+      const key = JSON.stringify([obj.type, obj.id]);
+      app.pending.delete(key);
+      if (obj.deleted) app.objects.delete(key); else app.objects.set(key, obj);
+    }
+  };
+  app.objectsReceived = (objects, callback) => {     // Node style, on purpose
+    app.calls.push("objectsReceived");
+    app.received.push(objects);
+    for (const obj of objects) {
+      const key = JSON.stringify([obj.type, obj.id]);
+      if (obj.deleted) app.objects.delete(key); else app.objects.set(key, obj);
+    }
+    setTimeout(() => callback(null), 0);
+  };
+  app.resetSaved = async () => {
+    app.calls.push("resetSaved");
+    for (const [key, obj] of app.objects) app.pending.set(key, obj);
+  };
+  app.reportObjectErrors = (errors) => { app.errors.push(...errors); };
+  app.status = () => {};
+  return app;
+};
+}"""
+
+
+def _page(browser, app_origin, server):
+    device = Device(browser, app_origin, server, email=None)
+    device.page.evaluate(MEMORY_APP)
+    return device
+
+
+def _new_sync(device, name, server, bucket, **options):
+    device.page.evaluate("""([name, serverUrl, bucket, options]) => {
+        const app = memoryApp(name);
+        window[name] = {app, sync: new Sync(app, {serverUrl, bucket, pollInterval: 600000,
+                                                   getAssertion: async () => "bo@example.com", ...options})};
+        return window[name].sync.request();
+    }""", [name, server.url, bucket, options])
+
+
+def _write(server, app_origin, objects, bucket):
+    """POST objects to the collection over HTTP, as another client would; the newest counter."""
+    token = requests.post(server.url + "verify", data={"assertion": "bo@example.com", "audience": app_origin}
+                          ).json()["auth"]["query"]["auth"]
+    path = f"{server.url}{urllib.parse.urlsplit(app_origin).netloc}/bo%40example.com/{bucket}"
+    hello = requests.get(path, params={"auth": token}).json()
+    since = hello["objects"][-1][0] if hello["objects"] else 0
+    for first in range(0, len(objects), 500):
+        answer = requests.post(path, params={"auth": token, "since": since, "collection_id": hello["collection_id"]},
+                               json=objects[first:first + 500]).json()
+        since = answer["object_counters"][-1]
+    return since
+
+
+def test_several_sync_objects_work_side_by_side(browser, app_origin, server, tmp_path):
+    other = CutoutServer(tmp_path / "other").start()
+    try:
+        device = _page(browser, app_origin, server)
+        _new_sync(device, "before", server, "notes")
+        _new_sync(device, "after", other, "notes-v2")
+        device.page.evaluate("""async () => {
+            before.app.put({type: "note", id: 1, data: "kept in the old bucket"});
+            after.app.put({type: "note", id: 1, data: {text: "moved to the new bucket"}});
+            await before.sync.syncNow();
+            await after.sync.syncNow();
+        }""")
+        assert [o["data"] for o in server_objects(server, "bo@example.com", app_origin, "notes").values()] == [
+            "kept in the old bucket"]
+        assert [o["data"] for o in server_objects(other, "bo@example.com", app_origin, "notes-v2").values()] == [
+            {"text": "moved to the new bucket"}]
+        keys = device.page.evaluate("Object.keys(localStorage).filter(k => k.startsWith('cutout-sync '))")
+        assert sorted(keys) == sorted([f"cutout-sync {server.url} notes", f"cutout-sync {other.url} notes-v2"])
+    finally:
+        other.stop()
+
+
+def test_pages_are_followed_and_only_the_newest_version_reaches_the_app(browser, app_origin, server):
+    # 1,000 objects written three times over, then every tenth deleted: 3,100 records, four pages.
+    objects = [{"type": "n", "id": i, "data": {"v": version}} for version in range(3) for i in range(1000)]
+    objects += [{"type": "n", "id": i, "deleted": True} for i in range(0, 1000, 10)]
+    last = _write(server, app_origin, objects, "paged")
+    device = _page(browser, app_origin, server)
+    _new_sync(device, "reader", server, "paged")
+    device.page.evaluate("reader.sync.syncNow()")
+    received = device.page.evaluate("reader.app.received.flat()")
+    keys = [(obj["type"], obj["id"]) for obj in received]
+    assert len(keys) == len(set(keys)) == 1000, "each object must reach the app once"
+    for obj in received:
+        assert obj == ({"type": "n", "id": obj["id"], "deleted": True} if obj["id"] % 10 == 0
+                       else {"type": "n", "id": obj["id"], "data": {"v": 2}})
+    pages = [url for _, method, status, url in device.responses if method == "GET" and "/paged" in url]
+    assert len(pages) >= 4
+    state = device.page.evaluate("JSON.parse(localStorage.getItem(reader.sync.storageKey))")
+    assert state["since"] == last
+
+
+def test_purged_tombstones_lead_to_a_full_read_that_says_what_is_gone(browser, app_origin, server):
+    _write(server, app_origin, [{"type": "n", "id": i, "data": i} for i in range(5)], "purged")
+    device = _page(browser, app_origin, server)
+    _new_sync(device, "reader", server, "purged")
+    device.page.evaluate("reader.sync.syncNow()")
+    assert device.page.evaluate("reader.app.objects.size") == 5
+    _write(server, app_origin, [{"type": "n", "id": 1, "deleted": True}, {"type": "n", "id": 2, "data": "new"}],
+           "purged")
+    subprocess.run([sys.executable, os.path.join(HERE, "cutout.py"), "gc", "--data-dir", server.data_dir,
+                    "--purge-tombstones-days", "0"], check=True, capture_output=True)
+    device.page.evaluate("reader.sync.syncNow()")
+    held = device.page.evaluate("[...reader.app.objects.values()].map(o => [o.id, o.data]).sort()")
+    assert held == [[0, 0], [2, "new"], [3, 3], [4, 4]], "the purged delete of id 1 was missed"
+    statuses = [url for _, method, _, url in device.responses if "/purged" in url]
+    assert len(statuses) >= 3
+
+
+def test_objects_are_checked_before_upload_and_bad_ones_reported(browser, app_origin, server):
+    device = _page(browser, app_origin, server)
+    _new_sync(device, "app1", server, "checked")
+    errors = device.page.evaluate("""async () => {
+        app1.app.put({type: "note", id: "good", data: 1});
+        app1.app.put({type: "note", id: "no data"});
+        app1.app.put({type: "", id: "no type", data: 1});
+        app1.app.put({type: "note", id: "both", data: 1, deleted: true});
+        app1.app.put({type: "note", id: "extra", data: 1, colour: "red"});
+        await app1.sync.syncNow();
+        return app1.app.errors.map(e => [e.object.id, e.error]);
+    }""")
+    assert sorted(object_id for object_id, _ in errors) == ["both", "extra", "no data", "no type"]
+    assert all(message for _, message in errors)
+    assert list(server_objects(server, "bo@example.com", app_origin, "checked")) == [("note", "good")]
+    assert device.page.evaluate("app1.app.pending.size") == 4, "refused objects stay pending in the app"
+
+
+def test_polls_wait_for_x_sync_poll_time_and_changes_are_debounced(browser, app_origin, tmp_path):
+    server = CutoutServer(tmp_path / "data", "--poll-time", "1").start()
+    try:
+        device = _page(browser, app_origin, server)
+        _new_sync(device, "poller", server, "polled", pollInterval=100, immediateDelay=200)
+        device.page.wait_for_timeout(4000)
+        device.page.evaluate("""() => {
+            for (let i = 0; i < 20; i++) poller.app.put({type: "note", id: i, data: i});
+        }""")
+        device.page.wait_for_timeout(2500)
+        device.page.evaluate("poller.sync.deactivate()")
+        requests_made = [(at, method) for at, method, _, url in device.responses if "/polled" in url]
+        gets = [at for at, method in requests_made if method == "GET"]
+        posts = [at for at, method in requests_made if method == "POST"]
+        gaps = [later - earlier for earlier, later in zip(gets, gets[1:])]
+        assert len(gets) >= 3 and min(gaps) >= 0.95, f"polls {gaps} s apart; the server asked for 1 s"
+        assert len(posts) == 1, f"20 quick changes made {len(posts)} POSTs, not one"
+        assert device.page.evaluate("poller.app.pending.size") == 0
+    finally:
+        server.stop()
