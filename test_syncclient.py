@@ -512,3 +512,38 @@ def test_polls_wait_for_x_sync_poll_time_and_changes_are_debounced(browser, app_
         assert device.page.evaluate("poller.app.pending.size") == 0
     finally:
         server.stop()
+
+
+def test_polls_slow_down_while_the_page_is_hidden(browser, app_origin, server):
+    device = _page(browser, app_origin, server)
+    _new_sync(device, "hider", server, "hidden", pollInterval=200, hiddenPollInterval=600000)
+    device.page.wait_for_timeout(1500)
+    # The browser's own event, with the page reported hidden as a background tab is.
+    device.page.evaluate("""() => {
+        Object.defineProperty(document, "hidden", {configurable: true, get: () => true});
+        document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    hidden_at = time.time()
+    device.page.wait_for_timeout(2000)
+    gets = [at for at, method, _, url in device.responses if method == "GET" and "/hidden" in url]
+    assert len([at for at in gets if at < hidden_at]) >= 3, "the shown page should poll every 200 ms"
+    assert [at for at in gets if at > hidden_at + 0.5] == [], "the hidden page polled at the shown pace"
+
+
+def test_the_readme_example_works(browser, app_origin, server):
+    """The client example in README.md, run as it is written (only its server URL changed)."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        example = re.search(r"```html\n(.*?)```", readme.read(), re.S).group(1)
+    example = example.replace("http://127.0.0.1:8088/", server.url)
+    context = browser.new_context()
+    page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.accept("reader@example.com"))
+    page.goto(app_origin + "/readme-example")      # a page of the app's origin (a 404) with nothing on it
+    page.set_content(f"<!doctype html><html><body>{example}</body></html>")
+    page.dispatch_event("body", "click")
+    page.wait_for_function("sync.isLoggedIn()")
+    page.evaluate("write('n1', 'from the README')")
+    page.wait_for_function("JSON.parse(localStorage.getItem('notes'))[0][1].saved === true", timeout=WAIT_MS)
+    held = server_objects(server, "reader@example.com", app_origin)
+    assert [obj["data"] for obj in held.values()] == ["from the README"]
+    context.close()
