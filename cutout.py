@@ -1658,14 +1658,13 @@ def parse_objects(body, limits):
     # Sizes are checked before anything is parsed: parsing a body of small
     # JSON values takes some 25 times its size in memory.
     reduced, lifted = _lift_long_base64(body)
-    objects = parse_json_body(reduced, limits)
-    stray = lifted.keys() - set(_blob_data(objects))
-    if stray:
-        # Long base64-like strings elsewhere than in a blob's data count as the body
-        # they are in: read the body as it is.
-        if len(reduced) + sum(len(lifted[placeholder]) for placeholder in stray) > limits.max_body_bytes:
-            raise ProtocolError(413, "too_large", f"the body, without its blobs' data, is larger than "
-                                f"{limits.max_body_bytes} bytes")
+    _check_body_size(body, lifted.values(), limits)     # as if every long string were a blob's data
+    objects = parse_json_body(reduced, limits, limits.max_post_bytes)
+    in_blobs = set(_blob_data(objects)) & lifted.keys()
+    if in_blobs != lifted.keys():
+        # Long base64-like strings elsewhere than in a blob's data: they count, and
+        # the body is read as it is.
+        _check_body_size(body, [lifted[placeholder] for placeholder in in_blobs], limits)
         objects, lifted = parse_json_body(body, limits, limits.max_post_bytes), {}
     if not isinstance(objects, list):
         raise ProtocolError(400, "bad_object", "the body must be a JSON list of objects")
@@ -1679,6 +1678,13 @@ def parse_objects(body, limits):
             obj["blob"]["data"] = (_Base64.check(lifted[data], limits, position, alphabet_checked=True)
                                    if data in lifted else _Base64.check(data.encode(), limits, position))
     return objects
+
+
+def _check_body_size(body, blob_data, limits):
+    # [BLOB-7] What a body holds besides the data of its large blobs must fit the body limit.
+    if len(body) - sum(map(len, blob_data)) > limits.max_body_bytes:
+        raise ProtocolError(413, "too_large", f"the body, without its blobs' data, is larger than "
+                            f"{limits.max_body_bytes} bytes")
 
 
 def _blob_data(objects):

@@ -1021,7 +1021,8 @@ def test_a_refused_post_leaves_no_blob_behind(db):
     _post(db, [{"type": "note", "id": 1, "data": 1}, {"type": "note", "id": 2, "data": 2}])
     answer = _post(db, [_photo("p", b"x" * 10_000)], since=1)
     assert answer["since_invalid"] is True
-    foreign = {"type": "photo", "id": "q", "data": 1, "blob": {"content_type": "image/png", "href": BLOB_BASE + "0" * 65}}
+    made_up = BLOB_BASE + "0" * 32 + "-" + "0" * 32
+    foreign = {"type": "photo", "id": "q", "data": 1, "blob": {"content_type": "image/png", "href": made_up}}
     with pytest.raises(cutout.ProtocolError) as refused:
         _post(db, [_photo("p", b"y" * 10_000), foreign])
     assert refused.value.code == "bad_blob"
@@ -1233,7 +1234,8 @@ def test_kill_9_during_blob_posts_leaves_every_record_with_its_blob(tmp_path):
     for name in crashed:        # uploads cut short by a kill; an hour later gc may take them
         os.utime(os.path.join(db.blobs_path, name), (time.time() - 7200, time.time() - 7200))
     db.collect_garbage()
-    named = {obj["blob"]["href"].rpartition("/")[2] for obj in (json.loads(r) for _, r in read_all(db)) if "blob" in obj}
+    stored = [json.loads(record) for _, record in read_all(db)]
+    named = {obj["blob"]["href"].rpartition("/")[2] for obj in stored if "blob" in obj}
     assert {path.replace(os.sep, "-") for path in _blob_files(db)} == named
     print(f"{kills} kills, {len(acknowledged)} acknowledged blobs, {len(crashed)} uploads cut short")
 
