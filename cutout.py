@@ -61,12 +61,14 @@ log = logging.getLogger("cutout")
 
 
 class ProtocolError(Exception):
-    """A request the spec refuses; answered with status and {"error": code, "message": ...}."""
+    """A request the spec refuses; answered with status and {"error": code, "message": ...},
+    and "object": the position of the object refused, when one is (POST-1)."""
 
-    def __init__(self, status, code, message, headers=None):
+    def __init__(self, status, code, message, headers=None, position=None):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.headers = headers or {}
+        self.position = position
 
 
 class StorageError(Exception):
@@ -1671,7 +1673,7 @@ def parse_objects(body, limits):
     for position, obj in enumerate(objects):
         problem = _object_problem(obj)
         if problem:
-            raise ProtocolError(400, "bad_object", f"object {position}: {problem}")
+            raise ProtocolError(400, "bad_object", f"object {position}: {problem}", position=position)
         if "data" in obj.get("blob", ()):
             data = obj["blob"]["data"]
             # A lifted string matched the alphabet already: 4 MB of base64 take 5 ms to check again.
@@ -1739,11 +1741,11 @@ class _Base64:
         core = text[:len(text) - padding]
         if ((not alphabet_checked and not _BASE64_TEXT.fullmatch(core))
                 or len(core) % 4 == 1 or padding and (len(core) + padding) % 4):
-            raise ProtocolError(400, "bad_blob", f"object {position}: the blob's data is not base64")
+            raise ProtocolError(400, "bad_blob", f"object {position}: the blob's data is not base64", position=position)
         length = len(core) * 3 // 4
         if length > limits.max_blob_bytes:
             raise ProtocolError(413, "too_large", f"object {position}: the blob is larger than "
-                                f"{limits.max_blob_bytes} bytes")
+                                f"{limits.max_blob_bytes} bytes", position=position)
         return cls(core, length)
 
     def chunks(self):
@@ -1947,11 +1949,12 @@ def _record(obj, position, limits, href):
     try:
         record = _compact_json(obj)
     except RecursionError:
-        raise ProtocolError(400, "bad_object", f"object {position} is nested too deeply") from None
+        raise ProtocolError(400, "bad_object", f"object {position} is nested too deeply", position=position) from None
     except ValueError as error:     # 1e400 read as infinity, a lone surrogate
-        raise ProtocolError(400, "bad_object", f"object {position}: {error}") from None
+        raise ProtocolError(400, "bad_object", f"object {position}: {error}", position=position) from None
     if len(record) > limits.max_object_bytes:
-        raise ProtocolError(413, "too_large", f"object {position} is larger than {limits.max_object_bytes} bytes")
+        raise ProtocolError(413, "too_large", f"object {position} is larger than {limits.max_object_bytes} bytes",
+                            position=position)
     return record
 
 
@@ -1964,11 +1967,12 @@ def _blob_kept_or_made(obj, position, blobs, blob_base):
         name = href[len(blob_base):] if href.startswith(blob_base) else ""
         kept = blobs.existing(type_, id_, name)
         if kept is None:        # BLOB-5
-            raise ProtocolError(400, "bad_blob", f"object {position}: {href!r} is not a blob of this object")
+            raise ProtocolError(400, "bad_blob", f"object {position}: {href!r} is not a blob of this object",
+                                position=position)
         if "data" not in blob:
             if kept.content_type != blob["content_type"]:
                 raise ProtocolError(400, "bad_blob", f"object {position}: the content_type is not the blob's; "
-                                    "send the data again to change it")
+                                    "send the data again to change it", position=position)
             return name
     try:
         if kept is None:
@@ -1977,9 +1981,10 @@ def _blob_kept_or_made(obj, position, blobs, blob_base):
         for chunk in blob["data"].chunks():
             digest.update(chunk)
     except ValueError as error:
-        raise ProtocolError(400, "bad_blob", f"object {position}: the blob's data is not base64: {error}") from None
+        raise ProtocolError(400, "bad_blob", f"object {position}: the blob's data is not base64: {error}",
+                            position=position) from None
     if (digest.hexdigest(), blob["content_type"]) != (kept.sha256, kept.content_type):
-        raise ProtocolError(400, "bad_blob", f"object {position}: the blob's data and href disagree")
+        raise ProtocolError(400, "bad_blob", f"object {position}: the blob's data and href disagree", position=position)
     return name
 
 
@@ -2122,7 +2127,10 @@ def _answer(status, body, content_type="application/json"):
 
 
 def _error_answer(error):
-    body = json.dumps({"error": error.code, "message": error.message}).encode()
+    members = {"error": error.code, "message": error.message}
+    if error.position is not None:
+        members["object"] = error.position
+    body = json.dumps(members).encode()
     return bottle.HTTPResponse(body=body, status=error.status, headers=error.headers,
                                **{"Content-Type": "application/json"})
 

@@ -38,16 +38,25 @@
   const OBJECT_MEMBERS = new Set(["type", "id", "data", "deleted", "expires", "blob"]);
 
   /* A failed sync step. `status` is the HTTP status (0 for no answer), `code`
-   * the server's error code, `retryAfter` seconds to wait, if the server said. */
+   * the server's error code, `object` the position of the object it refused
+   * (SPEC.md POST-1), `retryAfter` seconds to wait, if the server said. */
   class SyncError extends Error {
-    constructor(message, {status = 0, code = null, retryAfter = null} = {}) {
+    constructor(message, {status = 0, code = null, object = null, retryAfter = null} = {}) {
       super(message);
       this.name = "SyncError";
       this.status = status;
       this.code = code;
+      this.object = object;
       this.retryAfter = retryAfter;
     }
+
+    /* Whether trying again later may succeed: no answer, or the server's own trouble. */
+    get transient() {
+      return this.status === 0 || this.status >= 500;
+    }
   }
+
+  const ATTACHED = Symbol("the Sync objects an appData serves");
 
   /* Call appData[name](...args). It may return a value, a Promise, or take a
    * Node-style callback as its last parameter; either way a Promise results. */
@@ -73,8 +82,8 @@
       }
       if (result && typeof result.then === "function") {
         result.then((value) => settle(null, value), (error) => settle(error || new Error(`appData.${name} failed`)));
-      } else if (method.length <= args.length) {
-        settle(null, result);       // it takes no callback: its return value is the answer
+      } else if (result !== undefined || method.length <= args.length) {
+        settle(null, result);       // it answered by returning, not through the callback
       }
     });
   }
@@ -144,11 +153,17 @@
       this._notBefore = 0;          // Date.now() before which no request goes out (poll time, Retry-After)
       this._failures = 0;           // network errors in a row, for the backoff
       this._pace = "normal";        // or "slow"
-      this._lastPoll = 0;           // Date.now() of the last scheduled sync
+      this._lastPoll = 0;           // Date.now() when the last sync started
       this._pollTime = 0;           // ms, the server's X-Sync-Poll-Time
+      this._due = Infinity;         // Date.now() when the armed timer fires
+      this._generation = 0;         // grows when the state is replaced under a running sync
+      this._refused = new Map();    // key -> JSON of an object the server refused; not sent again as is
       this._listeners = [];
-      // The app calls it when its data changed (the 2012 client's slot, kept).
-      appData.onupdate = () => this.scheduleImmediately();
+      // The app calls onupdate when its data changed (the 2012 client's slot, kept);
+      // one appData may serve several Sync objects, and each is told.
+      const attached = appData[ATTACHED] || (appData[ATTACHED] = new Set());
+      attached.add(this);
+      appData.onupdate = () => attached.forEach((sync) => sync.scheduleImmediately());
       this.activate();
     }
 
@@ -173,7 +188,15 @@
       delete state.collectionId;
       delete state.since;
       delete state.known;
+      this._generation += 1;
       this._save();
+    }
+
+    /* Raises if the state was replaced (another user, a reset) since a sync step began. */
+    _stillCurrent(generation) {
+      if (generation !== this._generation) {
+        throw new SyncError("the sync state was reset meanwhile: syncing again", {status: 0});
+      }
     }
 
     /* The (type, id) keys the app holds from this collection, so that a full
@@ -211,7 +234,7 @@
         throw new SyncError("no options.getAssertion to log in with");
       }
       const assertion = await this.options.getAssertion();
-      if (!assertion) throw new SyncError("login cancelled: no assertion");
+      if (!assertion) throw new SyncError("login cancelled: no assertion", {status: 401});
       const response = await this._fetch(this.serverUrl + "verify", {
         method: "POST",
         headers: {"Content-Type": "application/x-www-form-urlencoded"},
@@ -223,9 +246,10 @@
                             {status: response.status, code: body && body.error});
       }
       if (this._state.email && this._state.email !== body.email) {
-        // Another user: nothing this device saved is in their collection.
+        // Another user: their collection is another one. What the app holds is not
+        // sent to it as if it were theirs; an app with several users keeps their data apart.
         this._state = {};
-        await callApp(this.appData, "resetSaved", [], true);
+        this._generation += 1;
       }
       this._state.email = body.email;
       this._state.auth = body.auth.query || {};
@@ -301,8 +325,6 @@
       } catch (error) {
         throw new SyncError(`the server cannot be reached (${error.message})`);
       }
-      const pollTime = Number(response.headers.get("X-Sync-Poll-Time"));
-      if (pollTime > 0) this._pollTime = pollTime * 1000;
       if (response.status === 503) {
         const retryAfter = Number(response.headers.get("Retry-After")) || 1;
         this._notBefore = Date.now() + retryAfter * 1000;
@@ -330,10 +352,16 @@
           init.body = JSON.stringify(body);
         }
         const response = await this._fetch(this._collectionUrl(params), init);
+        this._pollTime = (Number(response.headers.get("X-Sync-Poll-Time")) || 0) * 1000;
         if (response.status === 401 && attempt === 0 && typeof this.options.getAssertion === "function") {
-          delete this._state.auth;
           this._status("reauthenticating");
-          await this.request();
+          try {
+            await this.request();
+          } catch (error) {
+            // No answer: the token is kept and the next sync tries again. Refused: logged out.
+            if (!(error instanceof SyncError && error.transient)) this.logout();
+            throw error;
+          }
           continue;
         }
         if (response.status === 401) {
@@ -343,7 +371,8 @@
         const answer = await this._json(response);
         if (!response.ok) {
           throw new SyncError(`${method} refused: ${(answer && answer.message) || response.status}`,
-                              {status: response.status, code: answer && answer.error});
+                              {status: response.status, code: answer && answer.error,
+                               object: answer && Number.isInteger(answer.object) ? answer.object : null});
         }
         return {status: response.status, answer};
       }
@@ -358,6 +387,7 @@
         this._again = true;
         return this._running;
       }
+      this._lastPoll = Date.now();
       this._running = (async () => {
         try {
           this._status("syncing");
@@ -382,42 +412,53 @@
     /* GET everything after since, page by page (SPEC.md GET-2..GET-7). */
     async _receive() {
       const state = this._state;
-      let params = state.collectionId ? {since: state.since || 0, collection_id: state.collectionId} : {};
-      let {status, answer} = await this._collectionRequest("GET", params);
+      const params = state.collectionId ? {since: state.since || 0, collection_id: state.collectionId} : {};
+      const {status, answer} = await this._collectionRequest("GET", params);
       if (status === 204) return;
       if (answer.since_purged) {
         await this._readAgain();
-        return;
+      } else {
+        await this._takeFromStart(answer, Boolean(state.collectionId));
       }
-      if (!state.collectionId || answer.collection_changed || answer.collection_deleted !== undefined) {
-        if (state.collectionId) await this._reset(answer);
+    }
+
+    /* An answer that may start the collection over (a hello, collection_changed, collection_deleted). */
+    async _takeFromStart(answer, hadOne) {
+      const state = this._state;
+      if (!hadOne || answer.collection_changed || answer.collection_deleted !== undefined) {
+        if (hadOne) await this._reset(answer);
         state.collectionId = answer.collection_id;
         state.since = 0;
       }
-      await this._takePages(answer);
+      await this._deliver(await this._collectPages(answer));
     }
 
-    /* Follow "incomplete" through its pages, then hand the newest of each
-     * object to the app, and only then move since on. */
-    async _takePages(answer, collected = []) {
+    /* Follow "incomplete" through its pages: {pairs, since}, since being where the next GET starts. */
+    async _collectPages(answer, since = this._state.since || 0) {
       const state = this._state;
-      let since = state.since || 0;
+      const pairs = [];
       for (;;) {
-        collected.push(...answer.objects);
+        pairs.push(...answer.objects);
         if (answer.objects.length) since = Math.max(since, answer.objects[answer.objects.length - 1][0]);
         if (answer.until !== undefined) since = Math.max(since, answer.until);
-        if (!answer.incomplete) break;
+        if (!answer.incomplete) return {pairs, since};
         const page = await this._collectionRequest("GET", {since, collection_id: state.collectionId});
-        if (page.status === 204) break;
+        if (page.status === 204) return {pairs, since};
         answer = page.answer;
         if (answer.collection_changed || answer.since_purged) {
-          throw new SyncError("the collection changed while it was read: trying again", {status: 409});
+          throw new SyncError("the collection changed while it was read: syncing again", {status: 0});
         }
       }
-      const objects = newestOnly(collected);
+    }
+
+    /* Hand the app the newest of each object (and `more`, tombstones), and only then move since on. */
+    async _deliver({pairs, since}, more = []) {
+      const generation = this._generation;
+      const objects = [...newestOnly(pairs), ...more];
       if (objects.length) await callApp(this.appData, "objectsReceived", [objects]);
+      this._stillCurrent(generation);
       this._remember(objects);
-      state.since = since;
+      this._state.since = since;
       this._save();
     }
 
@@ -430,43 +471,56 @@
       delete this._state.known;
     }
 
-    /* Since is below the purge horizon (SPEC.md PURGE-1): read it all again;
-     * objects the app holds that are not there any more were deleted. */
+    /* Since is below the purge horizon (SPEC.md PURGE-1): read it all again from
+     * since=0; objects the app holds that are not there any more were deleted, and
+     * the app gets them as tombstones in the same call as the rest. */
     async _readAgain() {
       this._status("reading_again");
-      const {answer} = await this._collectionRequest("GET", {});
-      const known = new Set(this._state.known || []);
-      this._state.collectionId = answer.collection_id;
-      this._state.since = 0;
-      const collected = [];
-      await this._takePages(answer, collected);
-      const seen = new Set(collected.map(([, obj]) => keyOf(obj)));
-      const gone = [...known].filter((key) => !seen.has(key)).map((key) => {
+      const state = this._state;
+      const known = new Set(state.known || []);
+      const {status, answer} = await this._collectionRequest("GET", {since: 0, collection_id: state.collectionId});
+      if (status === 204) return this._deliver({pairs: [], since: 0}, this._gone(known, []));
+      if (answer.collection_changed) return this._takeFromStart(answer, true);
+      const read = await this._collectPages(answer, 0);
+      return this._deliver(read, this._gone(known, read.pairs));
+    }
+
+    _gone(known, pairs) {
+      const held = new Set(pairs.map(([, obj]) => keyOf(obj)));
+      return [...known].filter((key) => !held.has(key)).map((key) => {
         const [type, id] = JSON.parse(key);
         return {type, id, deleted: true};
       });
-      if (gone.length) {
-        await callApp(this.appData, "objectsReceived", [gone]);
-        this._remember(gone);
-        this._save();
-      }
     }
 
     /* POST what the app has pending; on since_invalid, hand it what it missed
-     * and try again, a few times at most (SPEC.md POST-2..POST-5). */
+     * and try again, a few times at most (SPEC.md POST-2..POST-5). An object the
+     * server refuses is reported and set aside, so that it does not hold up the rest. */
     async _send() {
-      for (let attempt = 1; ; attempt++) {
+      for (let merges = 0; ;) {
         const pending = (await callApp(this.appData, "getPendingObjects", [])) || [];
         const good = [], errors = [];
         for (const obj of pending) {
           const problem = objectProblem(obj);
-          if (problem) errors.push({object: obj, error: problem}); else good.push(obj);
+          if (problem) errors.push({object: obj, error: problem});
+          else if (this._refused.get(keyOf(obj)) !== JSON.stringify(obj)) good.push(obj);
         }
         if (errors.length) await callApp(this.appData, "reportObjectErrors", [errors], true);
         if (!good.length) return;
-        const state = this._state;
-        const {answer} = await this._collectionRequest(
-          "POST", {since: state.since || 0, collection_id: state.collectionId}, good);
+        const state = this._state, generation = this._generation;
+        let answer;
+        try {
+          ({answer} = await this._collectionRequest(
+            "POST", {since: state.since || 0, collection_id: state.collectionId}, good));
+        } catch (error) {
+          const refused = error instanceof SyncError && error.object !== null && good[error.object];
+          if (!refused) throw error;
+          this._refused.set(keyOf(refused), JSON.stringify(refused));
+          await callApp(this.appData, "reportObjectErrors",
+                        [[{object: refused, error: error.message, code: error.code}]], true);
+          continue;
+        }
+        this._stillCurrent(generation);
         if (answer.object_counters) {
           const hrefs = answer.blob_hrefs || [];
           const saved = good.map((obj, i) => hrefs[i]
@@ -477,19 +531,16 @@
           await callApp(this.appData, "objectsSaved", [saved]);
           return;
         }
-        if (attempt >= this.options.maxMergeAttempts) {
-          throw new SyncError(`gave up after ${attempt} attempts: the collection kept changing`, {status: 409});
+        if (++merges >= this.options.maxMergeAttempts) {
+          throw new SyncError(`gave up after ${merges} attempts: the collection kept changing`, {status: 0});
         }
         if (answer.since_purged) {
           await this._readAgain();
-        } else if (answer.collection_changed || answer.collection_deleted !== undefined) {
-          await this._reset(answer);
-          state.collectionId = answer.collection_id;
-          state.since = 0;
-          await this._takePages(answer);
         } else if (answer.since_invalid) {
           this._status("merging", {objects: answer.objects.length});
-          await this._takePages(answer);
+          await this._deliver(await this._collectPages(answer));
+        } else if (answer.collection_changed || answer.collection_deleted !== undefined) {
+          await this._takeFromStart(answer, true);
         } else {
           throw new SyncError("the server's answer to a POST is not one the protocol knows", {status: 502});
         }
@@ -539,6 +590,7 @@
       this._active = false;
       clearTimeout(this._timer);
       this._timer = null;
+      this._due = Infinity;
       for (const [target, event, handler] of this._listeners) target.removeEventListener(event, handler);
       this._listeners = [];
     }
@@ -586,16 +638,20 @@
       if (root.navigator && root.navigator.onLine === false) {
         clearTimeout(this._timer);
         this._timer = null;      // the "online" event resumes
+        this._due = Infinity;
         return;
       }
+      const due = Date.now() + Math.max(0, wait);
+      if (this._timer !== null && this._due <= due) return;    // a sync is due sooner already
       clearTimeout(this._timer);
+      this._due = due;
       this._timer = setTimeout(() => {
         this._timer = null;
+        this._due = Infinity;
         if (!this.isLoggedIn()) return;
-        this._lastPoll = Date.now();
         // A timer never throws: the error went to appData.status.
         this.syncNow().catch(() => {});
-      }, Math.max(0, wait));
+      }, due - Date.now());
     }
   }
 

@@ -11,6 +11,7 @@ another) and the Python package playwright; without them they are skipped, and
 .ci/run, which installs both, fails on any skipped test.
 """
 
+import base64
 import contextlib
 import functools
 import http.server
@@ -150,7 +151,7 @@ class Device:
 
     def open(self):
         self.page.goto(self.url)
-        self.page.wait_for_selector("body[data-ready=true]")
+        self.page.wait_for_selector("body[data-connected=true]")
 
     def login(self, email):
         self.page.fill("#email", email)
@@ -346,8 +347,13 @@ def test_a_blob_round_trips_and_displays_through_authenticate_url(browser, app_o
     assert requests.get(src).content == image.read_bytes()
     [note] = server_objects(server, origin=app_origin).values()
     assert set(note["blob"]) == {"content_type", "href"} and note["blob"]["content_type"] == "image/png"
-    # The phone's copy now keeps the href, not the bytes.
-    assert phone.page.evaluate("notesApp.list().then(ns => ns[0].image)") == note["blob"]
+    # The phone's copy now has the href, and sends it rather than the bytes, which it keeps.
+    kept = phone.page.evaluate("notesApp.list().then(ns => ns[0].image)")
+    assert kept["href"] == note["blob"]["href"] and base64.b64decode(kept["data"]) == image.read_bytes()
+    phone.edit("a photo", "a photo, renamed")
+    laptop.wait_for(["a photo, renamed"], "an edit of a note with an image")
+    [renamed] = server_objects(server, origin=app_origin).values()
+    assert renamed["blob"] == note["blob"], "an edit that keeps the image must keep its blob"
 
 
 # ---------------------------------------------------------------- the library, with an app kept in memory
@@ -528,6 +534,14 @@ def test_polls_slow_down_while_the_page_is_hidden(browser, app_origin, server):
     gets = [at for at, method, _, url in device.responses if method == "GET" and "/hidden" in url]
     assert len([at for at in gets if at < hidden_at]) >= 3, "the shown page should poll every 200 ms"
     assert [at for at in gets if at > hidden_at + 0.5] == [], "the hidden page polled at the shown pace"
+    device.page.evaluate("""() => {
+        Object.defineProperty(document, "hidden", {configurable: true, get: () => false});
+        document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    shown_at = time.time()
+    device.page.wait_for_timeout(1500)
+    gets = [at for at, method, _, url in device.responses if method == "GET" and "/hidden" in url]
+    assert len([at for at in gets if at > shown_at]) >= 3, "shown again, the page must poll at its pace again"
 
 
 def test_the_readme_example_works(browser, app_origin, server):
@@ -547,3 +561,148 @@ def test_the_readme_example_works(browser, app_origin, server):
     held = server_objects(server, "reader@example.com", app_origin)
     assert [obj["data"] for obj in held.values()] == ["from the README"]
     context.close()
+
+
+# ---------------------------------------------------------------- what a review found
+
+# A second device in the same page: a Sync of its own, its state kept apart in memory.
+OTHER_DEVICE = """([serverUrl, bucket]) => {
+    const app = memoryApp("other");
+    const store = new Map();
+    const storage = {getItem: (k) => store.get(k) ?? null, setItem: (k, v) => store.set(k, v)};
+    window.other = {app, sync: new Sync(app, {serverUrl, bucket, storage, pollInterval: 600000,
+                                              getAssertion: async () => "bo@example.com"})};
+    return other.sync.request();
+}"""
+
+
+def test_a_post_refused_as_since_invalid_merges_and_posts_again(browser, app_origin, server):
+    device = _page(browser, app_origin, server)
+    _new_sync(device, "mine", server, "merged")
+    device.page.evaluate(OTHER_DEVICE, [server.url, "merged"])
+    calls = device.page.evaluate("""async () => {
+        await mine.sync.syncNow();
+        // Between this device's GET and its POST, the other device writes.
+        const pending = mine.app.getPendingObjects;
+        mine.app.getPendingObjects = async () => {
+            mine.app.getPendingObjects = pending;
+            other.app.put({type: "note", id: "theirs", data: "written in between"});
+            await other.sync.syncNow();
+            return pending();
+        };
+        mine.app.put({type: "note", id: "mine", data: "mine"});
+        await mine.sync.syncNow();
+        return mine.app.calls;
+    }""")
+    # GET, then a POST refused with since_invalid: the missed object goes to the app, and the retry is stored.
+    assert calls[-4:] == ["getPendingObjects", "objectsReceived", "getPendingObjects", "objectsSaved"], calls
+    assert device.page.evaluate("mine.app.received.flat().map(o => o.id)") == ["theirs"]
+    held = server_objects(server, "bo@example.com", app_origin, "merged")
+    assert sorted(obj["data"] for obj in held.values()) == ["mine", "written in between"]
+
+
+def test_a_post_that_meets_a_deleted_collection_sends_everything_again(browser, app_origin, server):
+    device = _page(browser, app_origin, server)
+    _new_sync(device, "mine", server, "replaced")
+    device.page.evaluate(OTHER_DEVICE, [server.url, "replaced"])
+    device.page.evaluate("""async () => {
+        mine.app.put({type: "note", id: "old", data: "saved before"});
+        await mine.sync.syncNow();
+        const pending = mine.app.getPendingObjects;
+        mine.app.getPendingObjects = async () => {
+            mine.app.getPendingObjects = pending;
+            await other.sync.syncNow();
+            await other.sync.deleteCollection("starting over");
+            return pending();
+        };
+        mine.app.put({type: "note", id: "new", data: "written after"});
+        await mine.sync.syncNow();
+    }""")
+    assert "resetSaved" in device.page.evaluate("mine.app.calls")
+    held = server_objects(server, "bo@example.com", app_origin, "replaced")
+    assert sorted(obj["data"] for obj in held.values()) == ["saved before", "written after"]
+
+
+def test_an_object_the_server_refuses_is_reported_and_does_not_hold_up_the_rest(browser, app_origin, server):
+    device = _page(browser, app_origin, server)
+    _new_sync(device, "mine", server, "refused")
+    href = f"/{urllib.parse.urlsplit(app_origin).netloc}/bo%40example.com/refused/+static/{'0' * 32}-{'0' * 32}"
+    errors = device.page.evaluate("""async (href) => {
+        mine.app.put({type: "note", id: "good", data: 1});
+        mine.app.put({type: "photo", id: "made-up", data: 1, blob: {content_type: "image/png", href}});
+        mine.app.put({type: "note", id: "also good", data: 2});
+        await mine.sync.syncNow();
+        await mine.sync.syncNow();          // the refused one is not sent again as it is
+        return mine.app.errors.map(e => [e.object.id, e.code]);
+    }""", href)
+    assert errors == [["made-up", "bad_blob"]]
+    held = server_objects(server, "bo@example.com", app_origin, "refused")
+    assert sorted(key[1] for key in held) == ["also good", "good"]
+    posts = [status for _, method, status, url in device.responses if method == "POST" and "/refused" in url]
+    assert posts == [400, 200], f"POST statuses {posts}: the refused object was sent again"
+
+
+def test_a_login_refused_on_renewal_says_so(browser, app_origin, server):
+    device = _page(browser, app_origin, server)
+    _new_sync(device, "mine", server, "renewal")
+    outcome = device.page.evaluate("""async ([token]) => {
+        const events = [];
+        mine.sync.watch({onlogin: (email) => events.push("login " + email), onlogout: () => events.push("logout")});
+        mine.sync._state.auth = {auth: token};          // the token expired
+        mine.sync.options.getAssertion = async () => "not an email address";
+        const error = await mine.sync.syncNow().then(() => null, (e) => e.message);
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        return {error, events, loggedIn: mine.sync.isLoggedIn()};
+    }""", [cutout.make_token(server.secret(), "bo@example.com", app_origin.lower(), time.time() - 2 * 86400)])
+    assert outcome["error"] and outcome["loggedIn"] is False
+    assert outcome["events"] == ["login bo@example.com", "logout"], "the app must hear that the login is gone"
+
+
+def test_an_image_survives_its_collection_being_deleted(browser, app_origin, server, tmp_path):
+    phone, laptop = Device(browser, app_origin, server), Device(browser, app_origin, server)
+    image = tmp_path / "dot.png"
+    image.write_bytes(_png(2, 2))
+    phone.page.fill("#text", "a photo")
+    phone.page.set_input_files("#image", str(image))
+    phone.page.click("#add")
+    laptop.wait_for(["a photo"], "a note with an image")
+    phone.wait_for(["a photo"], "the image saved")
+    laptop.page.evaluate("notesApp.sync.deleteCollection('moving')")
+    # The phone kept the bytes, so it sends them again; the laptop never had them.
+    laptop.wait_for(["a photo"], "after the delete")
+    phone.wait_for(["a photo"], "after the delete")
+    for _ in range(100):
+        [note] = server_objects(server, origin=app_origin).values()
+        if "blob" in note:
+            break
+        phone.page.wait_for_timeout(100)
+    assert requests.get(phone.page.evaluate("href => notesApp.sync.authenticateUrl(href)",
+                                            note["blob"]["href"])).content == image.read_bytes()
+
+
+def test_another_user_on_the_same_device_does_not_get_the_first_ones_notes(browser, app_origin, server):
+    device = Device(browser, app_origin, server, email="ann@example.com")
+    device.add("ann's own")
+    device.wait_for(["ann's own"], "ann's note saved")
+    device.page.click("#logout")
+    device.login("bob@example.com")
+    device.add("bob's own")
+    device.wait_for(["bob's own"], "bob's notes")
+    assert [o["data"]["text"] for o in server_objects(server, "bob@example.com", app_origin).values()] == [
+        "bob's own"]
+    assert [o["data"]["text"] for o in server_objects(server, "ann@example.com", app_origin).values()] == [
+        "ann's own"]
+
+
+def test_the_app_starts_and_works_offline_then_syncs(browser, app_origin, server):
+    phone, laptop = Device(browser, app_origin, server), Device(browser, app_origin, server)
+    phone.add("online")
+    laptop.wait_for(["online"], "before the server stops")
+    server.stop()
+    phone.page.goto(phone.url)
+    phone.page.wait_for_selector("body[data-ready=true]")
+    assert phone.texts() == ["online"]
+    phone.add("written while the server was gone")
+    server.start()
+    phone.page.wait_for_selector("body[data-connected=true]", timeout=WAIT_MS)
+    laptop.wait_for(["online", "written while the server was gone"], "after the server came back")

@@ -7,8 +7,9 @@
  * The part an app developer copies is `appData`: the glue between the app's own
  * storage and the sync library. Each note is a record {id, text, updated,
  * image, version, savedVersion}; it is pending (not yet on the server) while
- * version !== savedVersion. Query parameters: server (the sync server's URL),
- * bucket, poll (ms between polls).
+ * version !== savedVersion. Each user's notes are a database of their own, and
+ * the last user's open at once, offline too. Query parameters: server (the sync
+ * server's URL), bucket, poll (ms between polls).
  */
 "use strict";
 
@@ -17,27 +18,35 @@ const SERVER = params.get("server") || "http://127.0.0.1:8088/";
 const BUCKET = params.get("bucket") || "notes";
 const POLL = Number(params.get("poll")) || 10000;
 
-// ------------------------------------------------------------------ IndexedDB
+// ------------------------------------------------------------------ IndexedDB, one database per user
 
-let database = null;
+let database = null, databaseUser = null;
 
-function openDatabase() {
-  return new Promise((resolve, reject) => {
-    const request = indexedDB.open(`cutout-notes ${BUCKET}`, 1);
+async function useDatabase(email) {
+  if (databaseUser === email) return;
+  const opened = await new Promise((resolve, reject) => {
+    const request = indexedDB.open(`cutout-notes ${BUCKET} ${email}`, 1);
     request.onupgradeneeded = () => request.result.createObjectStore("notes", {keyPath: "id"});
     request.onsuccess = () => resolve(request.result);
     request.onerror = () => reject(request.error);
   });
+  if (database) database.close();
+  database = opened;
+  databaseUser = email;
 }
 
-/* Run work(store) in one transaction; resolves with what work returned once it commits. */
+/* Run work(store) in one transaction; resolves with what work returned once it
+ * commits, and aborts it (nothing written) if work fails. */
 function transaction(mode, work) {
   return new Promise((resolve, reject) => {
     const tx = database.transaction("notes", mode);
     let result;
-    Promise.resolve(work(tx.objectStore("notes"))).then((value) => { result = value; }, reject);
+    Promise.resolve(work(tx.objectStore("notes"))).then((value) => { result = value; }, (error) => {
+      tx.abort();
+      reject(error);
+    });
     tx.oncomplete = () => resolve(result);
-    tx.onerror = tx.onabort = () => reject(tx.error);
+    tx.onerror = tx.onabort = () => reject(tx.error || new Error("transaction aborted"));
   });
 }
 
@@ -48,28 +57,47 @@ function asPromise(request) {
   });
 }
 
-const allNotes = () => transaction("readonly", (store) => asPromise(store.getAll()));
+const allNotes = async () => (database ? transaction("readonly", (store) => asPromise(store.getAll())) : []);
 const isPending = (note) => note.version !== note.savedVersion;
 
 // ------------------------------------------------------------------ the glue: appData
 
 const sentVersions = new Map();     // id -> the version getPendingObjects handed out
 
+/* Guards against a sync of one user meeting the database of another, while the app switches. */
+function checkUser() {
+  if (!sync || databaseUser !== sync.email()) throw new Error("the notes of this user are still being opened");
+}
+
 function toObject(note) {
   if (note.deleted) return {type: "note", id: note.id, deleted: true};
   const obj = {type: "note", id: note.id, data: {text: note.text, updated: note.updated}};
-  if (note.image) obj.blob = {...note.image};     // {content_type, data} or, once saved, {content_type, href}
+  if (note.image) {
+    // Once the server has the bytes, only the href is sent (BLOB-3); the bytes stay here too,
+    // so that they can be sent again if the server's copy is ever lost.
+    const {content_type, href, data} = note.image;
+    obj.blob = href ? {content_type, href} : {content_type, data};
+  }
   return obj;
+}
+
+/* The server's hrefs are gone (its copy was replaced, or it refused one): send the bytes again,
+ * or, for an image this device never had the bytes of, drop it. */
+function forgetHref(note) {
+  if (!note.image || !note.image.href) return;
+  note.image = note.image.data ? {content_type: note.image.content_type, data: note.image.data} : null;
 }
 
 const appData = {
   async getPendingObjects() {
+    checkUser();
     const pending = (await allNotes()).filter(isPending);
     for (const note of pending) sentVersions.set(note.id, note.version);
     return pending.map(toObject);
   },
 
   async objectsSaved(objects) {
+    checkUser();
     await transaction("readwrite", async (store) => {
       for (const obj of objects) {
         const note = await asPromise(store.get(obj.id));
@@ -79,7 +107,7 @@ const appData = {
           continue;
         }
         note.savedVersion = note.version;
-        if (obj.blob && obj.blob.href) note.image = {content_type: obj.blob.content_type, href: obj.blob.href};
+        if (obj.blob && obj.blob.href) note.image = {...note.image, href: obj.blob.href};
         store.put(note);
       }
     });
@@ -87,8 +115,13 @@ const appData = {
   },
 
   async objectsReceived(objects) {
+    checkUser();
     await transaction("readwrite", async (store) => {
       for (const obj of objects) {
+        if (!obj.deleted && !(obj.data && typeof obj.data.text === "string")) {
+          console.warn("not a note of this app, left alone:", obj);
+          continue;
+        }
         const local = await asPromise(store.get(obj.id));
         // The newer edit wins; a local edit newer than what arrived stays pending, and is sent next.
         if (local && isPending(local) && (obj.deleted || local.updated > obj.data.updated)) continue;
@@ -105,9 +138,11 @@ const appData = {
   },
 
   async resetSaved() {
+    checkUser();
     await transaction("readwrite", async (store) => {
       for (const note of await asPromise(store.getAll())) {
         note.savedVersion = null;
+        forgetHref(note);
         store.put(note);
       }
     });
@@ -118,11 +153,24 @@ const appData = {
     document.getElementById("status").textContent = text;
   },
 
-  reportObjectErrors(errors) {
-    console.warn("notes that cannot be synced:", errors);
+  async reportObjectErrors(errors) {
+    console.warn("notes the server or the library refused:", errors);
+    const blobs = errors.filter((error) => error.code === "bad_blob");
+    if (!blobs.length) return;
+    await transaction("readwrite", async (store) => {
+      for (const {object} of blobs) {
+        const note = await asPromise(store.get(object.id));
+        if (note) {
+          forgetHref(note);
+          note.version += 1;
+          store.put(note);
+        }
+      }
+    });
+    appData.onupdate();
   },
 
-  onupdate: null,       // filled by Sync: called below after every local change
+  onupdate: () => {},       // replaced by Sync: called below after every local change
 };
 
 // ------------------------------------------------------------------ the app
@@ -130,6 +178,7 @@ const appData = {
 let sync = null;
 
 async function change(id, update) {
+  if (!database) throw new Error("log in first");
   await transaction("readwrite", async (store) => {
     const note = (await asPromise(store.get(id))) || {id, text: "", image: null, version: 0, savedVersion: null};
     Object.assign(note, update, {updated: Date.now(), version: note.version + 1});
@@ -159,7 +208,7 @@ function readImage(file) {
 
 async function render() {
   const list = document.getElementById("notes");
-  const notes = (await allNotes()).filter((note) => !note.deleted).sort((a, b) => a.updated - b.updated);
+  const notes = (await notesApp.list()).sort((a, b) => a.updated - b.updated);
   list.replaceChildren(...notes.map((note) => {
     const item = document.createElement("li");
     item.dataset.id = note.id;
@@ -167,9 +216,9 @@ async function render() {
     const text = Object.assign(document.createElement("input"), {className: "note-text", value: note.text});
     text.addEventListener("change", () => notesApp.edit(note.id, text.value));
     item.append(text);
-    if (note.image) {
-      const src = note.image.href ? sync.authenticateUrl(note.image.href)
-        : `data:${note.image.content_type};base64,${note.image.data}`;
+    if (note.image && (note.image.data || sync)) {
+      const src = note.image.data ? `data:${note.image.content_type};base64,${note.image.data}`
+        : sync.authenticateUrl(note.image.href);
       item.append(Object.assign(document.createElement("img"), {src, alt: "attached image"}));
     }
     const remove = Object.assign(document.createElement("button"), {className: "delete", textContent: "Delete"});
@@ -179,46 +228,72 @@ async function render() {
   }));
 }
 
-function showLogin(email) {
+async function showUser(email) {
+  if (email) {
+    await useDatabase(email);
+  } else if (database) {
+    database.close();
+    database = databaseUser = null;
+  }
+  localStorage.setItem("notes-email", email || "");
   document.getElementById("login-form").hidden = Boolean(email);
   document.getElementById("who").hidden = document.getElementById("logout").hidden = !email;
   document.getElementById("who").textContent = email || "";
+  document.getElementById("new-note").hidden = !email;
+  await render();
 }
 
 function loadScript(src) {
   return new Promise((resolve, reject) => {
     const script = Object.assign(document.createElement("script"), {src});
     script.onload = resolve;
-    script.onerror = () => reject(new Error(`cannot load ${src}`));
+    script.onerror = () => {
+      script.remove();
+      reject(new Error(`cannot load ${src}`));
+    };
     document.head.append(script);
   });
 }
 
-async function start() {
-  database = await openDatabase();
-  await loadScript(new URL("syncclient.js", SERVER).href);
+/* The library comes from the sync server; offline, the app works without it and tries again. */
+async function connect() {
+  for (;;) {
+    try {
+      await loadScript(new URL("syncclient.js", SERVER).href);
+      break;
+    } catch (error) {
+      appData.status("offline", {message: `${error.message}; working locally, trying again`});
+      await new Promise((resolve) => setTimeout(resolve, 5000));
+    }
+  }
   sync = new Sync(appData, {
     serverUrl: SERVER, bucket: BUCKET, pollInterval: POLL,
     // With the server's development verifier, the assertion is just the email.
     getAssertion: async () => document.getElementById("email").value || localStorage.getItem("notes-email"),
   });
-  sync.watch({onlogin: (email) => { localStorage.setItem("notes-email", email); showLogin(email); },
-              onlogout: () => showLogin(null)});
+  sync.watch({onlogin: (email) => showUser(email), onlogout: () => showUser(null)});
+}
+
+async function start() {
   document.getElementById("login-form").addEventListener("submit", (event) => {
     event.preventDefault();
+    if (!sync) return appData.status("offline", {message: "the sync server cannot be reached to log in"});
     sync.request().catch((error) => appData.status("error", {message: error.message}));
   });
-  document.getElementById("logout").addEventListener("click", () => sync.logout());
-  document.getElementById("sync-now").addEventListener("click", () => sync.syncNow().catch(() => {}));
+  document.getElementById("logout").addEventListener("click", () => sync && sync.logout());
+  document.getElementById("sync-now").addEventListener("click", () => sync && sync.syncNow().catch(() => {}));
   document.getElementById("new-note").addEventListener("submit", async (event) => {
     event.preventDefault();
     const file = document.getElementById("image").files[0];
     await notesApp.add(document.getElementById("text").value, file ? await readImage(file) : null);
     event.target.reset();
   });
-  await render();
+  // The last user's notes, at once, online or not.
+  await showUser(localStorage.getItem("notes-email") || null);
   window.notesApp = notesApp;       // for the console, and for the browser tests
   document.body.dataset.ready = "true";
+  await connect();
+  document.body.dataset.connected = "true";
 }
 
 start().catch((error) => appData.status("error", {message: error.message}));
