@@ -150,7 +150,7 @@
       this._again = false;          // a sync was asked for while one ran
       this._timer = null;
       this._active = false;
-      this._notBefore = 0;          // Date.now() before which no request goes out (poll time, Retry-After)
+      this._notBefore = 0;          // Date.now() before which no request goes out (Retry-After)
       this._failures = 0;           // network errors in a row, for the backoff
       this._pace = "normal";        // or "slow"
       this._lastPoll = 0;           // Date.now() when the last sync started

@@ -124,7 +124,10 @@ const appData = {
         }
         const local = await asPromise(store.get(obj.id));
         // The newer edit wins; a local edit newer than what arrived stays pending, and is sent next.
-        if (local && isPending(local) && (obj.deleted || local.updated > obj.data.updated)) continue;
+        // Of two copies of one edit, the one that kept its image wins (a device that never had
+        // the bytes drops the image when the server's copy is lost).
+        if (local && isPending(local) && (obj.deleted || local.updated > obj.data.updated
+            || (local.updated === obj.data.updated && local.image && !obj.blob))) continue;
         if (obj.deleted) {
           store.delete(obj.id);
           continue;
