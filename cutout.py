@@ -2513,9 +2513,11 @@ class _QuietHandler(WSGIRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
 
-def _serve_until_signalled(serve_forever, stop=None):
+def _serve_until_signalled(serve_forever, stop, announce):
     """Run serve_forever() until SIGTERM or SIGINT, which call stop() from another thread.
 
+    announce() is called once the signals are handled: whoever reads it may
+    send one at once.
     Raising KeyboardInterrupt in the serving thread instead can land inside
     the server's own bookkeeping; cheroot then sometimes never stops. Without
     stop, the signal raises KeyboardInterrupt (waitress catches it itself).
@@ -2533,6 +2535,7 @@ def _serve_until_signalled(serve_forever, stop=None):
             stopper.start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
+    announce()
     serve_forever()
     for stopper in stoppers:
         stopper.join()
@@ -2617,17 +2620,15 @@ def _run_server(kind, host, port, application, announce, max_concurrent=None):
         server.max_request_body_size = 0
         server.ConnectionClass = Connection
         server.prepare()
-        announce(server.bind_addr[1])
-        _serve_until_signalled(server.serve, server.stop)
+        _serve_until_signalled(server.serve, server.stop, lambda: announce(server.bind_addr[1]))
     elif kind == "waitress":
         import waitress
         server = waitress.create_server(application, host=host, port=port)
-        announce(server.effective_port)
-        _serve_until_signalled(server.run)     # it stops on KeyboardInterrupt, caught around its loop
+        # It stops on KeyboardInterrupt, caught around its loop.
+        _serve_until_signalled(server.run, None, lambda: announce(server.effective_port))
     else:
         server = make_server(host, port, application, ThreadingWSGIServer, _QuietHandler)
-        announce(server.server_port)
-        _serve_until_signalled(server.serve_forever, server.shutdown)
+        _serve_until_signalled(server.serve_forever, server.shutdown, lambda: announce(server.server_port))
         server.server_close()
 
 
