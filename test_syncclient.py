@@ -706,3 +706,50 @@ def test_the_app_starts_and_works_offline_then_syncs(browser, app_origin, server
     server.start()
     phone.page.wait_for_selector("body[data-connected=true]", timeout=WAIT_MS)
     laptop.wait_for(["online", "written while the server was gone"], "after the server came back")
+
+
+def test_the_rest_of_the_interface(browser, app_origin, server):
+    """lastSyncTime, reset, toggleLogin, watch, scheduleSlowly / resetSchedule, deactivate / activate."""
+    device = _page(browser, app_origin, server)
+    _new_sync(device, "api", server, "interface", pollInterval=200, slowPollInterval=600000)
+    result = device.page.evaluate("""async () => {
+        const seen = [];
+        const polls = () => performance.getEntriesByType("resource").filter(e => e.name.includes("/interface")).length;
+        api.sync.watch({onlogin: (email) => seen.push("in " + email), onlogout: () => seen.push("out")});
+        api.app.put({type: "note", id: 1, data: "one"});
+        await api.sync.syncNow();
+        const synced = api.sync.lastSyncTime();
+        await api.sync.reset();                 // forget the position: everything is read and sent again
+        await api.sync.syncNow();
+        const afterReset = api.app.calls.slice();
+        await api.sync.toggleLogin();           // out
+        const outLoggedIn = api.sync.isLoggedIn();
+        await api.sync.toggleLogin();           // in again
+        api.sync.deactivate();
+        const before = polls();
+        await new Promise((resolve) => setTimeout(resolve, 800));
+        const whileInactive = polls() - before;
+        api.sync.activate();
+        await new Promise((resolve) => setTimeout(resolve, 800));
+        const whileActive = polls() - before;
+        api.sync.scheduleSlowly();
+        await new Promise((resolve) => setTimeout(resolve, 400));     // the poll already due may still run
+        const slow = polls();
+        await new Promise((resolve) => setTimeout(resolve, 800));
+        const whileSlow = polls() - slow;
+        api.sync.resetSchedule();
+        await new Promise((resolve) => setTimeout(resolve, 800));
+        const afterResetSchedule = polls() - slow;
+        api.sync.deactivate();
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        return {synced, afterReset, outLoggedIn, seen, whileInactive, whileActive, whileSlow, afterResetSchedule};
+    }""")
+    assert isinstance(result["synced"], int) and result["synced"] > 0
+    calls = result["afterReset"]
+    assert calls.count("resetSaved") == 1 and calls[-1] == "objectsSaved"
+    assert result["afterReset"].index("resetSaved") < len(calls) - 1
+    assert device.page.evaluate("api.app.received.flat().map(o => o.id)") == [1], "after reset() it reads all again"
+    assert result["outLoggedIn"] is False
+    assert result["seen"] == ["in bo@example.com", "out", "in bo@example.com"]
+    assert result["whileInactive"] == 0 and result["whileActive"] >= 2
+    assert result["whileSlow"] == 0 and result["afterResetSchedule"] >= 2
