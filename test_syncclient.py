@@ -127,11 +127,23 @@ def server(tmp_path):
     started.stop()
 
 
+_open_contexts = []
+
+
+@pytest.fixture(autouse=True)
+def _close_devices():
+    """Each test's devices are closed after it, so that none goes on polling a stopped server."""
+    yield
+    while _open_contexts:
+        _open_contexts.pop().close()
+
+
 class Device:
     """One browser context running the example app: a device of the user's."""
 
     def __init__(self, browser, app_origin, server, email="ann@example.com", bucket="notes"):
         self.context = browser.new_context()
+        _open_contexts.append(self.context)
         self.page = self.context.new_page()
         self.errors, self.responses = [], []
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
@@ -550,6 +562,7 @@ def test_the_readme_example_works(browser, app_origin, server):
         example = re.search(r"```html\n(.*?)```", readme.read(), re.S).group(1)
     example = example.replace("http://127.0.0.1:8088/", server.url)
     context = browser.new_context()
+    _open_contexts.append(context)
     page = context.new_page()
     page.on("dialog", lambda dialog: dialog.accept("reader@example.com"))
     page.goto(app_origin + "/readme-example")      # a page of the app's origin (a 404) with nothing on it
@@ -560,7 +573,6 @@ def test_the_readme_example_works(browser, app_origin, server):
     page.wait_for_function("JSON.parse(localStorage.getItem('notes'))[0][1].saved === true", timeout=WAIT_MS)
     held = server_objects(server, "reader@example.com", app_origin)
     assert [obj["data"] for obj in held.values()] == ["from the README"]
-    context.close()
 
 
 # ---------------------------------------------------------------- what a review found
