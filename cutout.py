@@ -178,20 +178,29 @@ class DataHeader:
         return cls(secrets.token_hex(16), secrets.token_hex(32), generation=1, counter_floor=0, purge_horizon=0)
 
     def encode(self):
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True, ensure_ascii=False).encode()
-        room = DATA_HEADER_SIZE - len(DATA_MAGIC) - 1
-        if len(text) > room:
-            raise ValueError("data header does not fit")
-        return DATA_MAGIC + text.ljust(room) + b"\n"
+        return _encode_header(DATA_MAGIC, DATA_HEADER_SIZE, self)
 
     @classmethod
     def decode(cls, raw, path):
-        if len(raw) < DATA_HEADER_SIZE or not raw.startswith(DATA_MAGIC):
-            raise StorageError(path, "not a Cut-Out data file (bad or missing header)")
+        _check_magic(raw, DATA_MAGIC, DATA_HEADER_SIZE, path, "data file")
         try:
             return _decoded_header(raw)
         except (ValueError, TypeError) as error:
             raise StorageError(path, f"unreadable data header: {error}") from None
+
+
+def _encode_header(magic, size, fields):
+    """A file header: magic, then the dataclass fields as JSON padded with spaces, then a newline."""
+    text = json.dumps(dataclasses.asdict(fields), sort_keys=True, ensure_ascii=False).encode()
+    room = size - len(magic) - 1
+    if len(text) > room:
+        raise ValueError(f"{type(fields).__name__} does not fit in {size} bytes")
+    return magic + text.ljust(room) + b"\n"
+
+
+def _check_magic(raw, magic, size, path, kind):
+    if len(raw) < size or not raw.startswith(magic):
+        raise StorageError(path, f"not a Cut-Out {kind} (bad or missing header)")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1310,16 +1319,11 @@ class BlobInfo:
     sha256: str     # hex digest of the bytes
 
     def encode(self):
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
-        room = BLOB_HEADER_SIZE - len(BLOB_MAGIC) - 1
-        if len(text) > room:
-            raise ValueError("blob header does not fit")
-        return BLOB_MAGIC + text.ljust(room) + b"\n"
+        return _encode_header(BLOB_MAGIC, BLOB_HEADER_SIZE, self)
 
     @classmethod
     def decode(cls, raw, path):
-        if len(raw) < BLOB_HEADER_SIZE or not raw.startswith(BLOB_MAGIC):
-            raise StorageError(path, "not a Cut-Out blob file (bad or missing header)")
+        _check_magic(raw, BLOB_MAGIC, BLOB_HEADER_SIZE, path, "blob file")
         try:
             info = cls(**json.loads(raw[len(BLOB_MAGIC):BLOB_HEADER_SIZE]))
         except (ValueError, TypeError) as error:

@@ -177,6 +177,11 @@ class Device:
         self.page.wait_for_function("text => document.getElementById('text').value === '' && "
                                     "notesApp.list().then(ns => ns.some(n => n.text === text))", arg=text)
 
+    def add_with_image(self, text, path):
+        self.page.fill("#text", text)
+        self.page.set_input_files("#image", str(path))
+        self.page.click("#add")
+
     def note_id(self, text):
         return self.page.evaluate("text => notesApp.list().then(ns => ns.find(n => n.text === text).id)", text)
 
@@ -348,9 +353,7 @@ def test_a_blob_round_trips_and_displays_through_authenticate_url(browser, app_o
     phone, laptop = Device(browser, app_origin, server), Device(browser, app_origin, server)
     image = tmp_path / "dot.png"
     image.write_bytes(_png(3, 2))
-    phone.page.fill("#text", "a photo")
-    phone.page.set_input_files("#image", str(image))
-    phone.page.click("#add")
+    phone.add_with_image("a photo", image)
     laptop.wait_for(["a photo"], "a note with an image")
     img = laptop.page.wait_for_selector("#notes img")
     src = img.get_attribute("src")
@@ -674,9 +677,7 @@ def test_an_image_survives_its_collection_being_deleted(browser, app_origin, ser
     phone, laptop = Device(browser, app_origin, server), Device(browser, app_origin, server)
     image = tmp_path / "dot.png"
     image.write_bytes(_png(2, 2))
-    phone.page.fill("#text", "a photo")
-    phone.page.set_input_files("#image", str(image))
-    phone.page.click("#add")
+    phone.add_with_image("a photo", image)
     laptop.wait_for(["a photo"], "a note with an image")
     phone.wait_for(["a photo"], "the image saved")
     laptop.page.evaluate("notesApp.sync.deleteCollection('moving')")
