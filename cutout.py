@@ -23,7 +23,6 @@ import itertools
 import json
 import logging
 import mmap
-import operator
 import os
 import re
 import secrets
@@ -127,11 +126,12 @@ FRAME_HEAD, FRAME_CRC = struct.Struct("<QQIII"), struct.Struct("<I")  # FRAME in
 INDEX_MAGIC = b"CUTOUTIX"
 INDEX_HEADER = struct.Struct("<8sQQ")  # magic, generation of the data file, reserved (0)
 INDEX_ENTRY = struct.Struct("<QQQ")    # counter, offset of the record (after its frame), length
-READ_PAGE_ENTRIES = 4096      # index entries per read: bounds a streaming reader's memory
+READ_PAGE_ENTRIES = 1024      # index entries per read: bounds a reader's memory; a page's records stay in cache
 SCAN_CHUNK = 1 << 20          # bytes read at a time when scanning frames
 SMALL_READ = 64 << 10         # bytes: a page of records this small is read with pread(), not mapped
 ALLOCATE_AHEAD = 64 << 10     # bytes: the least a data file grows by; zeros until appended over
 ALLOCATE_AHEAD_MAX = 8 << 20  # bytes: the most, so that no append writes a huge run of zeros
+FRAME_SIZES = array("Q", [0, FRAME.size]) * (READ_PAGE_ENTRIES + 1)  # see Snapshot._pages
 assert INDEX_HEADER.size == INDEX_ENTRY.size  # entry i then sits at (i + 1) * INDEX_ENTRY.size
 
 
@@ -256,11 +256,9 @@ def _pread_exactly(fd, length, offset):
 def _read_frame(fd, record_offset, length):
     """The intact frame of the length-byte record at record_offset (without the record), or None."""
     start = record_offset - FRAME.size
-    if start < DATA_HEADER_SIZE:
-        return None
+    if start < DATA_HEADER_SIZE or record_offset + length > _file_size(fd):
+        return None     # a damaged entry: the record would not be in the file
     head = os.pread(fd, FRAME.size + min(length, SCAN_CHUNK), start)
-    if len(head) < FRAME.size + min(length, SCAN_CHUNK):
-        return None     # the file ends before the record does
     counter, stored_length, appended_at, batch_index, batch_count, crc = FRAME.unpack_from(head)
     if stored_length != length or batch_index >= batch_count:
         return None
@@ -658,13 +656,19 @@ class Snapshot:
             entries = array("Q", raw)
             if sys.byteorder == "big":
                 entries.byteswap()
-            counters, offsets, lengths = entries[0::3], entries[1::3], entries[2::3]
-            contiguous = array("Q", itertools.accumulate(map(operator.add, lengths, itertools.repeat(FRAME.size)),
-                                                         initial=offsets[0]))
-            if contiguous[:-1] != offsets or not all(map(operator.lt, counters, counters[1:])):
+            counters, offsets, lengths = entries[0::3].tolist(), entries[1::3], entries[2::3]
+            # Were the frames end to end, record i would run from bounds[2i] to
+            # bounds[2i + 1]: the first offset, plus its length, plus a frame,
+            # plus the next length... summed in C. The entries' offsets must be
+            # those starts and their counters must grow (sorted and distinct).
+            steps = FRAME_SIZES[:2 * count]
+            steps[0::2] = lengths
+            bounds = list(itertools.accumulate(steps, initial=offsets[0]))
+            if (bounds[-1] >> 64 or array("Q", bounds[0:2 * count:2]) != offsets
+                    or sorted(counters) != counters or len(set(counters)) != count):
                 raise StorageError(files.db.index_path, f"damaged entries near entry {page_first}; "
                                    "deleting the index file makes the next open rebuild it")
-            start, end = offsets[0] - FRAME.size, offsets[-1] + lengths[-1]
+            start, end = offsets[0] - FRAME.size, bounds[2 * count - 1]
             if end - start <= SMALL_READ and self._mapping is None:
                 data, base = _pread_exactly(files.data_fd, end - start, start), start
                 if len(data) < end - start:
@@ -675,11 +679,13 @@ class Snapshot:
                 if FRAME.unpack_from(data, offsets[i] - FRAME.size - base)[:2] != (counters[i], lengths[i]):
                     raise StorageError(files.db.index_path,
                                        f"entry {page_first - lead + i} disagrees with the data file")
+            edges = iter(bounds)    # zip(edges, edges) pairs them up; the lone last item ends it
+            if lead:
+                next(edges), next(edges)    # the entry before the page: read only to be checked
             if base:
-                records = [data[offset - base:offset - base + length]
-                           for offset, length in zip(offsets[lead:], lengths[lead:])]
+                records = [data[a - base:b - base] for a, b in zip(edges, edges)]
             else:
-                records = [data[offset:offset + length] for offset, length in zip(offsets[lead:], lengths[lead:])]
+                records = [data[a:b] for a, b in zip(edges, edges)]
             # zip() makes each (counter, record) pair in C, and reuses the tuple
             # when the reader lets go of it, as a streaming reader does.
             yield zip(counters[lead:], records)

@@ -429,6 +429,38 @@ def test_damage_followed_by_intact_batches_is_reported_and_nothing_is_cut(db):
     assert os.path.getsize(db.data_path) == size
 
 
+def test_any_one_damaged_index_field_is_an_error_or_does_no_harm(db, monkeypatch):
+    """[DISK-8] Each field of each entry in turn, set to values near and far
+    from the truth, across pages of four: a read either raises StorageError
+    or (when opening repaired the damage) returns exactly the true records."""
+    monkeypatch.setattr(cutout, "READ_PAGE_ENTRIES", 4)
+    for batch in ([0, 1, 2], [3], [4, 5, 6, 7, 8], [9, 10, 11, 12]):
+        db.append([note("n", i, "x" * i) for i in batch])
+    truth = read_all(db)
+    with open(db.index_path, "rb") as index:
+        pristine_index = index.read()
+    with open(db.data_path, "rb") as data:
+        pristine_data = data.read()
+    reads = [(since, limit) for since in (0, truth[4][0], truth[-2][0]) for limit in (None, 3)]
+    for entry in range(len(truth)):
+        for field in range(3):
+            position = cutout._entry_position(entry) + 8 * field
+            value = int.from_bytes(pristine_index[position:position + 8], "little")
+            for wrong in {0, value - 1, value + 1, value ^ (1 << 40), (1 << 64) - 1} - {value}:
+                for since, limit in reads:
+                    for path, content in ((db.index_path, pristine_index), (db.data_path, pristine_data)):
+                        with open(path, "wb") as f:
+                            f.write(content)
+                    with open(db.index_path, "r+b") as index:
+                        index.seek(position)
+                        index.write(wrong.to_bytes(8, "little"))
+                    expected = [r for r in truth if r[0] > since][:limit]
+                    try:
+                        assert read_all(db, since, limit) == expected, (entry, field, wrong, since, limit)
+                    except StorageError:
+                        pass
+
+
 def test_a_duplicated_counter_in_the_index_is_an_error(db):
     db.append([b"r%d" % i for i in range(5)])
     with open(db.index_path, "r+b") as index:
