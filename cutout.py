@@ -131,7 +131,6 @@ SCAN_CHUNK = 1 << 20          # bytes read at a time when scanning frames
 SMALL_READ = 64 << 10         # bytes: a page of records this small is read with pread(), not mapped
 ALLOCATE_AHEAD = 64 << 10     # bytes: the least a data file grows by; zeros until appended over
 ALLOCATE_AHEAD_MAX = 8 << 20  # bytes: the most, so that no append writes a huge run of zeros
-FRAME_SIZES = array("Q", [0, FRAME.size]) * (READ_PAGE_ENTRIES + 1)  # see Snapshot._pages
 assert INDEX_HEADER.size == INDEX_ENTRY.size  # entry i then sits at (i + 1) * INDEX_ENTRY.size
 
 
@@ -661,7 +660,7 @@ class Snapshot:
             # bounds[2i + 1]: the first offset, plus its length, plus a frame,
             # plus the next length... summed in C. The entries' offsets must be
             # those starts and their counters must grow (sorted and distinct).
-            steps = FRAME_SIZES[:2 * count]
+            steps = array("Q", (0, FRAME.size)) * count
             steps[0::2] = lengths
             bounds = list(itertools.accumulate(steps, initial=offsets[0]))
             if (bounds[-1] >> 64 or array("Q", bounds[0:2 * count:2]) != offsets
