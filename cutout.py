@@ -9,15 +9,20 @@ It is one process on one machine's files: not a database server, not a framework
 """
 
 import argparse
+import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextlib
 import dataclasses
+import email.utils
 import errno
 import fcntl
 import functools
 import hashlib
 import hmac
+import http
+import io
 import ipaddress
 import itertools
 import json
@@ -25,10 +30,11 @@ import logging
 import mmap
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
-import socketserver
+import socket
 import struct
 import sys
 import tarfile
@@ -38,7 +44,6 @@ import unicodedata
 import urllib.parse
 import zlib
 from array import array
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import bottle
 import requests
@@ -2183,11 +2188,11 @@ def _collection(pairs, *raw_parts):
         raise ProtocolError(400, "bad_path", str(error)) from None
 
 
-def _query_pairs():
+def _query_pairs(query_string):
     # Not bottle.request.query: it decodes values as Latin-1, so include=é
     # would not match the type "é".
     try:
-        return urllib.parse.parse_qsl(bottle.request.query_string, keep_blank_values=True, errors="strict")
+        return urllib.parse.parse_qsl(query_string, keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
         raise ProtocolError(400, "bad_request", "the query is not percent-encoded UTF-8") from None
 
@@ -2201,9 +2206,10 @@ def _body(limit=None):
     if length > limit:
         raise ProtocolError(413, "too_large", f"the body is larger than {limit} bytes")
     environ = bottle.request.environ
+    if "cutout.body" in environ:
+        return environ["cutout.body"]       # read whole by the server below, and measured
     if environ.get("wsgi.input_terminated"):
-        # The server has already undone any chunking (cheroot does);
-        # bottle would try to undo it again.
+        # The server has already undone any chunking; bottle would try to undo it again.
         return environ["wsgi.input"].read(limit + 1)
     if length <= BODY_CHUNK:
         return bottle.request.body.read(limit + 1)
@@ -2224,20 +2230,17 @@ def _body(limit=None):
 @app.get("/<domain>/<user>/<bucket>")
 @_protocol
 def get_collection(domain, user, bucket):
-    pairs = _query_pairs()
+    pairs = _query_pairs(bottle.request.query_string)
     db = _collection(pairs, domain, user, bucket)
     query = parse_sync_query(pairs)
-    state = db.poll_state()
-    if state is not None and nothing_new(state, query):
-        return _answer(204, None)       # without opening a file
-    with db.snapshot() as snapshot:
+    with db.snapshot() as snapshot:     # an empty poll was answered by Front.empty_poll, if it could
         return _answer(*read_collection(snapshot, query, _config().limits))
 
 
 @app.post("/<domain>/<user>/<bucket>")
 @_protocol
 def post_collection(domain, user, bucket):
-    pairs = _query_pairs()
+    pairs = _query_pairs(bottle.request.query_string)
     db = _collection(pairs, domain, user, bucket)
     query = parse_sync_query(pairs)
     limits = _config().limits
@@ -2252,14 +2255,14 @@ def post_collection(domain, user, bucket):
 @app.delete("/<domain>/<user>/<bucket>")
 @_protocol
 def delete_collection_route(domain, user, bucket):
-    db = _collection(_query_pairs(), domain, user, bucket)
+    db = _collection(_query_pairs(bottle.request.query_string), domain, user, bucket)
     return _answer(*delete_collection(db, bytes(_body()), _config().limits))
 
 
 @app.get("/<domain>/<user>/<bucket>/+static/<name>")
 @_protocol
 def get_blob(domain, user, bucket, name):
-    pairs = _query_pairs()
+    pairs = _query_pairs(bottle.request.query_string)
     found = _collection(pairs, domain, user, bucket).open_blob(name)
     if found is None:
         raise ProtocolError(404, "not_found", "this collection has no blob of that name")
@@ -2382,40 +2385,62 @@ def syncclient_js():
     return answer
 
 
-@app.hook("after_request")
-def cross_origin_and_backoff_headers():
-    request, response = bottle.request, bottle.response
-    path = request.path
+def _cross_origin_and_backoff_headers(method, path, origin, audience=None):
+    """The CORS (CORS-1..3) and backoff (BACKOFF-1) headers of an answer to method on path.
+
+    path is as it was sent, still percent-encoded; audience is what a POST
+    to /verify named.
+    """
     parts = path.strip("/").split("/")
-    origin = request.environ.get("HTTP_ORIGIN")
     allowed = False
     if path == "/verify":
         # [CORS-3] Any origin may ask; only the audience's origin may read the answer.
-        allowed = origin is not None and (request.method == "OPTIONS" or (
+        allowed = origin is not None and (method == "OPTIONS" or (
             domain_of_origin(origin) is not None
-            and origin.rstrip("/").lower() == (request.forms.getunicode("audience") or "").rstrip("/").lower()))
+            and origin.rstrip("/").lower() == (audience or "").rstrip("/").lower()))
     elif _is_collection_path(parts) and origin is not None:
         # [CORS-1] Only the origin of the collection's domain, one origin per header.
         allowed = domain_of_origin(origin) == urllib.parse.unquote(parts[0])
+    headers = [("Vary", "Origin")]
     if path == "/syncclient.js":
-        response.set_header("Access-Control-Allow-Origin", "*")
+        headers.append(("Access-Control-Allow-Origin", "*"))
     elif allowed:
-        response.set_header("Access-Control-Allow-Origin", origin)
-        response.set_header("Access-Control-Expose-Headers", EXPOSED_HEADERS)
-        if request.method == "OPTIONS":
-            response.set_header("Access-Control-Allow-Methods",
-                                "GET" if len(parts) == 5 else ", ".join(COLLECTION_METHODS))
-            response.set_header("Access-Control-Allow-Headers", "Content-Type, Range, If-None-Match, If-Range")
-            response.set_header("Access-Control-Max-Age", str(PREFLIGHT_MAX_AGE))
-    response.add_header("Vary", "Origin")
+        headers += [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", EXPOSED_HEADERS)]
+        if method == "OPTIONS":
+            headers += [("Access-Control-Allow-Methods", "GET" if len(parts) == 5 else ", ".join(COLLECTION_METHODS)),
+                        ("Access-Control-Allow-Headers", "Content-Type, Range, If-None-Match, If-Range"),
+                        ("Access-Control-Max-Age", str(PREFLIGHT_MAX_AGE))]
     poll_time = _config().poll_time
     if poll_time and len(parts) == 3:
-        response.set_header("X-Sync-Poll-Time", str(poll_time))
+        headers.append(("X-Sync-Poll-Time", str(poll_time)))
+    return headers
+
+
+@app.hook("after_request")
+def _add_cross_origin_and_backoff_headers():
+    request, response = bottle.request, bottle.response
+    origin = request.environ.get("HTTP_ORIGIN")
+    audience = None
+    if request.path == "/verify" and request.method == "POST" and origin is not None:
+        audience = request.forms.getunicode("audience")
+    for name, value in _cross_origin_and_backoff_headers(request.method, _raw_path(request.environ), origin, audience):
+        if name == "Vary":
+            response.add_header(name, value)
+        else:
+            response.set_header(name, value)
 
 
 def _is_collection_path(parts):
     """Whether the path's parts name a collection or one of its blobs."""
     return len(parts) == 3 or len(parts) == 5 and parts[3] == "+static"
+
+
+def _raw_path(environ):
+    """The request's path as it was sent, still percent-encoded (see Front)."""
+    request_uri = environ.get("REQUEST_URI", "")
+    if request_uri.startswith("/"):     # not urlsplit: it reads "//a/b" as a host and a path
+        return request_uri.partition("?")[0]
+    return environ.get("PATH_INFO", "/")
 
 
 def _json_error_page(error):
@@ -2442,112 +2467,788 @@ class _DebugLog:
 
 
 _DEBUG_LOG = _DebugLog()
+RETRY_AFTER = 1               # seconds, in the Retry-After of a 503 (BACKOFF-1)
 
 
 class Front:
-    """WSGI middleware between the HTTP server and bottle, for what bottle cannot do.
+    """What stands between an HTTP server and bottle: what bottle cannot do.
 
-    It answers 503 with Retry-After when more than max_concurrent requests
-    are in progress (BACKOFF-1). It hands bottle the path as it was sent,
-    still percent-encoded, because servers decode PATH_INFO and a "/" inside
-    a name would split it (PATH-1). It drops the Content-Length that a 204 or 304
-    gets on its way out, which HTTP forbids there (RFC 9110, 8.6). And it
-    sends the tracebacks bottle writes to wsgi.errors to the log at DEBUG.
+    As a WSGI application, any server can run it: it answers an empty poll
+    itself (empty_poll), and hands every other request to bottle (dispatch).
+    The server below asks it for those two apart, so that it can answer
+    empty polls on its event loop and the rest on threads, and for the 503
+    it answers when too many requests are in progress (overloaded).
     """
 
-    def __init__(self, application, max_concurrent, retry_after=1):
-        self.application, self.max_concurrent, self.retry_after = application, max_concurrent, retry_after
-        self.in_progress, self.lock = 0, threading.Lock()
+    def __init__(self, application):
+        self.application = application
 
     def __call__(self, environ, start_response):
-        environ["wsgi.errors"] = _DEBUG_LOG       # where bottle writes a traceback
-        with self.lock:
-            busy = self.in_progress >= self.max_concurrent
-            if not busy:
-                self.in_progress += 1
-        request_uri = environ.get("REQUEST_URI", "")
-        if request_uri.startswith("/"):     # not urlsplit: it reads "//a/b" as a host and a path
-            environ["PATH_INFO"] = request_uri.partition("?")[0]
-        if busy:
-            headers = [("Content-Type", "application/json"), ("Retry-After", str(self.retry_after))]
-            origin, parts = environ.get("HTTP_ORIGIN"), environ.get("PATH_INFO", "").strip("/").split("/")
-            if origin and _is_collection_path(parts) and domain_of_origin(origin) == urllib.parse.unquote(parts[0]):
-                headers += [("Access-Control-Allow-Origin", origin),
-                            ("Access-Control-Expose-Headers", EXPOSED_HEADERS), ("Vary", "Origin")]
-            start_response("503 Service Unavailable", headers)
-            return [json.dumps({"error": "overloaded", "message": "too busy: try again later"}).encode()]
+        answer = self.empty_poll(environ)
+        if answer is None:
+            return self.dispatch(environ, start_response)
+        status, headers, body = answer
+        start_response(status, headers)
+        return [body]
+
+    def empty_poll(self, environ):
+        """(status, headers, body) of the answer to an empty poll, or None for any other request.
+
+        [GET-3] An empty poll is answered 204 from the PollState remembered
+        for the collection: one stat() and no file opened, so the server
+        may answer it without a thread. Anything else, a request that is
+        wrong included, is None: bottle answers it in full.
+        """
+        if environ["REQUEST_METHOD"] != "GET":
+            return None
+        path = _raw_path(environ)
+        parts = path[1:].split("/")
+        if len(parts) != 3:
+            return None
+        try:
+            pairs = _query_pairs(environ.get("QUERY_STRING", ""))
+            db = _collection(pairs, *parts)
+            query = parse_sync_query(pairs)
+        except ProtocolError:
+            return None
+        state = db.poll_state()
+        if state is None or not nothing_new(state, query):
+            return None
+        return "204 No Content", _cross_origin_and_backoff_headers("GET", path, environ.get("HTTP_ORIGIN")), b""
+
+    def dispatch(self, environ, start_response):
+        """Answer any request with bottle.
+
+        Bottle gets the path as it was sent, still percent-encoded, because
+        servers decode PATH_INFO and a "/" inside a name would split it
+        (PATH-1); and the tracebacks it writes go to the log at DEBUG.
+        Other servers give a 204 or 304 the Content-Length bottle sets,
+        which HTTP forbids there (RFC 9110, 8.6), so it is dropped here.
+        """
+        environ["wsgi.errors"] = _DEBUG_LOG
+        environ["PATH_INFO"] = _raw_path(environ)
 
         def respond(status, headers, exc_info=None):
             if status.startswith(("204", "304")):
                 headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
             return start_response(status, headers, exc_info)
-        try:
-            return self.application(environ, respond)
-        finally:
-            with self.lock:
-                self.in_progress -= 1
+        return self.application(environ, respond)
+
+    def overloaded(self, environ):
+        """(status, headers, body) of the 503 a busy server answers (BACKOFF-1).
+
+        With the CORS headers of the path, so that a browser can read its Retry-After.
+        """
+        headers = _cross_origin_and_backoff_headers(environ["REQUEST_METHOD"], _raw_path(environ),
+                                                    environ.get("HTTP_ORIGIN"))
+        headers += [("Content-Type", "application/json"), ("Retry-After", str(RETRY_AFTER))]
+        return ("503 Service Unavailable", headers,
+                json.dumps({"error": "overloaded", "message": "too busy: try again later"}).encode())
 
 
 ###############################################################################
-# Server and command line
+# Server: HTTP/1.1 on an event loop, in one worker process per core
 ###############################################################################
+# A sync server's traffic is many devices, each holding a keep-alive
+# connection and polling every few seconds, and whatever else the internet
+# sends: sockets that connect and say nothing, request heads trickled a byte
+# at a time. A server with a thread per connection stops once connections
+# outnumber its threads, so here a connection never holds a thread:
+#
+# - In each worker process one asyncio event loop owns every connection. It
+#   reads request heads and bodies, checks their framing and their limits,
+#   keeps their deadlines, and writes the answers. A connection that waits
+#   costs a few kilobytes.
+# - An empty poll, most of the traffic, is answered on the loop itself from
+#   the remembered poll state (Front.empty_poll: one stat(), no file opened).
+#   Every other request runs on a thread, because it may wait for the disk
+#   (fdatasync, a lock) or for the verifier. More than --max-concurrent
+#   requests in progress in the whole server, counted from the end of a head
+#   to its answer, and the next one is answered 503 (BACKOFF-1).
+# - Worker processes, one per core by default, listen on the same port with
+#   SO_REUSEPORT, so the kernel spreads new connections between them. They
+#   share only the data directory and a count of the requests each has in
+#   progress. Sharing the data is safe because every storage operation takes
+#   the collection's flock(), and a poll state remembered in one process is
+#   used only while the index file is unchanged: an append made through any
+#   other process changes it, and the next poll reads the files again
+#   (_poll_states).
+#
+# Parsing follows RFC 9112 to the letter. Framing that two parsers could read
+# differently (both Content-Length and Transfer-Encoding, two lengths, a
+# length that is not plain digits, bare LF, folded lines) is refused and the
+# connection closed, so a proxy in front cannot see another request than the
+# one answered here. Every refusal is JSON, like every other error.
+#
+# Why a server of our own, and not one of the libraries that run WSGI apps:
+# README.md, "Which HTTP server runs, and why", has the measurements.
+
+MAX_HEAD_BYTES = 64 << 10     # bytes of request line and header fields; a token query is ~300
+MAX_HEADER_FIELDS = 100       # field lines in one head
+MAX_CHUNK_LINE = 1024         # bytes of a chunk's size line, extensions included
+IDLE_TIMEOUT = 120            # seconds a connection may wait for its next request; clients poll every 30
+HEAD_TIMEOUT = 10             # seconds from a request's first byte to the end of its head
+BODY_TIMEOUT = 30             # seconds a body may go without a byte arriving
+SEND_TIMEOUT = 30             # seconds an answer may wait for a client that does not read it
+STOP_TIMEOUT = 0.8            # seconds requests in progress get to finish when the server stops
+KILL_TIMEOUT = 3              # seconds a stopping worker gets before it is killed
+MAX_CONNECTIONS = 10_000      # per worker process; each costs a few KB and a file descriptor
+LISTEN_BACKLOG = 1024         # connections the kernel holds for a worker until it accepts them
+SMALL_ANSWER = 64 << 10       # bytes: an answer body up to this is sent in one write with its head
+
+# request-line = method SP request-target SP HTTP-version        (RFC 9112, 3)
+#   method = token; request-target = 1*VCHAR here; HTTP-version = "HTTP/" DIGIT "." DIGIT
+REQUEST_LINE = re.compile(rb"(%s) ([!-~]+) HTTP/([0-9])\.([0-9])\Z" % _TOKEN.encode())
+# field-line = field-name ":" OWS field-value OWS                (RFC 9112, 5)
+#   field-name = token; field-value = *( VCHAR / obs-text / SP / HTAB ): no CR, LF or NUL
+FIELD_LINE = re.compile(rb"(%s):([\t -~\x80-\xff]*)\Z" % _TOKEN.encode())
+# absolute-form = "http" or "https" "://" authority path-abempty [ "?" query ]   (RFC 9112, 3.2.2)
+ABSOLUTE_FORM = re.compile(rb"https?://([^/?#]+)([/?][!-~]*)?\Z", re.IGNORECASE)
+# Host = uri-host [ ":" port ], uri-host = IP-literal / IPv4address / reg-name   (RFC 9110, 7.2)
+HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?\Z")
+# chunk-size [ chunk-ext ] CRLF, chunk-size = 1*HEXDIG          (RFC 9112, 7.1)
+#   chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ), read here as ";" and visible text
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})([ \t]*;[\t -~]*)?\Z")
 
 
-MAX_HEADER_BYTES = 64 << 10   # bytes of request line and headers; a token query is ~300
-# Requests served at once. Python runs one thread at a time, so more threads
-# add no speed, only memory (each gets its own malloc arena) and contention.
-MAX_CONCURRENT = 16
-# The first is the default, chosen by bench.py's figures (README.md): of the
-# three, only cheroot keeps a connection open after a 204, and empty polls
-# (204s) are most of a sync server's traffic.
-SERVERS = ("cheroot", "waitress", "wsgiref")
+class _Request:
+    """A request's head as the connection needs it: the WSGI environ, and how the body is framed."""
+
+    __slots__ = ("environ", "method", "http_10", "length", "chunked", "keep_alive", "expects_continue")
+
+    @property
+    def has_body(self):
+        return self.chunked or self.length > 0
 
 
-class ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
-    """The standard library's WSGI server, one thread per connection."""
+def parse_request_head(head, connection_environ):
+    """A _Request from the bytes of a head, without the empty line that ends it; raises ProtocolError.
 
-    daemon_threads = True   # a client holding a connection open does not block shutdown
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def get_environ(self):
-        environ = super().get_environ()
-        environ["REQUEST_URI"] = self.path      # as waitress and cheroot give it; see Front
-        return environ
-
-    def address_string(self):
-        return self.client_address[0]    # no reverse DNS lookup per request
-
-    def log_message(self, format, *args):
-        log.debug("%s " + format, self.address_string(), *args)
-
-
-def _serve_until_signalled(serve_forever, stop, announce):
-    """Run serve_forever() until SIGTERM or SIGINT, which call stop() from another thread.
-
-    announce() is called once the signals are handled: whoever reads it may
-    send one at once.
-    Raising KeyboardInterrupt in the serving thread instead can land inside
-    the server's own bookkeeping; cheroot then sometimes never stops. Without
-    stop, the signal raises KeyboardInterrupt (waitress catches it itself).
+    connection_environ holds the WSGI environ entries that are the same for
+    every request on the connection.
     """
-    stoppers = []
+    lines = head.split(b"\r\n")
+    request_line = REQUEST_LINE.match(lines[0])
+    if request_line is None:
+        raise ProtocolError(400, "bad_request", "the request line is not METHOD TARGET HTTP/1.1")
+    method, target, major, minor = request_line.groups()
+    if major != b"1":
+        raise ProtocolError(505, "bad_request", "this server speaks HTTP/1.1 and HTTP/1.0")
+    if len(lines) > MAX_HEADER_FIELDS + 1:
+        raise ProtocolError(431, "too_large", f"a request may have at most {MAX_HEADER_FIELDS} header fields")
+    request = _Request()
+    request.method, request.http_10 = method.decode(), minor == b"0"
+    environ = request.environ = dict(connection_environ)
+    environ["REQUEST_METHOD"] = request.method
+    environ["SERVER_PROTOCOL"] = "HTTP/1.0" if request.http_10 else "HTTP/1.1"
+    for line in lines[1:]:
+        field = FIELD_LINE.match(line)
+        if field is None:
+            raise ProtocolError(400, "bad_request", "a header field is not NAME: VALUE on one line")
+        name, value = field.group(1), field.group(2).strip(b" \t").decode("latin-1")
+        if b"_" in name:
+            continue        # in the environ it would pass for the same name with "-"
+        key = name.decode().upper().replace("-", "_")
+        key = key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+        if key in environ:
+            if key in ("CONTENT_LENGTH", "HTTP_HOST", "HTTP_TRANSFER_ENCODING"):
+                # [RFC 9112, 6.3 and 3.2] Two of these is a request framed two ways.
+                raise ProtocolError(400, "bad_request", f"{name.decode()} may appear only once")
+            value = environ[key] + ", " + value       # one field, its lines joined (RFC 9110, 5.3)
+        environ[key] = value
+    _read_target(target, environ)
+    _read_framing(request, environ)
+    connection = {token.strip() for token in environ.get("HTTP_CONNECTION", "").lower().split(",")}
+    # [RFC 9112, 9.3] HTTP/1.1 keeps the connection unless told "close"; HTTP/1.0 only if told "keep-alive".
+    request.keep_alive = "keep-alive" in connection if request.http_10 else "close" not in connection
+    request.expects_continue = not request.http_10 and environ.get("HTTP_EXPECT", "").lower() == "100-continue"
+    return request
 
-    def handler(signum, frame):
-        if stop is None:
-            raise KeyboardInterrupt
-        if not stoppers:
-            # A second signal can run this again before the first has finished:
-            # each call starts its own thread (stop() is safe to call twice).
-            stopper = threading.Thread(target=stop)
-            stoppers.append(stopper)
-            stopper.start()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, handler)
-    announce()
-    serve_forever()
-    for stopper in stoppers:
-        stopper.join()
+
+def _read_target(target, environ):
+    """Set the environ's path, query and host from the request-target (RFC 9112, 3.2)."""
+    absolute = ABSOLUTE_FORM.match(target)
+    if absolute is not None:
+        # [RFC 9112, 3.2.2] "the origin server MUST ignore the received Host header field (if any)
+        # and instead use the host information of the request-target."
+        environ["HTTP_HOST"] = absolute.group(1).decode()
+        target = absolute.group(2) or b"/"
+        if target.startswith(b"?"):
+            target = b"/" + target
+    elif not target.startswith(b"/"):
+        raise ProtocolError(400, "bad_request", "the request target is neither a path nor an http URL")
+    elif "HTTP_HOST" not in environ and environ["SERVER_PROTOCOL"] == "HTTP/1.1":
+        # [RFC 9112, 3.2] "A server MUST respond with a 400 (Bad Request) status code to any
+        # HTTP/1.1 request message that lacks a Host header field".
+        raise ProtocolError(400, "bad_request", "an HTTP/1.1 request needs a Host header")
+    if not HOST.match(environ.get("HTTP_HOST", "")):
+        raise ProtocolError(400, "bad_request", "the Host header is not a host")
+    path, _, query = target.decode("ascii").partition("?")
+    environ["REQUEST_URI"] = target.decode("ascii")     # as sent: Front reads the path from it (PATH-1)
+    environ["PATH_INFO"] = urllib.parse.unquote_to_bytes(path).decode("latin-1")    # as WSGI has it
+    environ["QUERY_STRING"] = query
+
+
+def _read_framing(request, environ):
+    """Set how the request's body is framed: a length, or chunked (RFC 9112, 6)."""
+    transfer_encoding = environ.pop("HTTP_TRANSFER_ENCODING", None)
+    length = environ.pop("CONTENT_LENGTH", None)
+    request.chunked, request.length = transfer_encoding is not None, 0
+    if request.chunked:
+        # [RFC 9112, 6.1] "A server or client that receives an HTTP/1.0 message containing a
+        # Transfer-Encoding header field MUST treat the message as if the framing is faulty";
+        # a request with both it and Content-Length "MAY" be rejected, and is.
+        if request.http_10 or length is not None:
+            raise ProtocolError(400, "bad_request", "a body framed both by Content-Length and by "
+                                "Transfer-Encoding, or chunked in HTTP/1.0")
+        if transfer_encoding.lower() != "chunked":
+            # [RFC 9112, 6.1] "A server that receives a request message with a transfer coding
+            # it does not understand SHOULD respond with 501 (Not Implemented)."
+            raise ProtocolError(501, "bad_request", "the only transfer coding served is chunked")
+    elif length is not None:
+        # [RFC 9112, 6.3] Content-Length = 1*DIGIT; anything else is "an unrecoverable error".
+        if not (length.isascii() and length.isdigit()) or len(length) > 18:
+            raise ProtocolError(400, "bad_request", "Content-Length is not a number of bytes")
+        request.length = int(length)
+
+
+def _error_bytes(status, code, message, date, retry_after=None):
+    """A whole HTTP answer to an error the server meets before any route, closing the connection."""
+    body = json.dumps({"error": code, "message": message}).encode()
+    retry = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
+    return (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\nDate: {date}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{retry}"
+            f"Connection: close\r\n\r\n").encode() + body
+
+
+class _Worker:
+    """One worker process's part of the server: its loop, its connections and its threads."""
+
+    def __init__(self, front, in_progress, index, limits):
+        self.front = front
+        # Requests in progress, one count per worker, in memory the workers share: each
+        # writes only its own and reads the sum. Two workers may both take the last
+        # place at once; the limit is a bound on load, not a count of resources.
+        self.in_progress, self.index = in_progress, index
+        self.max_concurrent, self.max_body_bytes, self.max_connections = limits
+        self.connections = set()
+        self.loop = self.threads = self.listener = None
+        self.stopping = False
+        self.date = email.utils.formatdate(usegmt=True)
+
+    def run(self, sock):
+        """Serve sock until SIGTERM or SIGINT; in the worker's own process, with signals blocked."""
+        self.parent = os.getppid()
+        self.loop = asyncio.new_event_loop()
+        self.threads = concurrent.futures.ThreadPoolExecutor(self.max_concurrent, thread_name_prefix="request")
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self.stop)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        self.listener = self.loop.run_until_complete(
+            self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=LISTEN_BACKLOG))
+        self.loop.call_later(1, self.keep_time)
+        self.loop.run_forever()
+
+    def admit(self):
+        """Count one more request in progress, if there is room for it in the whole server (BACKOFF-1)."""
+        if sum(self.in_progress) >= self.max_concurrent:
+            return False
+        self.in_progress[self.index] += 1
+        return True
+
+    def release(self):
+        self.in_progress[self.index] -= 1
+
+    def keep_time(self):
+        """Once a second: refresh the Date, end connections past their deadline, notice an orphaning."""
+        self.date = email.utils.formatdate(usegmt=True)
+        now = self.loop.time()
+        for connection in [c for c in self.connections if c.deadline < now]:
+            connection.time_out()
+        if os.getppid() != self.parent:
+            self.stop()         # the supervisor is gone (killed): nobody would stop this worker
+        self.loop.call_later(1, self.keep_time)
+
+    def stop(self):
+        """Stop accepting, let the requests in progress finish, and end the loop."""
+        if self.stopping:
+            return
+        self.stopping = True
+        if self.listener is not None:
+            self.listener.close()
+        for connection in list(self.connections):
+            connection.stop()
+        self.loop.call_later(STOP_TIMEOUT, self.loop.stop)
+        self.stopped_if_done()
+
+    def stopped_if_done(self):
+        if self.stopping and not self.connections:
+            self.loop.stop()
+
+
+class _Connection(asyncio.Protocol):
+    """One client's connection: reads its requests one at a time and answers them in order.
+
+    Its state is "idle" (waiting for a request), "head" or "body" (reading
+    one), "busy" (a thread is answering it), "sending" (the answer waits for
+    the client to read), or "closed"; each waiting state has a deadline.
+    """
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.transport = None
+        self.buffer = bytearray()
+        self.scanned = 0                # bytes of the buffer known to hold no end of head
+        self.state = "idle"
+        self.deadline = worker.loop.time() + IDLE_TIMEOUT
+        self.request = self.body = self.answer = None
+        self.admitted = False           # counted in progress (Worker.admit)
+        self.writing_paused = False
+        self.close_after_answer = False
+        self.chunked_answer, self.chunks = False, None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        worker = self.worker
+        if len(worker.connections) >= worker.max_connections:
+            transport.write(_error_bytes(503, "overloaded", "too many connections: try again later",
+                                         worker.date, RETRY_AFTER))
+            transport.close()
+            self.state = "closed"
+            return
+        worker.connections.add(self)
+        host, port = transport.get_extra_info("sockname")[:2]
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.environ = {
+            "SERVER_NAME": host, "SERVER_PORT": str(port), "REMOTE_ADDR": peer[0], "REMOTE_PORT": str(peer[1]),
+            "SCRIPT_NAME": "", "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True, "wsgi.multiprocess": True, "wsgi.run_once": False,
+            "wsgi.input_terminated": True}
+
+    def connection_lost(self, exc):
+        self.state = "closed"
+        self._release()
+        self._close_answer()
+        self.worker.connections.discard(self)
+        self.worker.stopped_if_done()
+
+    def data_received(self, data):
+        self.buffer += data
+        if self.state in ("idle", "head", "body"):
+            self._read()
+        elif len(self.buffer) > MAX_HEAD_BYTES:
+            self.transport.pause_reading()      # pipelined requests wait until this one is answered
+
+    def eof_received(self):
+        if self.state != "busy" and self.state != "sending":
+            return False        # nothing is owed: close
+        self.close_after_answer = True
+        return True             # keep the connection open to write the answer
+
+    def pause_writing(self):
+        self.writing_paused = True
+
+    def resume_writing(self):
+        self.writing_paused = False
+        if self.answer is not None:
+            self._pump()
+        elif self.state == "sending":
+            self._next_request()
+        self._read()        # requests that came meanwhile
+
+    # Reading ----------------------------------------------------------------
+
+    def _read(self):
+        """Read on in the buffer, a head then a body, and answer each request once it is whole."""
+        while self.state in ("idle", "head", "body"):
+            try:
+                if self.state != "body":
+                    if not self._read_head():
+                        return
+                    if self._answered_at_once():
+                        continue        # the buffer may hold the next request
+                if self.state == "body" and not self._read_body():
+                    return
+            except ProtocolError as error:
+                self._refuse(error)
+                return
+            self._answer_on_thread()
+
+    def _read_head(self):
+        """Whether the buffer held a whole head, now parsed into self.request."""
+        buffer = self.buffer
+        if self.state == "idle":
+            # [RFC 9112, 2.2] "a server that is expecting to receive and parse a request-line
+            # SHOULD ignore at least one empty line (CRLF) received prior to the request-line."
+            while buffer.startswith(b"\r\n"):
+                del buffer[:2]
+            if not buffer:
+                return False
+            self.state, self.deadline = "head", self.worker.loop.time() + HEAD_TIMEOUT
+        end = buffer.find(b"\r\n\r\n", max(0, self.scanned - 3))
+        if end == -1:
+            if buffer.find(b"\n\n", max(0, self.scanned - 1)) != -1:
+                raise ProtocolError(400, "bad_request", "the lines of a request head end in CRLF, not LF")
+            self.scanned = len(buffer)          # a head trickled byte by byte is scanned once
+            if len(buffer) > MAX_HEAD_BYTES:
+                raise ProtocolError(431, "too_large", f"the request head is larger than {MAX_HEAD_BYTES} bytes")
+            return False
+        if end > MAX_HEAD_BYTES:
+            raise ProtocolError(431, "too_large", f"the request head is larger than {MAX_HEAD_BYTES} bytes")
+        head = bytes(buffer[:end])
+        del buffer[:end + 4]
+        self.scanned = 0
+        self.request = parse_request_head(head, self.environ)
+        return True
+
+    def _answered_at_once(self):
+        """Answer the request now if it needs no thread: an empty poll, or a refusal.
+
+        Otherwise count it in progress and go on to its body, if it has one.
+        """
+        request, worker = self.request, self.worker
+        if not request.has_body:
+            answer = worker.front.empty_poll(request.environ)
+            if answer is not None:
+                self._send(*answer)
+                return True
+        if request.length > worker.max_body_bytes:
+            # [LIMIT-1] Refused before any of it is read; what follows cannot be read as a request.
+            raise ProtocolError(413, "too_large", f"the body is larger than {worker.max_body_bytes} bytes")
+        if not worker.admit():
+            self.close_after_answer = request.has_body      # its body will not be read
+            self._send(*worker.front.overloaded(request.environ))
+            return True
+        self.admitted = True
+        if request.has_body:
+            self.state, self.deadline = "body", worker.loop.time() + BODY_TIMEOUT
+            self.received = 0
+            # A large body gets memory of its own, given back whole when it is freed
+            # (the heap would keep a blob's worth in every thread that freed one).
+            self.body = mmap.mmap(-1, request.length) if request.length > SMALL_ANSWER else bytearray(request.length)
+            self.chunk_left, self.in_trailer = None, False
+            if request.expects_continue:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return False
+
+    def _read_body(self):
+        """Whether the whole body has arrived, into self.body."""
+        self.deadline = self.worker.loop.time() + BODY_TIMEOUT
+        if self.request.chunked:
+            return self._read_chunks()
+        take = min(self.request.length - self.received, len(self.buffer))
+        self.body[self.received:self.received + take] = self.buffer[:take]
+        del self.buffer[:take]
+        self.received += take
+        return self.received == self.request.length
+
+    def _read_chunks(self):
+        """Whether a whole chunked body has arrived (RFC 9112, 7.1); its data into self.body.
+
+        chunked-body = *chunk last-chunk trailer-section CRLF, and
+        chunk = chunk-size [ chunk-ext ] CRLF chunk-data CRLF. Trailer
+        fields are read and dropped.
+        """
+        buffer, body = self.buffer, self.body
+        while True:
+            if self.chunk_left is not None and self.chunk_left > 0:
+                take = min(self.chunk_left, len(buffer))
+                body += buffer[:take]
+                del buffer[:take]
+                self.chunk_left -= take
+                if self.chunk_left:
+                    return False
+            line_end = buffer.find(b"\r\n")
+            if line_end == -1:
+                if len(buffer) > MAX_CHUNK_LINE:
+                    raise ProtocolError(400, "bad_request", "a chunk's size line is too long")
+                return False
+            line = bytes(buffer[:line_end])
+            del buffer[:line_end + 2]
+            if self.in_trailer:
+                if not line:
+                    return True                 # the empty line that ends the body
+                self.received += len(line)
+                if FIELD_LINE.match(line) is None or self.received > MAX_HEAD_BYTES:
+                    raise ProtocolError(400, "bad_request", "a trailer field is malformed or too large")
+            elif self.chunk_left == 0:          # the CRLF after a chunk's data
+                if line:
+                    raise ProtocolError(400, "bad_request", "a chunk is longer than its size says")
+                self.chunk_left = None
+            else:
+                size = CHUNK_SIZE_LINE.match(line)
+                if size is None:
+                    raise ProtocolError(400, "bad_request", "a chunk's size is not hexadecimal digits")
+                self.chunk_left = int(size.group(1), 16)
+                if len(body) + self.chunk_left > self.worker.max_body_bytes:
+                    raise ProtocolError(413, "too_large",
+                                        f"the body is larger than {self.worker.max_body_bytes} bytes")
+                if self.chunk_left == 0:        # the last chunk: the trailer section follows
+                    self.chunk_left, self.in_trailer, self.received = None, True, 0
+
+    def _refuse(self, error):
+        """Answer an error met while reading, and close: what follows in the stream cannot be trusted."""
+        self._release()
+        self.state = "closed"
+        self.transport.write(_error_bytes(error.status, error.code, error.message, self.worker.date))
+        self.transport.close()
+
+    # Answering --------------------------------------------------------------
+
+    def _answer_on_thread(self):
+        request = self.request
+        if self.body is not None:
+            # [RFC 9112, 7.1.3] A chunked body is handed on as one of known length.
+            request.environ["CONTENT_LENGTH"] = str(len(self.body))
+            request.environ["cutout.body"] = self.body          # for _body(), which then copies nothing
+            # An mmap reads like a file; a small body is copied, which costs nothing.
+            request.environ["wsgi.input"] = self.body if isinstance(self.body, mmap.mmap) else io.BytesIO(self.body)
+        else:
+            request.environ["wsgi.input"] = io.BytesIO()
+        self.state = "busy"
+        self.worker.threads.submit(self._call_application, request.environ)
+
+    def _call_application(self, environ):
+        """Run the WSGI application on a thread, and hand its answer to the loop."""
+        started = []
+
+        def start_response(status, headers, exc_info=None):
+            if exc_info and started:
+                raise exc_info[1].with_traceback(exc_info[2])
+            started[:] = [status, headers]
+            return body_parts.append        # the write() of WSGI 1.0
+        body_parts = []
+        try:
+            answer = self.worker.front.dispatch(environ, start_response)
+            if isinstance(answer, (list, tuple)):
+                body_parts += answer
+                answer = b"".join(body_parts)
+            elif body_parts:
+                answer = itertools.chain(body_parts, answer)
+            status, headers = started
+        except Exception:
+            log.exception("%s %s failed", environ["REQUEST_METHOD"], environ.get("REQUEST_URI"))
+            status, headers = "500 Internal Server Error", [("Content-Type", "application/json")]
+            answer = json.dumps({"error": "internal_error", "message": "internal error"}).encode()
+        self.worker.loop.call_soon_threadsafe(self._answered, status, headers, answer)
+
+    def _answered(self, status, headers, answer):
+        self._release()
+        if self.state == "closed":
+            if hasattr(answer, "close"):
+                answer.close()
+            return
+        self._send(status, headers, answer)
+        self._read()        # a request that came in the meantime
+
+    def _send(self, status, headers, answer):
+        """Write an answer: its head, then its body (bytes, or an iterable of bytes)."""
+        request = self.request
+        close = self.close_after_answer or not request.keep_alive or self.worker.stopping
+        bodiless = status.startswith(("1", "204", "304"))
+        lines = [f"HTTP/1.1 {status}\r\nDate: {self.worker.date}\r\n"]
+        length = None
+        for name, value in headers:
+            if name.lower() == "content-length":
+                if bodiless:
+                    continue        # [RFC 9110, 8.6] none on a 1xx, 204 or 304
+                length = value
+            lines.append(f"{name}: {value}\r\n")
+        self.chunked_answer = False
+        if not bodiless and length is None:
+            if isinstance(answer, bytes):
+                lines.append(f"Content-Length: {len(answer)}\r\n")
+            elif request.http_10:
+                close = True        # the end of the body is the end of the connection
+            else:
+                self.chunked_answer = True
+                lines.append("Transfer-Encoding: chunked\r\n")
+        if close:
+            lines.append("Connection: close\r\n")
+        elif request.http_10:
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")
+        self.close_after_answer = close
+        if bodiless or request.method == "HEAD":
+            if hasattr(answer, "close"):
+                answer.close()
+            answer = b""
+        if isinstance(answer, bytes):
+            if len(answer) <= SMALL_ANSWER:
+                self.transport.write(head + answer)
+            else:
+                self.transport.write(head)
+                self.transport.write(answer)
+            self._answer_sent()
+        else:
+            self.transport.write(head)
+            self.answer = answer
+            self.chunks = iter(answer)
+            self._pump()
+
+    def _pump(self):
+        """Write the answer's chunks while the client keeps reading them."""
+        try:
+            while not self.writing_paused:
+                chunk = next(self.chunks, None)
+                if chunk is None:
+                    break
+                if chunk:
+                    self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if self.chunked_answer else chunk)
+            else:
+                self.state, self.deadline = "sending", self.worker.loop.time() + SEND_TIMEOUT
+                return
+        except Exception:
+            log.exception("writing an answer failed")
+            self.transport.abort()
+            return
+        if self.chunked_answer:
+            self.transport.write(b"0\r\n\r\n")
+        self._close_answer()
+        self._answer_sent()
+
+    def _close_answer(self):
+        if self.answer is not None and hasattr(self.answer, "close"):
+            self.answer.close()
+        self.answer = None
+
+    def _answer_sent(self):
+        self.request = self.body = None
+        if self.close_after_answer:
+            self.state = "closed"
+            self.transport.close()      # once what is written has gone
+        elif self.writing_paused:
+            self.state, self.deadline = "sending", self.worker.loop.time() + SEND_TIMEOUT
+        else:
+            self._next_request()
+
+    def _next_request(self):
+        self.state, self.deadline = "idle", self.worker.loop.time() + IDLE_TIMEOUT
+        self.transport.resume_reading()
+
+    def _release(self):
+        if self.admitted:
+            self.admitted = False
+            self.worker.release()
+
+    # Ending -----------------------------------------------------------------
+
+    def time_out(self):
+        if self.state in ("head", "body"):
+            self._refuse(ProtocolError(408, "bad_request", "the request took too long to arrive"))
+        elif self.state == "sending":
+            self.transport.abort()
+        elif self.state == "idle":
+            self.transport.close()      # [RFC 9112, 9.5] a server may close an idle connection
+
+    def stop(self):
+        """The server is stopping: end this connection once it owes nothing."""
+        if self.state in ("idle", "head", "body"):
+            self.state = "closed"
+            self.transport.close()      # a request not read whole was never answered
+        else:
+            self.close_after_answer = True
+
+
+def _listening_sockets(host, port, workers):
+    """One listening socket per worker, all on one port (port 0: a free one), where the kernel
+    spreads connections between them; one socket for all where it cannot."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    spread = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+    sockets = []
+    for _ in range(workers if spread else 1):
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if spread:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+        address = sock.getsockname()        # the others take the port the first was given
+        sockets.append(sock)
+    return sockets
+
+
+def _raise_open_files_limit(wanted):
+    """Let this process hold wanted file descriptors if the hard limit allows; return how many it may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
+def serve_http(front, host, port, workers, max_concurrent, max_body_bytes, announce):
+    """Serve front (see Front) on (host, port) with worker processes until SIGTERM or SIGINT.
+
+    announce(port) is called once the port is listening and the signals
+    are handled. A worker that dies is replaced; one that will not stop is
+    killed after KILL_TIMEOUT.
+    """
+    reserve = 64 + 4 * max_concurrent       # descriptors for the files of the requests in progress
+    max_connections = min(MAX_CONNECTIONS, _raise_open_files_limit(MAX_CONNECTIONS + reserve) - reserve)
+    sockets = _listening_sockets(host, port, workers)
+    in_progress = memoryview(mmap.mmap(-1, 8 * workers)).cast("q")     # shared with the workers
+    children, stopping = {}, []
+
+    def start(index):
+        # Signals wait until the worker has its own handlers: the supervisor's would stop the others.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+                    signal.signal(signum, signal.SIG_DFL)
+                _Worker(front, in_progress, index, (max_concurrent, max_body_bytes, max_connections)).run(
+                    sockets[index % len(sockets)])
+                code = 0
+            except BaseException:
+                log.exception("worker %d failed", index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        children[pid] = index, time.monotonic()
+
+    def stop(signum, frame):
+        stopping.append(signum)
+        for pid in children:
+            os.kill(pid, signal.SIGTERM)
+        signal.setitimer(signal.ITIMER_REAL, KILL_TIMEOUT)
+
+    def kill(signum, frame):
+        log.error("workers still running after %s s: killed", KILL_TIMEOUT)
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGALRM, kill)
+    for index in range(workers):
+        if not stopping:
+            start(index)
+    announce(sockets[0].getsockname()[1])
+    while children:
+        pid, status = os.wait()
+        index, started = children.pop(pid)
+        in_progress[index] = 0      # what it had in progress died with it
+        if not stopping:
+            log.error("worker %d (pid %d) ended with status %d; starting another", index, pid, status)
+            time.sleep(max(0.0, started + 1 - time.monotonic()))   # one that dies at once is not restarted in a loop
+            if not stopping:
+                start(index)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    for sock in sockets:
+        sock.close()
+
+
+###############################################################################
+# Command line
+###############################################################################
+
+MAX_CONCURRENT_PER_WORKER = 16    # requests in progress per worker by default: more wait on the disk, not the CPU
 
 
 def _is_loopback(host):
@@ -2587,58 +3288,25 @@ def serve(args):
     else:
         sys.exit(f"cutout.py: refusing to listen on {args.host} without --verifier-url: "
                  "the development verifier lets anyone log in as anyone")
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_object_bytes=args.max_object_bytes,
+                    max_blob_bytes=args.max_blob_bytes)
     app.config["cutout.server"] = ServerConfig(
         data_dir=DataDir(args.data_dir),
         secret=_server_secret(args.secret_file or os.path.join(args.data_dir, ".secret")),
-        verifier=verifier, poll_time=args.poll_time,
-        limits=Limits(max_body_bytes=args.max_body_bytes, max_object_bytes=args.max_object_bytes,
-                      max_blob_bytes=args.max_blob_bytes))
-    application = Front(app, args.max_concurrent)
+        verifier=verifier, poll_time=args.poll_time, limits=limits)
+    max_concurrent = args.max_concurrent or MAX_CONCURRENT_PER_WORKER * args.workers
+    host = f"[{args.host}]" if ":" in args.host else args.host
 
     def announce(port):     # once listening, so that whoever reads this can connect
-        print(f"The Cut-Out serving http://{args.host}:{port}/ (data in {args.data_dir}, "
-              f"{args.server})", flush=True)
-    try:
-        _run_server(args.server, args.host, args.port, application, announce, args.max_concurrent)
-    except KeyboardInterrupt:
-        pass            # waitress's, if it arrived outside its loop
+        print(f"The Cut-Out serving http://{host}:{port}/ (data in {args.data_dir}, "
+              f"{args.workers} worker processes)", flush=True)
+    serve_http(Front(app), args.host, args.port, args.workers, max_concurrent, limits.max_post_bytes, announce)
     print("The Cut-Out stopped", flush=True)
 
 
-def _run_server(kind, host, port, application, announce, max_concurrent=None):
-    """Serve application on (host, port) with the named server until SIGTERM or SIGINT."""
-    if kind == "cheroot":
-        from cheroot import server as http, wsgi
-
-        class Request(http.HTTPRequest):
-            # Not strict: it would refuse a path with an empty first part
-            # ("//user/bucket") as an absolute URI, in plain text, not JSON.
-            def __init__(self, server, connection, proxy_mode=False, strict_mode=False):
-                super().__init__(server, connection, proxy_mode, strict_mode)
-
-        class Connection(http.HTTPConnection):
-            RequestHandlerClass = Request
-
-        # More threads than requests allowed at once, so that Front sees the
-        # request one too many and answers 503 rather than leaving it queued.
-        server = wsgi.Server((host, port), application, numthreads=(max_concurrent or MAX_CONCURRENT) + 2)
-        server.shutdown_timeout = 1     # seconds for busy threads when stopping; then stop anyway
-        server.max_request_header_size = MAX_HEADER_BYTES
-        # No limit here: the routes measure bodies and answer 413 as JSON (LIMIT-1,
-        # BLOB-7), where cheroot's own 413 would be plain text.
-        server.max_request_body_size = 0
-        server.ConnectionClass = Connection
-        server.prepare()
-        _serve_until_signalled(server.serve, server.stop, lambda: announce(server.bind_addr[1]))
-    elif kind == "waitress":
-        import waitress
-        server = waitress.create_server(application, host=host, port=port)
-        # It stops on KeyboardInterrupt, caught around its loop.
-        _serve_until_signalled(server.run, None, lambda: announce(server.effective_port))
-    else:
-        server = make_server(host, port, application, ThreadingWSGIServer, _QuietHandler)
-        _serve_until_signalled(server.serve_forever, server.shutdown, lambda: announce(server.server_port))
-        server.server_close()
+def _cores():
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def collect_garbage(args):
@@ -2674,16 +3342,17 @@ def parse_args(argv):
                         "(without one: the development verifier, on loopback only)")
     parser.add_argument("--poll-time", type=int, default=0, metavar="SECONDS",
                         help="ask clients to poll no sooner than this (X-Sync-Poll-Time)")
-    parser.add_argument("--max-concurrent", type=int, default=MAX_CONCURRENT,
-                        help=f"requests at once before answering 503 (default {MAX_CONCURRENT})")
+    parser.add_argument("--workers", type=int, default=_cores(),
+                        help="worker processes (default: one per core, here %(default)s)")
+    parser.add_argument("--max-concurrent", type=int,
+                        help=f"requests in progress at once in the whole server before answering 503 "
+                        f"(default {MAX_CONCURRENT_PER_WORKER} per worker)")
     parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
                         help=f"largest request body (default {Limits.max_body_bytes})")
     parser.add_argument("--max-object-bytes", type=int, default=Limits.max_object_bytes,
                         help=f"largest object, as JSON (default {Limits.max_object_bytes})")
     parser.add_argument("--max-blob-bytes", type=int, default=Limits.max_blob_bytes,
                         help=f"largest blob (default {Limits.max_blob_bytes})")
-    parser.add_argument("--server", choices=SERVERS, default=SERVERS[0],
-                        help=f"the HTTP server bottle runs on (default {SERVERS[0]})")
     parser.add_argument("--debug", action="store_true", help="log every request")
     parser.set_defaults(run=serve)
     commands = parser.add_subparsers(title="commands")

@@ -58,6 +58,7 @@ import os
 import queue
 import re
 import secrets
+import select
 import signal
 import socket
 import ssl
@@ -77,6 +78,7 @@ TIMEOUT = 30                 # seconds for any one HTTP request; the largest bod
 START_TIMEOUT = 30           # seconds for cutout.py to print that it is serving
 BUSY_DEADLINE = 5            # seconds to keep asking for the 503 while requests are held open
 IDLE_DEADLINE = 10           # seconds for the server to stop being busy once they are released
+HOLD_QUIET = 0.5             # seconds a held request must go unanswered to count as held
 
 # The settings the suite starts cutout.py with (see the docstring).
 REFERENCE_POLL_TIME = 7      # seconds
@@ -1783,6 +1785,8 @@ def hold_requests_open(server, c, count, stack):
     """Open count connections, each sending a valid POST's headers and only part of its body.
 
     The server is then busy reading each of them; closing them (through stack) ends them.
+    A held request that the server answered at once (it was busy with another one then)
+    is sent again, until count of them have gone HOLD_QUIET seconds unanswered.
     """
     url = urllib.parse.urlsplit(server.url + c.path)
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -1790,13 +1794,18 @@ def hold_requests_open(server, c, count, stack):
     partial = b'[{"type": "note", "id": "held", "data": "'
     head = (f"POST {target} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(partial) + 1000}\r\nConnection: close\r\n\r\n").encode()
-    for _ in range(count):
-        sock = socket.create_connection((url.hostname, port), timeout=TIMEOUT)
-        stack.callback(sock.close)
-        if url.scheme == "https":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=url.hostname)
+    held, deadline = [], time.monotonic() + BUSY_DEADLINE
+    while len(held) < count and time.monotonic() < deadline:
+        while len(held) < count:
+            sock = socket.create_connection((url.hostname, port), timeout=TIMEOUT)
             stack.callback(sock.close)
-        sock.sendall(head + partial)
+            if url.scheme == "https":
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=url.hostname)
+                stack.callback(sock.close)
+            sock.sendall(head + partial)
+            held.append(sock)
+        answered, _, _ = select.select(held, [], [], HOLD_QUIET)
+        held = [sock for sock in held if sock not in answered]
 
 
 def test_BACKOFF_1_a_busy_server_answers_503_with_retry_after(server):
