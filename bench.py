@@ -47,6 +47,7 @@ waitress and cheroot adapters need those packages.
 """
 
 import argparse
+import asyncio
 import base64
 import contextlib
 import dataclasses
@@ -54,9 +55,13 @@ import hashlib
 import http.client
 import importlib.metadata
 import importlib.util
+import itertools
 import json
 import os
 import platform
+import random
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -90,7 +95,7 @@ class Sizes:
     gc_keys: int = 100_000          # 4. distinct (type, id) keys ...
     gc_updates: int = 10            #    ... each appended this many times
     tombstone_every: int = 10       #    every 10th key's last update deletes it
-    http_connections: int = 8       # 5.-6. keep-alive connections, one thread each
+    http_connections: int = 8       # 5.-6. keep-alive connections
     http_warmup: float = 0.5        #    seconds of load per side before measuring
     http_rounds: int = 3            #    measured rounds per side, interleaved ours/bare
     http_round: float = 1.0         #    seconds per round
@@ -103,13 +108,21 @@ class Sizes:
     catchup_runs: int = 3           #    catch-ups per collection, on one server process
     blob_bytes: int = 10_000_000    # 8. one blob's size
     blob_runs: int = 3              #    uploads and downloads per side
+    devices: int = 1_000            # 9. devices polling, each on a keep-alive connection of its own
+    device_users: int = 250         #    users they belong to, one collection each
+    device_interval: float = 1.0    #    seconds between a device's polls (x0.5-1.5)
+    device_seconds: float = 30.0    #    seconds of polling measured
+    idle_sockets: int = 500         #    sockets that connect and send nothing
+    slowloris: int = 200            #    sockets that trickle a request head
+    fresh_every: float = 0.5        #    seconds between fresh clients' login + hello
 
 
 FULL = Sizes()
 QUICK = Sizes(big=100_000, small=100, newest_reads=500, append_batches=30,
               read_all=10_000, gc_keys=10_000,
               http_warmup=0.2, http_rounds=2, http_round=0.5,
-              catchup_small=1_000, catchup_big=10_000, blob_bytes=1_000_000)
+              catchup_small=1_000, catchup_big=10_000, blob_bytes=1_000_000,
+              devices=200, device_users=50, device_seconds=8.0, idle_sockets=100, slowloris=40)
 
 
 ###############################################################################
@@ -363,71 +376,117 @@ def garbage_collection(root, sizes):
 
 
 ###############################################################################
-# HTTP: cutout.py under each of bottle's server adapters, vs a bare bottle route
+# HTTP: cutout.py on its own server and on others, vs a bare bottle route
 ###############################################################################
-# Each server runs in a process of its own; this process is the clients. The
-# bare baseline is a bottle app on the same adapter, set up as cutout.py sets
-# up its own (the same threaded wsgiref server class), whose routes answer
-# without doing anything: the figures ours/bare are what cutout.py's own work
-# costs on top of bottle's and the server's.
+# Each server runs in processes of its own on 127.0.0.1; this process and
+# its children are the clients. "ours" is cutout.py's application; "bare" is
+# a bottle app whose routes answer without doing anything, run by the same
+# server set up the same way, so ours/bare is what cutout.py's own work costs
+# on top of bottle's and the server's. The servers, each set up as well as we
+# could for many keep-alive connections (SERVER_CHILD):
+#
+#   cutout    cutout.py's own: an event loop and threads in one worker process
+#             per core; it answers empty polls on the loop, a bare route (which
+#             it cannot tell from other work) on a thread
+#   granian   one worker per core, 16 blocking threads each, backpressure and
+#             backlog raised to 4,096 (backpressure counts connections)
+#   cheroot   18 threads, as cutout.py ran on it until it had its own server
+#   waitress  16 threads, connection limit raised from 100 to 10,000
+#
+# A server other than cutout's is measured only if its package is installed.
 
-ADAPTERS = getattr(cutout, "SERVERS", ("wsgiref", "waitress", "cheroot"))
+SERVERS = ("cutout", "granian", "cheroot", "waitress")
 HOST = "127.0.0.1"
 DOMAIN, USER = "example.com", "bench@example.com"
 AUDIENCE = "http://" + DOMAIN
-EMPTY_POLL_TARGET = 0.70          # ours/bare requests/s on empty polls
-KINTO_EMPTY_POLLS = 1_200         # Kinto 26, memory backend, 8 keep-alive connections, this machine class
+EMPTY_POLL_TARGET = 0.70          # ours/bare req/s on empty polls, bare on the fastest server measured
+KINTO_EMPTY_POLLS = 730           # Kinto 26, memory backend, 8 keep-alive connections, this machine class (issue 10)
 KINTO_POSTED_OBJECTS = 470        # objects/s it stores posted 10 at a time, same setup
 FLAT_MEMORY = 1.10                # peak RSS catching up on the big collection / on the small one
 SERVER_START_TIMEOUT = 20         # seconds
+DEVICE_TIMEOUT = 5.0              # seconds a device waits for an answer before it counts a timeout
+DEVICE_P99_TARGET = 0.100         # seconds: p99 of the devices' polls
+FRESH_CLIENT_TARGET = 0.200       # seconds: a new client's login + hello
 
-# Filled in by sections 5-7, printed by http_summary().
+# Filled in by sections 5-9, printed by http_summary().
 http_results = {}
 
-BARE_CHILD = r"""
-import sys
-sys.path.insert(0, sys.argv[3])
+SERVER_CHILD = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
 import bottle
-
-adapter, port, newest_body = sys.argv[1], int(sys.argv[2]), sys.argv[4].encode()
-served_file = sys.argv[5] if len(sys.argv) > 5 else None
-posted_body = b'{"object_counters":[1,2,3,4,5,6,7,8,9,10]}'
-app = bottle.Bottle()
-
-@app.get("/empty")
-def empty():
-    return bottle.HTTPResponse(status=204)
-
-@app.get("/json")
-def newest():
-    return bottle.HTTPResponse(body=newest_body, status=200, headers={"Content-Type": "application/json"})
-
-@app.post("/json")
-def posted():
-    bottle.request.body.read()
-    return bottle.HTTPResponse(body=posted_body, status=200, headers={"Content-Type": "application/json"})
-
-@app.get("/file")
-def file():
-    return bottle.static_file(os.path.basename(served_file), os.path.dirname(served_file))
-
-import os
 import cutout
 
-# The same server setup as cutout.py's (threads, limits), so that only the app differs.
-cutout._run_server(adapter, "127.0.0.1", port, app,
-                   lambda port: print(f"bare bottle serving http://127.0.0.1:{port}/ ({adapter})", flush=True))
+server, port, kind, data_dir = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+newest_body, served_file = sys.argv[6].encode(), sys.argv[7] if len(sys.argv) > 7 else None
+workers = cutout._cores()
+if kind == "ours":
+    cutout.configure(cutout.parse_args(["--port", str(port), "--data-dir", data_dir]))
+    app = cutout.Front(cutout.app)
+else:
+    app = bottle.Bottle()
+    posted_body = b'{"object_counters":[1,2,3,4,5,6,7,8,9,10]}'
+
+    @app.get("/empty")
+    def empty():
+        return bottle.HTTPResponse(status=204)
+
+    @app.get("/json")
+    def newest():
+        return bottle.HTTPResponse(body=newest_body, status=200, headers={"Content-Type": "application/json"})
+
+    @app.post("/json")
+    def posted():
+        bottle.request.body.read()
+        return bottle.HTTPResponse(body=posted_body, status=200, headers={"Content-Type": "application/json"})
+
+    @app.get("/file")
+    def file():
+        return bottle.static_file(os.path.basename(served_file), os.path.dirname(served_file))
+
+
+def announce(port=port):
+    print(f"{kind} on {server} serving http://127.0.0.1:{port}/", flush=True)
+
+
+if server == "cutout":      # the bare app: cutout.py itself is started as a user starts it
+    class Bare:
+        dispatch = staticmethod(app)
+
+        def empty_poll(self, environ):
+            return None
+
+        def overloaded(self, environ):
+            return "503 Service Unavailable", [("Retry-After", "1")], b""
+    cutout.serve_http(Bare(), "127.0.0.1", port, workers, cutout.MAX_CONCURRENT_PER_WORKER * workers, 1 << 30,
+                      announce)
+elif server == "granian":
+    from granian import Granian
+    announce()
+    Granian("bench:app", interface="wsgi", address="127.0.0.1", port=port, workers=workers, blocking_threads=16,
+            backlog=4096, backpressure=4096, log_enabled=False).serve(target_loader=lambda target: app)
+elif server == "cheroot":
+    from cheroot import wsgi
+    server = wsgi.Server(("127.0.0.1", port), app, numthreads=18)
+    server.prepare()
+    announce()
+    server.serve()
+elif server == "waitress":
+    import waitress
+    server = waitress.create_server(app, host="127.0.0.1", port=port, threads=16, connection_limit=10_000)
+    announce()
+    server.run()
 """
 
 
-def installed_adapters():
-    """The adapters whose package is here; says which are not."""
+def installed_servers():
+    """The servers whose package is here; says which are not."""
     found = []
-    for adapter in ADAPTERS:
-        if adapter == "wsgiref" or importlib.util.find_spec(adapter) is not None:
-            found.append(adapter)
+    for server in SERVERS:
+        if server == "cutout" or importlib.util.find_spec(server) is not None:
+            found.append(server)
         else:
-            print(f"  {adapter}: not installed (pip install {adapter}): skipped", flush=True)
+            print(f"  {server}: not installed (pip install {server}): skipped", flush=True)
     return found
 
 
@@ -437,8 +496,23 @@ def unused_port():
         return probe.getsockname()[1]
 
 
+def _process_tree(pid):
+    """pid and the pids of all its descendants (servers with worker processes), from /proc."""
+    found, unseen = [], [pid]
+    while unseen:
+        parent = unseen.pop()
+        found.append(parent)
+        try:
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children") as children:
+                    unseen += [int(child) for child in children.read().split()]
+        except OSError:
+            pass
+    return found
+
+
 class ServerProcess:
-    """A server in a child process on 127.0.0.1: started, waited for, measured through /proc, stopped."""
+    """A server in child processes on 127.0.0.1: started, waited for, measured through /proc, stopped."""
 
     CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -475,24 +549,27 @@ class ServerProcess:
             return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
 
     def cpu_seconds(self):
-        """User + system CPU time of the server process so far (all its threads); nan without /proc."""
-        try:
-            with open(f"/proc/{self.pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / self.CLOCK_TICKS
+        """User + system CPU time of the server's processes so far (all their threads); nan without /proc."""
+        total = 0
+        for pid in _process_tree(self.pid):
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / self.CLOCK_TICKS if os.path.exists(f"/proc/{self.pid}") else float("nan")
 
     def peak_rss(self):
-        """The process's high-water mark of resident memory, in bytes (VmHWM); nan without /proc."""
-        try:
-            with open(f"/proc/{self.pid}/status") as status:
-                for line in status:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return float("nan")
+        """The sum of the high-water marks of resident memory (VmHWM) of the server's processes, in bytes."""
+        total = 0
+        for pid in _process_tree(self.pid):
+            try:
+                with open(f"/proc/{pid}/status") as status:
+                    total += next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+            except (OSError, StopIteration):
+                pass
+        return total or float("nan")
 
     def close(self):    # for contextlib.closing()
         self.stop()
@@ -503,23 +580,29 @@ class ServerProcess:
             try:
                 self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                for pid in _process_tree(self.pid):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
                 self.process.wait()
 
 
-def start_ours(adapter, data_dir, log_dir):
+def start_ours(server, data_dir, log_dir):
+    """cutout.py's application on server: on its own, started as a user starts it."""
     port = unused_port()
-    argv = [sys.executable, cutout.__file__, "--server", adapter, "--host", HOST, "--port", str(port),
-            "--data-dir", data_dir]
-    return ServerProcess(f"cutout.py --server {adapter}", argv, port, os.path.join(log_dir, f"ours-{adapter}.log"))
+    if server == "cutout":
+        argv = [sys.executable, cutout.__file__, "--host", HOST, "--port", str(port), "--data-dir", data_dir]
+    else:
+        here = os.path.dirname(os.path.abspath(cutout.__file__))
+        argv = [sys.executable, "-c", SERVER_CHILD, here, server, str(port), "ours", data_dir, ""]
+    return ServerProcess(f"cutout.py on {server}", argv, port, os.path.join(log_dir, f"ours-{server}.log"))
 
 
-def start_bare(adapter, log_dir, newest_body=b"{}", served_file=None):
+def start_bare(server, log_dir, newest_body=b"{}", served_file=None):
     port = unused_port()
     here = os.path.dirname(os.path.abspath(cutout.__file__))
-    argv = [sys.executable, "-c", BARE_CHILD, adapter, str(port), here, newest_body.decode()]
+    argv = [sys.executable, "-c", SERVER_CHILD, here, server, str(port), "bare", "", newest_body.decode()]
     argv += [served_file] if served_file else []
-    return ServerProcess(f"bare bottle on {adapter}", argv, port, os.path.join(log_dir, f"bare-{adapter}.log"))
+    return ServerProcess(f"bare bottle on {server}", argv, port, os.path.join(log_dir, f"bare-{server}.log"))
 
 
 class _CountingConnection(http.client.HTTPConnection):
@@ -571,18 +654,17 @@ def expect(status, body, wanted, what):
 class Api:
     """The protocol as the benchmark's clients speak it, on one server."""
 
-    def __init__(self, server):
-        self.server = server
+    def __init__(self, server, user=USER):
+        self.server, self.user = server, user
         client = Client(server.port)
-        form = urllib.parse.urlencode({"assertion": USER, "audience": AUDIENCE})
-        body = expect(*client.request("POST", "/verify", form,
+        body = expect(*client.request("POST", "/verify", login_form(user),
                                       {"Content-Type": "application/x-www-form-urlencoded"}), 200, "verify")
         self.token = json.loads(body)["auth"]["query"]["auth"]
         client.close()
 
     def path(self, bucket, **query):
         query = dict(auth=self.token, **query)
-        return (f"/{DOMAIN}/{urllib.parse.quote(USER, safe='@')}/{bucket}?"
+        return (f"/{DOMAIN}/{urllib.parse.quote(self.user, safe='@')}/{bucket}?"
                 + urllib.parse.urlencode(query))
 
     def hello(self, client, bucket):
@@ -600,6 +682,10 @@ class Api:
         if "object_counters" not in answer:
             raise RuntimeError(f"post: expected object_counters, got {str(answer)[:300]}")
         return answer["object_counters"][-1]
+
+
+def login_form(user):
+    return urllib.parse.urlencode({"assertion": user, "audience": AUDIENCE})
 
 
 def objects_body(first, count):
@@ -695,6 +781,44 @@ class Side:
             client.close()
 
 
+class LoadSide(Side):
+    """A Side whose load is one request, the same bytes every time, sent back to back over each of
+    `connections` connections by a child process of asyncio clients (load_closed_loop), so that
+    the clients cost far less than the server and share no interpreter with this process."""
+
+    def __init__(self, name, server, request, status, connections):
+        self.name, self.server, self.figures = name, server, LoadFigures()
+        self.spec = {"port": server.port, "request": request.decode("latin-1"), "status": status,
+                     "connections": connections}
+
+    def run(self, lead, seconds, measured=True):
+        window = [time.monotonic() + lead + 0.2, 0]      # CLOCK_MONOTONIC: the same clock in the child
+        window[1] = window[0] + seconds
+        child = subprocess.Popen([sys.executable, __file__, "--load", json.dumps(dict(self.spec, window=window))],
+                                 stdout=subprocess.PIPE)
+        time.sleep(max(0.0, window[0] - time.monotonic()))
+        cpu_before = self.server.cpu_seconds()
+        time.sleep(max(0.0, window[1] - time.monotonic()))
+        cpu_after = self.server.cpu_seconds()
+        out, _ = child.communicate()
+        if child.returncode:
+            raise RuntimeError(f"{self.name}: the load child failed")
+        done = json.loads(out)
+        if done["failure"]:
+            raise RuntimeError(f"{self.name}: {done['failure']}")
+        if measured:
+            figures = self.figures
+            figures.requests += len(done["latencies"])
+            figures.latencies += done["latencies"]
+            figures.opened += done["opened"]
+            figures.seconds += seconds
+            figures.server_cpu += cpu_after - cpu_before
+            figures.client_cpu += done["client_cpu"]
+
+    def close(self):
+        pass
+
+
 def interleaved(sides, sizes):
     """Warm every side up, then measure them in turn, round after round, who goes first alternating."""
     for side in sides:
@@ -707,62 +831,67 @@ def interleaved(sides, sizes):
     return [side.figures for side in sides]
 
 
-def http_section(title, sizes, root, each_adapter):
-    """Print the section header, then run each_adapter(adapter, data_dir, log_dir) for every installed adapter."""
+def http_section(title, sizes, root, each_server):
+    """Print the section header, then run each_server(server, data_dir, log_dir) for every installed server."""
     section(title)
-    print(f"  {sizes.http_connections} keep-alive connections (one thread each) from this process; "
-          f"servers in child processes on {HOST}", flush=True)
-    for adapter in installed_adapters():
-        data_dir = os.path.join(root, f"http-{title.split('.')[0]}-{adapter}")
+    for server in installed_servers():
+        data_dir = os.path.join(root, f"http-{title.split('.')[0]}-{server}")
         log_dir = os.path.join(root, "logs")
         os.makedirs(log_dir, exist_ok=True)
         try:
-            each_adapter(adapter, data_dir, log_dir)
-        except Exception as error:     # one adapter failing must not hide the others' figures
-            print(f"  {adapter}: FAILED: {error}", flush=True)
-            http_results.setdefault(adapter, {})["failed"] = str(error)
+            each_server(server, data_dir, log_dir)
+        except Exception as error:     # one server failing must not hide the others' figures
+            print(f"  {server}: FAILED: {error}", flush=True)
+            http_results.setdefault(server, {})["failed"] = str(error)
+
+
+def get_request(path):
+    return f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
 
 
 def empty_polls(root, sizes):
     n = sizes.http_connections
 
-    def each_adapter(adapter, data_dir, log_dir):
+    def each_server(server, data_dir, log_dir):
         with contextlib.ExitStack() as stack:
-            ours = stack.enter_context(contextlib.closing(start_ours(adapter, data_dir, log_dir)))
-            bare = stack.enter_context(contextlib.closing(start_bare(adapter, log_dir)))
+            ours = stack.enter_context(contextlib.closing(start_ours(server, data_dir, log_dir)))
+            bare = stack.enter_context(contextlib.closing(start_bare(server, log_dir)))
             api, setup = Api(ours), Client(ours.port)
             collection_id, since = api.hello(setup, "poll")
             since = api.post(setup, "poll", collection_id, since, objects_body(0, 10))
             setup.close()
-            poll = api.path("poll", since=since, collection_id=collection_id)
-
-            def ours_call(client):
-                expect(*client.request("GET", poll), 204, "empty poll")
-
-            def bare_call(client):
-                expect(*client.request("GET", "/empty"), 204, "bare 204")
-
-            mine, theirs = interleaved([Side("ours", ours, [ours_call] * n),
-                                        Side("bare", bare, [bare_call] * n)], sizes)
-        print(f"  {adapter}:")
+            poll = get_request(api.path("poll", since=since, collection_id=collection_id))
+            mine, theirs = interleaved([LoadSide("ours", ours, poll, 204, n),
+                                        LoadSide("bare", bare, get_request("/empty"), 204, n)], sizes)
+        print(f"  {server}:")
         print(mine.line("ours"))
         print(theirs.line("bare"))
-        result("ours/bare req/s", mine.rate / theirs.rate, EMPTY_POLL_TARGET, indent="    ")
-        aim = 3 * KINTO_EMPTY_POLLS
-        print(f"    vs Kinto 26 (~{KINTO_EMPTY_POLLS:,}/s on this machine class): {mine.rate / KINTO_EMPTY_POLLS:.1f}x"
-              f"    aim >= {aim:,}/s (3x): {'ok' if mine.rate >= aim else 'MISSED'}", flush=True)
-        http_results.setdefault(adapter, {})["empty"] = (mine, theirs)
+        result("ours/bare req/s", mine.rate / theirs.rate, indent="    ")
+        http_results.setdefault(server, {})["empty"] = (mine, theirs)
 
-    http_section("5. HTTP: empty polls (204)", sizes, root, each_adapter)
-    print("  conns/1000 req: TCP connections the clients opened per 1000 answers; 1000 = one per request.")
+    http_section("5. HTTP: empty polls (204)", sizes, root, each_server)
+    print(f"  {n} keep-alive connections from a child process of asyncio clients, each sending its next "
+          f"request as soon as\n  it has the answer; conns/1000 req: TCP connections opened per 1000 "
+          f"answers (1000 = one per request).")
+    ours = http_results.get("cutout", {}).get("empty")
+    bare = [(figures["empty"][1].rate, server) for server, figures in http_results.items() if "empty" in figures]
+    if ours and bare:
+        fastest, server = max(bare)
+        print(f"  cutout.py on its own server vs the bare route on the fastest server measured ({server}, "
+              f"{fastest:,.0f}/s):")
+        result("ours/fastest bare req/s", ours[0].rate / fastest, EMPTY_POLL_TARGET)
+        aim = 10 * KINTO_EMPTY_POLLS
+        print(f"  vs Kinto 26 (~{KINTO_EMPTY_POLLS:,}/s on this machine class, not measured in this run): "
+              f"{ours[0].rate / KINTO_EMPTY_POLLS:.1f}x    aim >= {aim:,}/s (10x): "
+              f"{'ok' if ours[0].rate >= aim else 'MISSED'}", flush=True)
 
 
 def newest_and_posts(root, sizes):
     n = sizes.http_connections
 
-    def each_adapter(adapter, data_dir, log_dir):
+    def each_server(server, data_dir, log_dir):
         with contextlib.ExitStack() as stack:
-            ours = stack.enter_context(contextlib.closing(start_ours(adapter, data_dir, log_dir)))
+            ours = stack.enter_context(contextlib.closing(start_ours(server, data_dir, log_dir)))
             api, setup = Api(ours), Client(ours.port)
             # The collection read from: its newest 10 of newest_collection.
             collection_id, since = api.hello(setup, "newest")
@@ -775,7 +904,7 @@ def newest_and_posts(root, sizes):
             buckets = [f"posts-{i}" for i in range(n)]
             state = {bucket: list(api.hello(setup, bucket)) for bucket in buckets}
             setup.close()
-            bare = stack.enter_context(contextlib.closing(start_bare(adapter, log_dir, newest_body)))
+            bare = stack.enter_context(contextlib.closing(start_bare(server, log_dir, newest_body)))
             check = Client(bare.port)
             expect(*check.request("GET", "/json"), 200, "bare json")
             check.close()
@@ -806,11 +935,11 @@ def newest_and_posts(root, sizes):
             writes = interleaved([Side("ours", ours, [ours_post_to(b) for b in buckets]),
                                   Side("bare", bare, [bare_post] * n)], sizes)
             posted = sum(since for _, since in state.values())
-        print(f"  {adapter}: GET newest 10 of {sizes.newest_collection:,} ({len(newest_body):,} bytes):")
+        print(f"  {server}: GET newest 10 of {sizes.newest_collection:,} ({len(newest_body):,} bytes):")
         print(reads[0].line("ours"))
         print(reads[1].line("bare"))
         result("ours/bare req/s", reads[0].rate / reads[1].rate, indent="    ")
-        print(f"  {adapter}: POST of 10 x {RECORD_SIZE} bytes, durable before the answer "
+        print(f"  {server}: POST of 10 x {RECORD_SIZE} bytes, durable before the answer "
               f"({posted:,} objects stored, warm-up included):")
         print(writes[0].line("ours", 10, "obj/s"))
         print(writes[1].line("bare", 10, "obj/s"))
@@ -818,22 +947,22 @@ def newest_and_posts(root, sizes):
         aim = 10 * KINTO_POSTED_OBJECTS
         print(f"    vs Kinto 26 (~{KINTO_POSTED_OBJECTS}/s): {writes[0].rate * 10 / KINTO_POSTED_OBJECTS:.1f}x"
               f"    aim >= {aim:,} objects/s (10x): {'ok' if writes[0].rate * 10 >= aim else 'MISSED'}", flush=True)
-        http_results.setdefault(adapter, {}).update(newest=reads, post=writes)
+        http_results.setdefault(server, {}).update(newest=reads, post=writes)
 
-    http_section("6. HTTP: GET newest 10 / POST 10", sizes, root, each_adapter)
+    http_section("6. HTTP: GET newest 10 / POST 10", sizes, root, each_server)
 
 
 def catch_up(root, sizes):
     small, big = sizes.catchup_small, sizes.catchup_big
     section(f"7. HTTP: catching up on {small:,} and {big:,} objects through limit={sizes.catchup_page} pages")
-    adapters = installed_adapters()
-    if not adapters:
+    servers = installed_servers()
+    if not servers:
         return
     data_dir, log_dir = os.path.join(root, "http-7"), os.path.join(root, "logs")
     os.makedirs(log_dir, exist_ok=True)
     buckets = {small: f"catchup-{small}", big: f"catchup-{big}"}
-    # Built once, through the API of the first adapter; every adapter then serves the same files.
-    with contextlib.closing(start_ours(adapters[0], data_dir, log_dir)) as ours:
+    # Built once, through the API of the first server; every server then serves the same files.
+    with contextlib.closing(start_ours(servers[0], data_dir, log_dir)) as ours:
         api, client = Api(ours), Client(ours.port)
         started, cpu_before = time.perf_counter(), ours.cpu_seconds()
         for count, bucket in buckets.items():
@@ -844,16 +973,16 @@ def catch_up(root, sizes):
                 since = api.post(client, bucket, collection_id, since, body)
         spent, cpu = time.perf_counter() - started, ours.cpu_seconds() - cpu_before
         client.close()
-        print(f"  built through POSTs of {sizes.catchup_batch:,} objects on {adapters[0]}: {small + big:,} objects "
+        print(f"  built through POSTs of {sizes.catchup_batch:,} objects on {servers[0]}: {small + big:,} objects "
               f"in {spent:.1f} s ({(small + big) / spent:,.0f} objects/s; server CPU {cpu / spent:.0%} of the time)")
-    print(f"  {'adapter':<9} {'objects':>8} | {'pages':>5} {'seconds':>7} {'objects/s':>10} "
+    print(f"  {'server':<9} {'objects':>8} | {'pages':>5} {'seconds':>7} {'objects/s':>10} "
           f"{'server CPU':>10} | {'RSS MB at start':>15} {'peak RSS MB':>11}")
-    for adapter in adapters:
+    for server in servers:
         try:
             peaks = {}
             for count, bucket in buckets.items():
                 # A fresh server for each, so that each peak is its catch-up's alone.
-                with contextlib.closing(start_ours(adapter, data_dir, log_dir)) as ours:
+                with contextlib.closing(start_ours(server, data_dir, log_dir)) as ours:
                     at_start = ours.peak_rss()
                     api, client = Api(ours), Client(ours.port)
                     runs = []
@@ -868,13 +997,13 @@ def catch_up(root, sizes):
                 # /proc counts CPU time in ticks of 10 ms: too coarse for a shorter total.
                 total = sum(seconds for seconds, _ in runs)
                 cpu = f"{sum(cpu for _, cpu in runs) / total:.0%}" if total >= 0.5 else "-"
-                print(f"  {adapter:<9} {count:>8,} | {pages:>5} {spent:>7.3f} {count / spent:>10,.0f} "
+                print(f"  {server:<9} {count:>8,} | {pages:>5} {spent:>7.3f} {count / spent:>10,.0f} "
                       f"{cpu:>10} | {at_start / 1e6:>15.1f} {peaks[count] / 1e6:>11.1f}", flush=True)
-                http_results.setdefault(adapter, {})[f"catchup-{count}"] = (count / spent, peaks[count])
-            result(f"{adapter} peak RSS {big:,}/{small:,}", peaks[big] / peaks[small], FLAT_MEMORY, at_least=False)
+                http_results.setdefault(server, {})[f"catchup-{count}"] = (count / spent, peaks[count])
+            result(f"{server} peak RSS {big:,}/{small:,}", peaks[big] / peaks[small], FLAT_MEMORY, at_least=False)
         except Exception as error:
-            print(f"  {adapter}: FAILED: {error}", flush=True)
-            http_results.setdefault(adapter, {})["failed"] = str(error)
+            print(f"  {server}: FAILED: {error}", flush=True)
+            http_results.setdefault(server, {})["failed"] = str(error)
     print(f"  seconds: median of {sizes.catchup_runs} catch-ups by one client, which parses each page as a "
           f"client does;\n  server CPU: the server's share of that time; peak RSS: VmHWM of a server "
           f"process started\n  fresh for each collection, after its {sizes.catchup_runs} catch-ups.")
@@ -904,14 +1033,14 @@ def blobs(root, sizes):
     print(f"  {sizes.blob_runs} interleaved runs per side, median; one client; JSON body {len(post_body):,} bytes. "
           f"Memory: the server's\n  peak RSS (VmHWM) after it all, less that before the first upload, "
           f"in blob sizes.", flush=True)
-    print(f"  {'adapter':<9} | {'POST MB/s':>9} {'bare':>7} {'ratio':>5} | {'GET MB/s':>8} {'static':>7} "
+    print(f"  {'server':<9} | {'POST MB/s':>9} {'bare':>7} {'ratio':>5} | {'GET MB/s':>8} {'static':>7} "
           f"{'ratio':>5} | {'peak RSS growth MB':>18} {'blobs':>5}")
-    for adapter in installed_adapters():
-        data_dir, log_dir = os.path.join(root, f"http-8-{adapter}"), os.path.join(root, "logs")
+    for server in installed_servers():
+        data_dir, log_dir = os.path.join(root, f"http-8-{server}"), os.path.join(root, "logs")
         os.makedirs(log_dir, exist_ok=True)
         try:
-            with contextlib.closing(start_ours(adapter, data_dir, log_dir)) as ours, \
-                    contextlib.closing(start_bare(adapter, log_dir, served_file=served_file)) as bare:
+            with contextlib.closing(start_ours(server, data_dir, log_dir)) as ours, \
+                    contextlib.closing(start_bare(server, log_dir, served_file=served_file)) as bare:
                 api, client, bare_client = Api(ours), Client(ours.port), Client(bare.port)
                 collection_id, since = api.hello(client, "blobs")
                 before = ours.peak_rss()
@@ -940,47 +1069,402 @@ def blobs(root, sizes):
                 client.close()
                 bare_client.close()
             rate = {side: size / 1e6 / median(spent) for side, spent in times.items()}
-            print(f"  {adapter:<9} | {rate['post']:>9.0f} {rate['bare post']:>7.0f} "
+            print(f"  {server:<9} | {rate['post']:>9.0f} {rate['bare post']:>7.0f} "
                   f"{rate['post'] / rate['bare post']:>5.2f} | {rate['get']:>8.0f} {rate['static']:>7.0f} "
                   f"{rate['get'] / rate['static']:>5.2f} | {growth / 1e6:>18.1f} {growth / size:>5.1f}", flush=True)
         except Exception as error:
-            print(f"  {adapter}: FAILED: {error}", flush=True)
+            print(f"  {server}: FAILED: {error}", flush=True)
     print(f"  bare: the bare route reading the same body, and bottle.static_file serving the same bytes; "
           f"MB/s are of the\n  blob's {size / 1e6:g} MB either way (the POST body is base64, a third larger).")
 
 
+def many_devices(root, sizes):
+    section(f"9. HTTP: {sizes.devices:,} devices each polling about once a second on a keep-alive connection, "
+            f"with {sizes.idle_sockets} idle and {sizes.slowloris} slowloris sockets open")
+    print(f"  {sizes.devices // sizes.device_users} devices per user, {sizes.device_users} users; a device waits "
+          f"{sizes.device_interval:g} s (x0.5-1.5) between polls and {DEVICE_TIMEOUT:g} s for an answer; idle "
+          f"sockets send nothing,\n  slowloris sockets a byte of a request head every {SLOWLORIS_TRICKLE:g} s and "
+          f"reconnect when cut; a fresh client logs in and says hello every {sizes.fresh_every:g} s.\n"
+          f"  {sizes.device_seconds:g} s of polling per run, from a child process of asyncio clients.", flush=True)
+    for server in installed_servers():
+        data_dir, log_dir = os.path.join(root, f"http-9-{server}"), os.path.join(root, "logs")
+        os.makedirs(log_dir, exist_ok=True)
+        for kind in ("ours", "bare"):
+            try:
+                if kind == "ours":
+                    with contextlib.closing(start_ours(server, data_dir, log_dir)) as running:
+                        polls = []
+                        setup = Client(running.port)
+                        for n in range(sizes.device_users):
+                            api = Api(running, f"device-{n}@example.com")
+                            collection_id, since = api.hello(setup, "notes")
+                            since = api.post(setup, "notes", collection_id, since, objects_body(0, 1))
+                            polls.append(get_request(api.path("notes", since=since, collection_id=collection_id)))
+                        setup.close()
+                        done = devices_run(running, polls, 204, "cutout", sizes)
+                else:
+                    with contextlib.closing(start_bare(server, log_dir)) as running:
+                        done = devices_run(running, [get_request("/empty")], 204, "bare", sizes)
+            except Exception as error:
+                print(f"  {server} {kind}: FAILED: {error}", flush=True)
+                http_results.setdefault(server, {})["failed"] = str(error)
+                continue
+            report_devices(f"{server} {kind}", done, sizes)
+            http_results.setdefault(server, {})[f"devices-{kind}"] = done
+
+
+SLOWLORIS_TRICKLE = 3.0     # seconds between the bytes a slowloris socket sends
+
+
+def devices_run(server, polls, status, kind, sizes):
+    """Run the many-devices load (load_devices) against server; what the child saw, and the server's CPU."""
+    spec = {"port": server.port, "polls": [poll.decode("latin-1") for poll in polls], "status": status,
+            "kind": kind, "devices": sizes.devices, "idle": sizes.idle_sockets, "slowloris": sizes.slowloris,
+            "interval": sizes.device_interval, "seconds": sizes.device_seconds, "fresh_every": sizes.fresh_every}
+    cpu_before = server.cpu_seconds()
+    child = subprocess.run([sys.executable, __file__, "--devices", json.dumps(spec)], capture_output=True,
+                           timeout=sizes.device_seconds + 120)
+    if child.returncode:
+        raise RuntimeError(f"the load child failed: {child.stderr.decode(errors='replace')[-2000:]}")
+    done = json.loads(child.stdout)
+    done["server_cpu"] = server.cpu_seconds() - cpu_before
+    return done
+
+
+def report_devices(label, done, sizes):
+    latencies, fresh = sorted(done["latencies"]), sorted(done["fresh"])
+
+    def at(ordered, p):
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] * 1e3 if ordered else float("nan")
+    lost = done["sent"] - done["answered"]
+    print(f"  {label}: {done['answered']:,} of {done['sent']:,} polls answered ({done['answered'] / sizes.device_seconds:,.0f}/s), "
+          f"{sum(done['errors'].values())} errors {done['errors'] or ''}, {done['timeouts']} timeouts, "
+          f"{done['closed_by_server']} connections closed by the server\n"
+          f"    poll latency p50 {at(latencies, 50):.1f} ms, p99 {at(latencies, 99):.1f} ms, max {at(latencies, 100):.1f} ms; "
+          f"fresh client login + hello: p50 {at(fresh, 50):.1f} ms, max {at(fresh, 100):.1f} ms ({len(fresh)} of "
+          f"{done['fresh_tried']}); server CPU {done['server_cpu'] / done['seconds']:.0%} of a core\n"
+          f"    idle sockets closed by the server: {done['idle_closed']}; slowloris sockets cut: {done['slowloris_cut']}",
+          flush=True)
+    ok = (lost == 0 and not done["closed_by_server"] and latencies and at(latencies, 99) <= DEVICE_P99_TARGET * 1e3
+          and len(fresh) == done["fresh_tried"] and fresh and at(fresh, 100) <= FRESH_CLIENT_TARGET * 1e3)
+    print(f"    every poll answered, none closed, p99 <= {DEVICE_P99_TARGET * 1e3:.0f} ms, every fresh client "
+          f"within {FRESH_CLIENT_TARGET * 1e3:.0f} ms: {'ok' if ok else 'MISSED'}", flush=True)
+
+
 def http_summary():
-    """One line per adapter, and which adapter wins where, for choosing the default by the numbers."""
+    """One line per server, and which server wins where: the figures that chose the server."""
     if not http_results:
         return
-    section("HTTP summary: cutout.py per adapter (bare bottle route on the same adapter in brackets)")
-    print(f"  {'adapter':<9} | {'empty polls/s':>22} {'ratio':>5} {'conns/1k':>8} | {'newest 10 req/s':>17} "
-          f"| {'POST 10 objects/s':>19} {'conns/1k':>8} | {'catch-up obj/s':>14} {'peak RSS MB':>13}")
+    section("HTTP summary: cutout.py on each server (bare bottle route on the same server in brackets)")
+    print(f"  {'server':<9} | {'empty polls/s':>22} {'ratio':>5} {'conns/1k':>8} | {'newest 10 req/s':>17} "
+          f"| {'POST 10 objects/s':>19} | {'catch-up obj/s':>14} | {'devices: answered, p99 ms':>26}")
 
     def both(pair, per=1):
         return f"{pair[0].rate * per:,.0f} [{pair[1].rate * per:,.0f}]" if pair else "-"
 
-    for adapter, figures in http_results.items():
+    def devices(done):
+        if not done:
+            return "-"
+        latencies = sorted(done["latencies"])
+        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3 if latencies else float("nan")
+        return f"{done['answered'] / max(1, done['sent']):.1%}, {p99:,.0f}"
+
+    for server, figures in http_results.items():
         empty, newest, post = figures.get("empty"), figures.get("newest"), figures.get("post")
         catchups = sorted((int(key.split("-")[1]), value) for key, value in figures.items()
                           if key.startswith("catchup-"))
         catchup_rate = f"{catchups[-1][1][0]:,.0f}" if catchups else "-"
-        peaks = " / ".join(f"{peak / 1e6:.0f}" for _, (_, peak) in catchups) or "-"
-        print(f"  {adapter:<9} | {both(empty):>22} "
+        many = f"{devices(figures.get('devices-ours'))} [{devices(figures.get('devices-bare'))}]"
+        print(f"  {server:<9} | {both(empty):>22} "
               f"{(f'{empty[0].rate / empty[1].rate:.2f}' if empty else '-'):>5} "
               f"{(f'{empty[0].opened_per_1000:.0f}' if empty else '-'):>8} | {both(newest):>17} "
-              f"| {both(post, 10):>19} {(f'{post[0].opened_per_1000:.0f}' if post else '-'):>8} "
-              f"| {catchup_rate:>14} {peaks:>13}"
+              f"| {both(post, 10):>19} | {catchup_rate:>14} | {many:>26}"
               f"{'   FAILED: ' + figures['failed'][:60] if 'failed' in figures else ''}")
-    if any(key.startswith("catchup-") for figures in http_results.values() for key in figures):
-        print("  catch-up obj/s is of the largest collection; peak RSS MB after the smaller / the larger.")
     for title, key, per, unit in (("empty polls", "empty", 1, "req/s"), ("GET newest 10", "newest", 1, "req/s"),
                                   ("POST 10", "post", 10, "objects/s")):
-        ranked = sorted(((figures[key][0].rate * per, adapter) for adapter, figures in http_results.items()
+        ranked = sorted(((figures[key][0].rate * per, server) for server, figures in http_results.items()
                          if key in figures), reverse=True)
         if ranked:
-            text = ", ".join(f"{adapter} {rate:,.0f}" for rate, adapter in ranked)
+            text = ", ".join(f"{server} {rate:,.0f}" for rate, server in ranked)
             print(f"  fastest on {title}: {ranked[0][1]}   ({unit}: {text})")
+
+
+###############################################################################
+# Load from a child process: asyncio clients on raw sockets
+###############################################################################
+# bench.py --load SPEC and bench.py --devices SPEC run here, in a process of
+# their own. A client is a few lines over a socket, so that thousands fit in
+# one process and the clients cost little next to the server they load.
+
+
+async def _exchange(reader, writer, request):
+    """Send request; read the answer: (status, body, whether the server will close the connection)."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status, length, chunked = int(head[9:12]), None, False
+    closes = head.startswith(b"HTTP/1.0")
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection":
+            closes = value == b"close" or (closes and value != b"keep-alive")
+        elif name == b"transfer-encoding":
+            chunked = value == b"chunked"
+    if chunked:
+        body = bytearray()
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            body += (await reader.readexactly(size + 2))[:-2]
+            if size == 0:
+                break
+    elif length is not None:
+        body = await reader.readexactly(length)
+    elif status in (204, 304) or not closes:
+        body = b""
+    else:
+        body = await reader.read()      # the body ends with the connection
+    return status, bytes(body), closes
+
+
+def _load_child(main, spec):
+    """Run the coroutine main(spec) and print what it returns as JSON, with the child's CPU time."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))     # thousands of sockets
+    try:
+        done = asyncio.run(main(spec))
+        done["failure"] = None
+    except Exception as error:
+        done = {"failure": repr(error)}
+    print(json.dumps(done))
+
+
+class _ClosedLoopClient(asyncio.Protocol):
+    """One keep-alive connection sending the same request as soon as it has the answer to the last.
+
+    Answers must say their length (Content-Length, or none for a 204), as
+    every answer this is used for does; a server that closes the connection
+    is counted and connected to again.
+    """
+
+    def __init__(self, load):
+        self.load, self.buffer, self.reconnecting = load, bytearray(), False
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.ask()
+
+    def ask(self):
+        self.asked = time.monotonic()
+        self.transport.write(self.load.request)
+
+    def data_received(self, data):
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end == -1:
+            return
+        head = bytes(self.buffer[:end]).lower()
+        length = re.search(rb"\r\ncontent-length: *([0-9]+)", head)
+        length = int(length.group(1)) if length else 0
+        if len(self.buffer) < end + 4 + length:
+            return
+        status = int(head[9:12])
+        del self.buffer[:end + 4 + length]
+        closes = b"\r\nconnection: close" in head or head.startswith(b"http/1.0")
+        self.load.answered(self, status, closes)
+
+    def connection_lost(self, exc):
+        self.load.lost(self)
+
+
+class _ClosedLoop:
+    """What load_closed_loop measures, and the connections it keeps going until the window closes."""
+
+    def __init__(self, spec):
+        self.spec, self.request, self.window = spec, spec["request"].encode("latin-1"), spec["window"]
+        self.latencies, self.reopened, self.failure = [], 0, None
+        self.running = 0
+        self.done = asyncio.get_running_loop().create_future()
+
+    async def connect(self, reopening=False):
+        self.running += 1
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: _ClosedLoopClient(self), HOST, self.spec["port"])
+        except OSError as error:
+            self.fail(f"could not connect: {error}")
+        self.reopened += reopening and self.window[0] <= time.monotonic() <= self.window[1]
+
+    def answered(self, client, status, closes):
+        now = time.monotonic()
+        if status != self.spec["status"]:
+            self.fail(f"expected {self.spec['status']}, got {status}")
+        elif self.window[0] <= now <= self.window[1]:
+            self.latencies.append(now - client.asked)
+        if closes or now >= self.window[1] or self.failure:
+            client.reconnecting = closes and now < self.window[1] and not self.failure
+            client.transport.close()
+        else:
+            client.ask()
+
+    def lost(self, client):
+        self.running -= 1
+        if client.reconnecting:
+            asyncio.ensure_future(self.connect(reopening=True))
+        elif not self.running and not self.done.done():
+            self.done.set_result(None)
+
+    def fail(self, message):
+        self.failure = self.failure or message
+
+
+async def load_closed_loop(spec):
+    """spec["connections"] keep-alive connections, each sending spec["request"] as soon as it has
+    the answer to the last; latencies of the answers that arrive inside spec["window"] (monotonic),
+    the connections reopened in it, and this process's CPU time in it."""
+    load = _ClosedLoop(spec)
+    for _ in range(spec["connections"]):
+        await load.connect()
+    await asyncio.sleep(max(0.0, load.window[0] - time.monotonic()))
+    cpu = time.process_time()
+    await asyncio.sleep(max(0.0, load.window[1] - time.monotonic()))
+    cpu = time.process_time() - cpu
+    await load.done
+    if load.failure:
+        raise RuntimeError(load.failure)
+    return {"latencies": load.latencies, "opened": load.reopened, "client_cpu": cpu}
+
+
+async def load_devices(spec):
+    """Many devices polling on keep-alive connections, idle and slowloris sockets beside them, and
+    a fresh client logging in now and then. See many_devices()."""
+    port, started = spec["port"], time.monotonic()
+    polling_from = started + 2 * spec["interval"]       # every device has connected by then
+    deadline = polling_from + spec["seconds"]
+    done = {"sent": 0, "answered": 0, "timeouts": 0, "closed_by_server": 0, "connect_failed": 0, "errors": {},
+            "latencies": [],
+            "fresh": [], "fresh_tried": 0, "idle_closed": 0, "slowloris_cut": 0, "seconds": spec["seconds"]}
+    polls = [poll.encode("latin-1") for poll in spec["polls"]]
+
+    async def connect():
+        """A new connection, or None if the server does not take one within DEVICE_TIMEOUT."""
+        try:
+            return await asyncio.wait_for(asyncio.open_connection(HOST, port), DEVICE_TIMEOUT)
+        except (OSError, asyncio.TimeoutError):
+            done["connect_failed"] += 1
+            return None, None
+
+    async def device(n):
+        poll = polls[n % len(polls)]
+        await asyncio.sleep(random.uniform(0, spec["interval"]))
+        reader, writer = await connect()
+        while time.monotonic() < deadline:
+            if writer is None:
+                counted = time.monotonic() >= polling_from
+                done["sent"] += counted
+                done["timeouts"] += counted
+                await asyncio.sleep(spec["interval"])
+                reader, writer = await connect()
+                continue
+            counted = time.monotonic() >= polling_from
+            asked = time.monotonic()
+            done["sent"] += counted
+            try:
+                status, body, closes = await asyncio.wait_for(_exchange(reader, writer, poll), DEVICE_TIMEOUT)
+            except asyncio.TimeoutError:
+                done["timeouts"] += counted
+                closes = True
+            except (ConnectionError, asyncio.IncompleteReadError):
+                done["closed_by_server"] += counted
+                closes = True
+            else:
+                if status == spec["status"]:
+                    done["answered"] += counted
+                    if counted:
+                        done["latencies"].append(time.monotonic() - asked)
+                elif counted:
+                    done["errors"][status] = done["errors"].get(status, 0) + 1
+                done["closed_by_server"] += counted and closes
+            if closes:
+                writer.close()
+                reader, writer = await connect()
+            await asyncio.sleep(spec["interval"] * random.uniform(0.5, 1.5))
+        if writer is not None:
+            writer.close()
+
+    async def idle():
+        reader, writer = await connect()
+        if writer is None:
+            return
+        try:
+            await asyncio.wait_for(reader.read(1), deadline - time.monotonic())
+            done["idle_closed"] += 1
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        writer.close()
+
+    async def slowloris():
+        await asyncio.sleep(random.uniform(0, SLOWLORIS_TRICKLE))
+        head = b"GET /" + DOMAIN.encode() + b"/slow/loris HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nX-Slow: "
+        while time.monotonic() < deadline:
+            reader, writer = await connect()
+            if writer is None:
+                continue
+            writer.write(head[:1])
+            sent = 1
+            while time.monotonic() < deadline:
+                try:
+                    answer = await asyncio.wait_for(reader.read(65536), SLOWLORIS_TRICKLE)
+                except asyncio.TimeoutError:
+                    writer.write(head[sent:sent + 1] if sent < len(head) else b"a")
+                    sent += 1
+                    continue
+                except ConnectionError:
+                    answer = b""
+                done["slowloris_cut"] += 1      # answered (408) or closed: start again, as an attacker would
+                break
+            writer.close()
+
+    async def fresh_client(n):
+        done["fresh_tried"] += 1
+        asked = time.monotonic()
+        reader, writer = await asyncio.open_connection(HOST, port)
+        try:
+            if spec["kind"] == "cutout":
+                user = f"fresh-{n}@example.com"
+                form = login_form(user).encode()
+                status, body, closes = await _exchange(reader, writer, (
+                    f"POST /verify HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                    f"Content-Length: {len(form)}\r\n\r\n").encode() + form)
+                token = json.loads(body)["auth"]["query"]["auth"]
+                second = get_request(f"/{DOMAIN}/{urllib.parse.quote(user, safe='@')}/notes?auth={token}")
+            else:
+                status, body, closes = await _exchange(reader, writer, get_request("/empty"))
+                second = get_request("/empty")
+            if closes:
+                writer.close()
+                reader, writer = await asyncio.open_connection(HOST, port)
+            status, body, _ = await _exchange(reader, writer, second)
+            if status in (200, 204):
+                done["fresh"].append(time.monotonic() - asked)
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError, KeyError):
+            pass
+        finally:
+            writer.close()
+
+    async def fresh_clients():
+        await asyncio.sleep(polling_from - time.monotonic())
+        tasks = []
+        for n in itertools.count():
+            if time.monotonic() >= deadline:
+                break
+            tasks.append(asyncio.create_task(asyncio.wait_for(fresh_client(n), DEVICE_TIMEOUT)))
+            await asyncio.sleep(spec["fresh_every"])
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    others = [idle() for _ in range(spec["idle"])] + [slowloris() for _ in range(spec["slowloris"])]
+    await asyncio.gather(*others, *(device(n) for n in range(spec["devices"])), fresh_clients())
+    return done
 
 
 ###############################################################################
@@ -999,14 +1483,13 @@ def prepare(directory):
     open(os.path.join(directory, MARKER), "w").close()
 
 
-def adapter_versions():
+def server_versions():
     versions = []
-    for adapter in ADAPTERS:
-        if adapter != "wsgiref":
-            try:
-                versions.append(f"{adapter} {importlib.metadata.version(adapter)}")
-            except importlib.metadata.PackageNotFoundError:
-                versions.append(f"{adapter} not installed")
+    for server in SERVERS[1:]:
+        try:
+            versions.append(f"{server} {importlib.metadata.version(server)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{server} not installed")
     return versions
 
 
@@ -1015,9 +1498,13 @@ def main(argv=None):
     parser.add_argument("--dir", default="./bench-data", help="where the collections go (default ./bench-data)")
     parser.add_argument("--quick", action="store_true", help="sizes 10x smaller and shorter runs, for a smoke run")
     parser.add_argument("--keep", action="store_true", help="leave DIR in place at the end")
-    parser.add_argument("--only", type=int, choices=range(1, 9), action="append",
+    parser.add_argument("--only", type=int, choices=range(1, 10), action="append",
                         help="run only workload N (repeatable)")
+    parser.add_argument("--load", metavar="SPEC", help=argparse.SUPPRESS)      # the children that are clients
+    parser.add_argument("--devices", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.load or args.devices:
+        return _load_child(load_closed_loop if args.load else load_devices, json.loads(args.load or args.devices))
     sizes = QUICK if args.quick else FULL
     root = os.path.abspath(args.dir)
     prepare(root)
@@ -1029,11 +1516,11 @@ def main(argv=None):
           f"Python {platform.python_version()} ({platform.python_implementation()}), {os.cpu_count()} CPUs, "
           f"{platform.system()} {platform.release()}, "
           f"SQLite {sqlite3.sqlite_version}, bottle {bottle.__version__}, "
-          f"{', '.join(adapter_versions())}, data in {root}", flush=True)
+          f"{', '.join(server_versions())}, data in {root}", flush=True)
     started = time.perf_counter()
     try:
         workloads = (newest_of_big_vs_small, durable_appends, read_all, garbage_collection,
-                     empty_polls, newest_and_posts, catch_up, blobs)
+                     empty_polls, newest_and_posts, catch_up, blobs, many_devices)
         for number, workload in enumerate(workloads, 1):
             if not args.only or number in args.only:
                 workload(root, sizes)

@@ -2590,6 +2590,7 @@ IDLE_TIMEOUT = 120            # seconds a connection may wait for its next reque
 HEAD_TIMEOUT = 10             # seconds from a request's first byte to the end of its head
 BODY_TIMEOUT = 30             # seconds a body may go without a byte arriving
 SEND_TIMEOUT = 30             # seconds an answer may wait for a client that does not read it
+LINGER_TIMEOUT = 2            # seconds a refused client may go on sending before it is cut off
 STOP_TIMEOUT = 0.8            # seconds requests in progress get to finish when the server stops
 KILL_TIMEOUT = 3              # seconds a stopping worker gets before it is killed
 MAX_CONNECTIONS = 10_000      # per worker process; each costs a few KB and a file descriptor
@@ -2791,7 +2792,8 @@ class _Connection(asyncio.Protocol):
 
     Its state is "idle" (waiting for a request), "head" or "body" (reading
     one), "busy" (a thread is answering it), "sending" (the answer waits for
-    the client to read), or "closed"; each waiting state has a deadline.
+    the client to read), "lingering" (refused, see _refuse) or "closed";
+    each waiting state has a deadline.
     """
 
     def __init__(self, worker):
@@ -2833,6 +2835,8 @@ class _Connection(asyncio.Protocol):
         self.worker.stopped_if_done()
 
     def data_received(self, data):
+        if self.state == "lingering":
+            return
         self.buffer += data
         if self.state in ("idle", "head", "body"):
             self._read()
@@ -2987,11 +2991,17 @@ class _Connection(asyncio.Protocol):
                     self.chunk_left, self.in_trailer, self.received = None, True, 0
 
     def _refuse(self, error):
-        """Answer an error met while reading, and close: what follows in the stream cannot be trusted."""
+        """Answer an error met while reading, and close: what follows in the stream cannot be trusted.
+
+        The connection lingers, reading and dropping what the client still
+        sends: closing with unread data would send a reset, which can destroy
+        the answer before the client reads it.
+        """
         self._release()
-        self.state = "closed"
+        self.state, self.deadline = "lingering", self.worker.loop.time() + LINGER_TIMEOUT
+        self.buffer.clear()
         self.transport.write(_error_bytes(error.status, error.code, error.message, self.worker.date))
-        self.transport.close()
+        self.transport.write_eof()
 
     # Answering --------------------------------------------------------------
 
@@ -3137,14 +3147,14 @@ class _Connection(asyncio.Protocol):
     def time_out(self):
         if self.state in ("head", "body"):
             self._refuse(ProtocolError(408, "bad_request", "the request took too long to arrive"))
-        elif self.state == "sending":
+        elif self.state in ("sending", "lingering"):
             self.transport.abort()
         elif self.state == "idle":
             self.transport.close()      # [RFC 9112, 9.5] a server may close an idle connection
 
     def stop(self):
         """The server is stopping: end this connection once it owes nothing."""
-        if self.state in ("idle", "head", "body"):
+        if self.state in ("idle", "head", "body", "lingering"):
             self.state = "closed"
             self.transport.close()      # a request not read whole was never answered
         else:
@@ -3277,7 +3287,8 @@ def _server_secret(path):
     return secret
 
 
-def serve(args):
+def configure(args):
+    """Set up app for the command line's options; return its Limits. Exits on options that cannot serve."""
     os.makedirs(args.data_dir, exist_ok=True)
     if args.verifier_url:
         verifier = remote_verifier(args.verifier_url)
@@ -3294,6 +3305,11 @@ def serve(args):
         data_dir=DataDir(args.data_dir),
         secret=_server_secret(args.secret_file or os.path.join(args.data_dir, ".secret")),
         verifier=verifier, poll_time=args.poll_time, limits=limits)
+    return limits
+
+
+def serve(args):
+    limits = configure(args)
     max_concurrent = args.max_concurrent or MAX_CONCURRENT_PER_WORKER * args.workers
     host = f"[{args.host}]" if ":" in args.host else args.host
 
