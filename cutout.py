@@ -5,7 +5,10 @@
     python test_protocol.py --url http://127.0.0.1:8088/   # check a server against SPEC.md
 
 Written to be read first; durable and fast second, never at the cost of the first.
-It is one process on one machine's files: not a database server, not a framework.
+It is one server on one machine's files, serving from one worker process per core:
+not a database server, not a framework. Its sections, each using only those above it:
+errors, storage, blobs, the data directory, the protocol, the HTTP routes (bottle),
+the HTTP server (asyncio, worker processes), and the command line.
 """
 
 import argparse
@@ -2807,6 +2810,7 @@ class _Connection(asyncio.Protocol):
         self.admitted = False           # counted in progress (Worker.admit)
         self.writing_paused = False
         self.close_after_answer = False
+        self.unread_body = False        # answered without reading the body the client is sending
         self.chunked_answer, self.chunks = False, None
 
     def connection_made(self, transport):
@@ -2920,7 +2924,7 @@ class _Connection(asyncio.Protocol):
             # [LIMIT-1] Refused before any of it is read; what follows cannot be read as a request.
             raise ProtocolError(413, "too_large", f"the body is larger than {worker.max_body_bytes} bytes")
         if not worker.admit():
-            self.close_after_answer = request.has_body      # its body will not be read
+            self.unread_body = request.has_body
             self._send(*worker.front.overloaded(request.environ))
             return True
         self.admitted = True
@@ -2991,16 +2995,19 @@ class _Connection(asyncio.Protocol):
                     self.chunk_left, self.in_trailer, self.received = None, True, 0
 
     def _refuse(self, error):
-        """Answer an error met while reading, and close: what follows in the stream cannot be trusted.
-
-        The connection lingers, reading and dropping what the client still
-        sends: closing with unread data would send a reset, which can destroy
-        the answer before the client reads it.
-        """
+        """Answer an error met while reading, and close: what follows in the stream cannot be trusted."""
         self._release()
+        self.transport.write(_error_bytes(error.status, error.code, error.message, self.worker.date))
+        self._linger()
+
+    def _linger(self):
+        """Close once the client has read the answer, reading and dropping whatever it still sends.
+
+        Closing with unread data would send a reset, which can destroy the
+        answer before the client reads it.
+        """
         self.state, self.deadline = "lingering", self.worker.loop.time() + LINGER_TIMEOUT
         self.buffer.clear()
-        self.transport.write(_error_bytes(error.status, error.code, error.message, self.worker.date))
         self.transport.write_eof()
 
     # Answering --------------------------------------------------------------
@@ -3054,7 +3061,7 @@ class _Connection(asyncio.Protocol):
     def _send(self, status, headers, answer):
         """Write an answer: its head, then its body (bytes, or an iterable of bytes)."""
         request = self.request
-        close = self.close_after_answer or not request.keep_alive or self.worker.stopping
+        close = self.close_after_answer or self.unread_body or not request.keep_alive or self.worker.stopping
         bodiless = status.startswith(("1", "204", "304"))
         lines = [f"HTTP/1.1 {status}\r\nDate: {self.worker.date}\r\n"]
         length = None
@@ -3125,7 +3132,9 @@ class _Connection(asyncio.Protocol):
 
     def _answer_sent(self):
         self.request = self.body = None
-        if self.close_after_answer:
+        if self.unread_body:
+            self._linger()
+        elif self.close_after_answer:
             self.state = "closed"
             self.transport.close()      # once what is written has gone
         elif self.writing_paused:
