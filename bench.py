@@ -11,39 +11,45 @@ One section per workload, all measured in the same run on this machine:
   4. garbage collection of a 1,000,000-record collection: speed, and peak
      memory, which should grow with the number of distinct (type, id) keys;
 
-and, over HTTP, for each server adapter bottle can run cutout.py on
-(`--server wsgiref|waitress|cheroot`), against a bare bottle route on the
-same adapter (a route that does nothing but answer):
+and, over HTTP, for cutout.py on its own server and on each other server
+installed (granian, cheroot, waitress: `pip install granian cheroot waitress`),
+against a bare bottle route on the same server (a route that does nothing
+but answer):
 
   5. empty polls (204): requests/s with 8 keep-alive connections, which
-     must reach 70% of the bare route's;
+     must reach 70% of the bare route's on the fastest server measured;
   6. GET of the newest 10 objects and durable POST of 10 objects:
      requests/s and p50/p99 latency beside the bare route's;
   7. a client catching up on 10,000 and 100,000 objects through `limit`
      pages: objects/s, and the server's peak memory, which must stay flat;
   8. a 10 MB blob posted (base64 in the JSON body) and downloaded: MB/s, beside
      the bare route reading the same body and bottle.static_file serving the
-     same bytes, and how much the server's peak memory grew, in blob sizes.
+     same bytes, and how much the server's peak memory grew, in blob sizes;
+  9. many devices: 1,000 keep-alive connections each polling about once a
+     second while 500 idle and 200 slowloris sockets are open and a new
+     client logs in every half second: polls answered, p50/p99/max latency,
+     connections the server closed, and the new clients' time to a hello.
 
-The servers run in processes of their own on 127.0.0.1; the load comes from
-this process, 8 threads each reusing one http.client connection, which is
-reopened only when the server closed it. Those reopenings are counted and
+The servers run in processes of their own on 127.0.0.1. The load of 5 and 9
+comes from a child process of asyncio clients on raw sockets (cheap, so that
+the clients are not what is measured); that of 6-8 from this process, threads
+each reusing one http.client connection. Reopened connections are counted and
 shown per 1000 requests: 1000 means a new TCP connection for every request.
-The server's CPU time per request (from /proc) says how much of the time is
-the server's. An adapter that is not installed is skipped.
+The server's CPU time per request (from /proc, all its processes) says how
+much of the time is the server's.
 
 The two sides of a comparison run interleaved (ours, the baseline, ours, ...)
 so that the machine's drift hits both alike. Each section prints the figure,
 the baseline, their ratio and, where there is one, the target with "ok" or
 "MISSED". It is a measurement, not a test: it exits 0 whatever the figures.
 
-    python bench.py                  # full sizes: a few minutes; data in ./bench-data, removed after
-    python bench.py --quick          # sizes 10x smaller, shorter runs: a smoke run
-    python bench.py --only 5 --only 6 --only 7 --only 8   # the HTTP part alone: two minutes
+    python bench.py                  # full sizes: about fifteen minutes; data in ./bench-data, removed after
+    python bench.py --quick          # smaller sizes, shorter runs: a smoke run
+    python bench.py --only 5 --only 9   # the empty polls and many devices alone
     python bench.py --dir /mnt/disk/bench --keep
 
 Needs only the standard library and cutout.py (which imports bottle); the
-waitress and cheroot adapters need those packages.
+other servers are measured if their packages are installed.
 """
 
 import argparse

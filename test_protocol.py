@@ -1742,6 +1742,17 @@ def test_LIMIT_1_a_body_at_the_limit_is_accepted(server):
     object_counters(c.post(body, c.sync_params()), count, "LIMIT-1")
 
 
+def test_LIMIT_1_a_request_head_over_the_limit_is_431_too_large(server):
+    """[LIMIT-1] A server MUST refuse a request line and header fields larger than their limit
+    with 431 (too_large), storing nothing (this server: 64 KiB; 1 MiB is over any). (SPEC.md 2.8)"""
+    c = Collection(server)
+    c.start()
+    response = c.post([note("a", 1)], c.sync_params(), headers={"X-Padding": "p" * (1 << 20)})
+    expect_error(response, 431, "too_large", "LIMIT-1")
+    _, pairs = c.hello()
+    check(pairs == [], "LIMIT-1", "a POST refused for its head stored its objects")
+
+
 def test_LIMIT_1_an_object_over_the_limit_is_413_too_large_and_stores_nothing(server):
     """[LIMIT-1] A server MUST refuse an object whose JSON is larger than its limit with 413
     (too_large), storing nothing (this server: 256 KiB, or CUTOUT_MAX_OBJECT_BYTES). (SPEC.md 2.8)"""
