@@ -43,7 +43,7 @@ so that the machine's drift hits both alike. Each section prints the figure,
 the baseline, their ratio and, where there is one, the target with "ok" or
 "MISSED". It is a measurement, not a test: it exits 0 whatever the figures.
 
-    python bench.py                  # full sizes: about fifteen minutes; data in ./bench-data, removed after
+    python bench.py                  # full sizes: about ten minutes; data in ./bench-data, removed after
     python bench.py --quick          # smaller sizes, shorter runs: a smoke run
     python bench.py --only 5 --only 9   # the empty polls and many devices alone
     python bench.py --dir /mnt/disk/bench --keep
