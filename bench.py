@@ -1420,13 +1420,13 @@ async def load_devices(spec):
             sent = 1
             while time.monotonic() < deadline:
                 try:
-                    answer = await asyncio.wait_for(reader.read(65536), SLOWLORIS_TRICKLE)
+                    await asyncio.wait_for(reader.read(65536), SLOWLORIS_TRICKLE)
                 except asyncio.TimeoutError:
                     writer.write(head[sent:sent + 1] if sent < len(head) else b"a")
                     sent += 1
                     continue
                 except ConnectionError:
-                    answer = b""
+                    pass
                 done["slowloris_cut"] += 1      # answered (408) or closed: start again, as an attacker would
                 break
             writer.close()

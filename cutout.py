@@ -41,7 +41,6 @@ import socket
 import struct
 import sys
 import tarfile
-import threading
 import time
 import unicodedata
 import urllib.parse
