@@ -2524,8 +2524,9 @@ class Front:
         Bottle gets the path as it was sent, still percent-encoded, because
         servers decode PATH_INFO and a "/" inside a name would split it
         (PATH-1); and the tracebacks it writes go to the log at DEBUG.
-        Other servers give a 204 or 304 the Content-Length bottle sets,
-        which HTTP forbids there (RFC 9110, 8.6), so it is dropped here.
+        Other servers pass on the Content-Length: 0 bottle gives a 204 or
+        304, which HTTP forbids on a 204 and which would be wrong on a 304
+        (RFC 9110, 8.6), so it is dropped here.
         """
         environ["wsgi.errors"] = _DEBUG_LOG
         environ["PATH_INFO"] = _raw_path(environ)
@@ -2564,9 +2565,11 @@ class Front:
 # - An empty poll, most of the traffic, is answered on the loop itself from
 #   the remembered poll state (Front.empty_poll: one stat(), no file opened).
 #   Every other request runs on a thread, because it may wait for the disk
-#   (fdatasync, a lock) or for the verifier. More than --max-concurrent
-#   requests in progress in the whole server, counted from the end of a head
-#   to its answer, and the next one is answered 503 (BACKOFF-1).
+#   (fdatasync, a lock) or for the verifier. Only an answer's body that is a
+#   file (a blob) is read on the loop, a chunk at a time as the client takes
+#   it. More than --max-concurrent requests in progress in the whole server,
+#   counted from the end of a head to its answer, and the next one is
+#   answered 503 (BACKOFF-1).
 # - Worker processes, one per core by default, listen on the same port with
 #   SO_REUSEPORT, so the kernel spreads new connections between them. They
 #   share only the data directory and a count of the requests each has in
@@ -2588,16 +2591,21 @@ class Front:
 MAX_HEAD_BYTES = 64 << 10     # bytes of request line and header fields; a token query is ~300
 MAX_HEADER_FIELDS = 100       # field lines in one head
 MAX_CHUNK_LINE = 1024         # bytes of a chunk's size line, extensions included
+MAX_CHUNKS = 10_000           # chunks in one body: each costs the loop a parse, however small it is
 IDLE_TIMEOUT = 120            # seconds a connection may wait for its next request; clients poll every 30
 HEAD_TIMEOUT = 10             # seconds from a request's first byte to the end of its head
 BODY_TIMEOUT = 30             # seconds a body may go without a byte arriving
 SEND_TIMEOUT = 30             # seconds an answer may wait for a client that does not read it
 LINGER_TIMEOUT = 2            # seconds a refused client may go on sending before it is cut off
-STOP_TIMEOUT = 0.8            # seconds requests in progress get to finish when the server stops
+STOP_TIMEOUT = 0.8            # seconds requests in progress get to finish when the server stops;
+                              # an answer not ready by then is not sent (the client asks again)
 KILL_TIMEOUT = 3              # seconds a stopping worker gets before it is killed
-MAX_CONNECTIONS = 10_000      # per worker process; each costs a few KB and a file descriptor
+MAX_CONNECTIONS = 10_000      # per worker process; each costs a few KB and one or two file descriptors
+FILES_PER_CONNECTION = 2      # its socket, and the blob file it may be downloading
+MIN_CONNECTIONS = 64          # per worker: fewer file descriptors than that allow is no server
 LISTEN_BACKLOG = 1024         # connections the kernel holds for a worker until it accepts them
 SMALL_ANSWER = 64 << 10       # bytes: an answer body up to this is sent in one write with its head
+LARGE_BODY = 64 << 10         # bytes: a request body larger than this gets memory of its own (see _start_body)
 
 # request-line = method SP request-target SP HTTP-version        (RFC 9112, 3)
 #   method = token; request-target = 1*VCHAR here; HTTP-version = "HTTP/" DIGIT "." DIGIT
@@ -2611,7 +2619,7 @@ ABSOLUTE_FORM = re.compile(rb"https?://([^/?#]+)([/?][!-~]*)?\Z", re.IGNORECASE)
 HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?\Z")
 # chunk-size [ chunk-ext ] CRLF, chunk-size = 1*HEXDIG          (RFC 9112, 7.1)
 #   chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS value ] ), read here as ";" and visible text
-CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})([ \t]*;[\t -~]*)?\Z")
+CHUNK_SIZE_LINE = re.compile(rb"0*([0-9A-Fa-f]{1,16})([ \t]*;[\t -~]*)?\Z")
 
 
 class _Request:
@@ -2670,6 +2678,10 @@ def parse_request_head(head, connection_environ):
 
 def _read_target(target, environ):
     """Set the environ's path, query and host from the request-target (RFC 9112, 3.2)."""
+    if "HTTP_HOST" not in environ and environ["SERVER_PROTOCOL"] == "HTTP/1.1":
+        # [RFC 9112, 3.2] "A server MUST respond with a 400 (Bad Request) status code to any
+        # HTTP/1.1 request message that lacks a Host header field".
+        raise ProtocolError(400, "bad_request", "an HTTP/1.1 request needs a Host header")
     absolute = ABSOLUTE_FORM.match(target)
     if absolute is not None:
         # [RFC 9112, 3.2.2] "the origin server MUST ignore the received Host header field (if any)
@@ -2680,10 +2692,6 @@ def _read_target(target, environ):
             target = b"/" + target
     elif not target.startswith(b"/"):
         raise ProtocolError(400, "bad_request", "the request target is neither a path nor an http URL")
-    elif "HTTP_HOST" not in environ and environ["SERVER_PROTOCOL"] == "HTTP/1.1":
-        # [RFC 9112, 3.2] "A server MUST respond with a 400 (Bad Request) status code to any
-        # HTTP/1.1 request message that lacks a Host header field".
-        raise ProtocolError(400, "bad_request", "an HTTP/1.1 request needs a Host header")
     if not HOST.match(environ.get("HTTP_HOST", "")):
         raise ProtocolError(400, "bad_request", "the Host header is not a host")
     path, _, query = target.decode("ascii").partition("?")
@@ -2715,13 +2723,16 @@ def _read_framing(request, environ):
         request.length = int(length)
 
 
-def _error_bytes(status, code, message, date, retry_after=None):
-    """A whole HTTP answer to an error the server meets before any route, closing the connection."""
+def _error_bytes(status, code, message, date, retry_after=None, to_head=False):
+    """A whole HTTP answer to an error the server meets before any route, closing the connection.
+
+    to_head: it answers a HEAD, so it has no body (RFC 9110, 9.3.2).
+    """
     body = json.dumps({"error": code, "message": message}).encode()
     retry = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
     return (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\nDate: {date}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{retry}"
-            f"Connection: close\r\n\r\n").encode() + body
+            f"Connection: close\r\n\r\n").encode() + (b"" if to_head else body)
 
 
 class _Worker:
@@ -2764,13 +2775,13 @@ class _Worker:
 
     def keep_time(self):
         """Once a second: refresh the Date, end connections past their deadline, notice an orphaning."""
+        self.loop.call_later(1, self.keep_time)
         self.date = email.utils.formatdate(usegmt=True)
         now = self.loop.time()
         for connection in [c for c in self.connections if c.deadline < now]:
             connection.time_out()
         if os.getppid() != self.parent:
             self.stop()         # the supervisor is gone (killed): nobody would stop this worker
-        self.loop.call_later(1, self.keep_time)
 
     def stop(self):
         """Stop accepting, let the requests in progress finish, and end the loop."""
@@ -2794,8 +2805,9 @@ class _Connection(asyncio.Protocol):
 
     Its state is "idle" (waiting for a request), "head" or "body" (reading
     one), "busy" (a thread is answering it), "sending" (the answer waits for
-    the client to read), "lingering" (refused, see _refuse) or "closed";
-    each waiting state has a deadline.
+    the client to read it), "lingering" (refused, see _linger), "closing"
+    (the last answer is on its way out), or "closed". Every state but "busy"
+    and "closed" has a deadline.
     """
 
     def __init__(self, worker):
@@ -2805,23 +2817,23 @@ class _Connection(asyncio.Protocol):
         self.scanned = 0                # bytes of the buffer known to hold no end of head
         self.state = "idle"
         self.deadline = worker.loop.time() + IDLE_TIMEOUT
-        self.request = self.body = self.answer = None
+        self.request = self.body = self.answer = self.chunks = None
         self.admitted = False           # counted in progress (Worker.admit)
         self.writing_paused = False
+        self.input_ended = False        # the client will send nothing more (it half-closed)
         self.close_after_answer = False
         self.unread_body = False        # answered without reading the body the client is sending
-        self.chunked_answer, self.chunks = False, None
+        self.chunked_answer = False
 
     def connection_made(self, transport):
         self.transport = transport
         worker = self.worker
-        if len(worker.connections) >= worker.max_connections:
+        worker.connections.add(self)
+        if len(worker.connections) > worker.max_connections:
             transport.write(_error_bytes(503, "overloaded", "too many connections: try again later",
                                          worker.date, RETRY_AFTER))
-            transport.close()
-            self.state = "closed"
+            self._linger()
             return
-        worker.connections.add(self)
         host, port = transport.get_extra_info("sockname")[:2]
         peer = transport.get_extra_info("peername") or ("", 0)
         self.environ = {
@@ -2831,8 +2843,9 @@ class _Connection(asyncio.Protocol):
             "wsgi.input_terminated": True}
 
     def connection_lost(self, exc):
+        if self.state != "busy":
+            self._release()         # a request on a thread is counted until its answer is ready
         self.state = "closed"
-        self._release()
         self._close_answer()
         self.worker.connections.discard(self)
         self.worker.stopped_if_done()
@@ -2847,20 +2860,27 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()      # pipelined requests wait until this one is answered
 
     def eof_received(self):
-        if self.state != "busy" and self.state != "sending":
-            return False        # nothing is owed: close
-        self.close_after_answer = True
-        return True             # keep the connection open to write the answer
+        self.input_ended = True
+        if self.state in ("busy", "sending") or (self.state == "idle" and b"\r\n\r\n" in self.buffer):
+            return True             # keep the connection open to answer what was asked
+        return False                # nothing is owed, or a request can no longer be finished: close
 
     def pause_writing(self):
         self.writing_paused = True
 
     def resume_writing(self):
+        # Not the work itself: closing the transport from inside this callback
+        # makes asyncio end the connection twice.
         self.writing_paused = False
+        self.worker.loop.call_soon(self._resumed)
+
+    def _resumed(self):
+        if self.writing_paused or self.state in ("closing", "closed"):
+            return
         if self.answer is not None:
             self._pump()
         elif self.state == "sending":
-            self._next_request()
+            self._answer_sent()
         self._read()        # requests that came meanwhile
 
     # Reading ----------------------------------------------------------------
@@ -2871,15 +2891,17 @@ class _Connection(asyncio.Protocol):
             try:
                 if self.state != "body":
                     if not self._read_head():
-                        return
+                        break
                     if self._answered_at_once():
                         continue        # the buffer may hold the next request
                 if self.state == "body" and not self._read_body():
-                    return
+                    break
             except ProtocolError as error:
                 self._refuse(error)
                 return
             self._answer_on_thread()
+        if self.input_ended and self.state in ("idle", "head", "body"):
+            self._close()           # what is left of the input can never be a whole request
 
     def _read_head(self):
         """Whether the buffer held a whole head, now parsed into self.request."""
@@ -2915,7 +2937,11 @@ class _Connection(asyncio.Protocol):
         """
         request, worker = self.request, self.worker
         if not request.has_body:
-            answer = worker.front.empty_poll(request.environ)
+            try:
+                answer = worker.front.empty_poll(request.environ)
+            except Exception:
+                log.exception("answering an empty poll failed")
+                answer = None       # the thread answers it, with the error if there is one
             if answer is not None:
                 self._send(*answer)
                 return True
@@ -2928,15 +2954,19 @@ class _Connection(asyncio.Protocol):
             return True
         self.admitted = True
         if request.has_body:
-            self.state, self.deadline = "body", worker.loop.time() + BODY_TIMEOUT
-            self.received = 0
-            # A large body gets memory of its own, given back whole when it is freed
-            # (the heap would keep a blob's worth in every thread that freed one).
-            self.body = mmap.mmap(-1, request.length) if request.length > SMALL_ANSWER else bytearray(request.length)
-            self.chunk_left, self.in_trailer = None, False
-            if request.expects_continue:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._start_body()
         return False
+
+    def _start_body(self):
+        request = self.request
+        self.state, self.deadline = "body", self.worker.loop.time() + BODY_TIMEOUT
+        self.received = self.chunk_count = 0
+        # A large body gets memory of its own, given back whole when it is freed
+        # (the heap would keep a blob's worth in every thread that freed one).
+        self.body = mmap.mmap(-1, request.length) if request.length > LARGE_BODY else bytearray(request.length)
+        self.chunk_left, self.in_trailer = None, False
+        if request.expects_continue:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _read_body(self):
         """Whether the whole body has arrived, into self.body."""
@@ -2967,6 +2997,8 @@ class _Connection(asyncio.Protocol):
                     return False
             line_end = buffer.find(b"\r\n")
             if line_end == -1:
+                if b"\n" in buffer:
+                    raise ProtocolError(400, "bad_request", "the lines of a chunked body end in CRLF, not LF")
                 if len(buffer) > MAX_CHUNK_LINE:
                     raise ProtocolError(400, "bad_request", "a chunk's size line is too long")
                 return False
@@ -2986,28 +3018,14 @@ class _Connection(asyncio.Protocol):
                 size = CHUNK_SIZE_LINE.match(line)
                 if size is None:
                     raise ProtocolError(400, "bad_request", "a chunk's size is not hexadecimal digits")
-                self.chunk_left = int(size.group(1), 16)
+                self.chunk_left, self.chunk_count = int(size.group(1), 16), self.chunk_count + 1
                 if len(body) + self.chunk_left > self.worker.max_body_bytes:
                     raise ProtocolError(413, "too_large",
                                         f"the body is larger than {self.worker.max_body_bytes} bytes")
+                if self.chunk_count > MAX_CHUNKS:
+                    raise ProtocolError(400, "bad_request", f"a body may come in at most {MAX_CHUNKS} chunks")
                 if self.chunk_left == 0:        # the last chunk: the trailer section follows
                     self.chunk_left, self.in_trailer, self.received = None, True, 0
-
-    def _refuse(self, error):
-        """Answer an error met while reading, and close: what follows in the stream cannot be trusted."""
-        self._release()
-        self.transport.write(_error_bytes(error.status, error.code, error.message, self.worker.date))
-        self._linger()
-
-    def _linger(self):
-        """Close once the client has read the answer, reading and dropping whatever it still sends.
-
-        Closing with unread data would send a reset, which can destroy the
-        answer before the client reads it.
-        """
-        self.state, self.deadline = "lingering", self.worker.loop.time() + LINGER_TIMEOUT
-        self.buffer.clear()
-        self.transport.write_eof()
 
     # Answering --------------------------------------------------------------
 
@@ -3054,20 +3072,28 @@ class _Connection(asyncio.Protocol):
             if hasattr(answer, "close"):
                 answer.close()
             return
-        self._send(status, headers, answer)
+        try:
+            self._send(status, headers, answer)
+        except Exception:
+            log.exception("sending an answer failed")
+            self.transport.abort()
+            return
         self._read()        # a request that came in the meantime
 
     def _send(self, status, headers, answer):
         """Write an answer: its head, then its body (bytes, or an iterable of bytes)."""
         request = self.request
-        close = self.close_after_answer or self.unread_body or not request.keep_alive or self.worker.stopping
+        close = (self.close_after_answer or self.unread_body or not request.keep_alive or self.worker.stopping
+                 or (self.input_ended and b"\r\n\r\n" not in self.buffer))
         bodiless = status.startswith(("1", "204", "304"))
         lines = [f"HTTP/1.1 {status}\r\nDate: {self.worker.date}\r\n"]
         length = None
         for name, value in headers:
             if name.lower() == "content-length":
+                # [RFC 9110, 8.6] none on a 1xx or 204; on a 304 it would have to be the
+                # length of the 200 it stands for, which bottle's 0 is not.
                 if bodiless:
-                    continue        # [RFC 9110, 8.6] none on a 1xx, 204 or 304
+                    continue
                 length = value
             lines.append(f"{name}: {value}\r\n")
         self.chunked_answer = False
@@ -3127,23 +3153,20 @@ class _Connection(asyncio.Protocol):
     def _close_answer(self):
         if self.answer is not None and hasattr(self.answer, "close"):
             self.answer.close()
-        self.answer = None
+        self.answer = self.chunks = None
 
     def _answer_sent(self):
+        """The answer is written (perhaps not yet sent): close, wait for the client to read, or go on."""
         self.request = self.body = None
         if self.unread_body:
             self._linger()
         elif self.close_after_answer:
-            self.state = "closed"
-            self.transport.close()      # once what is written has gone
+            self._close()
         elif self.writing_paused:
             self.state, self.deadline = "sending", self.worker.loop.time() + SEND_TIMEOUT
         else:
-            self._next_request()
-
-    def _next_request(self):
-        self.state, self.deadline = "idle", self.worker.loop.time() + IDLE_TIMEOUT
-        self.transport.resume_reading()
+            self.state, self.deadline = "idle", self.worker.loop.time() + IDLE_TIMEOUT
+            self.transport.resume_reading()
 
     def _release(self):
         if self.admitted:
@@ -3152,19 +3175,44 @@ class _Connection(asyncio.Protocol):
 
     # Ending -----------------------------------------------------------------
 
+    def _refuse(self, error):
+        """Answer an error met while reading, and close: what follows in the stream cannot be trusted."""
+        self._release()
+        to_head = self.request is not None and self.request.method == "HEAD"
+        self.transport.write(_error_bytes(error.status, error.code, error.message, self.worker.date,
+                                          to_head=to_head))
+        self._linger()
+
+    def _linger(self):
+        """Close once the client has read the answer, reading and dropping whatever it still sends.
+
+        Closing with unread data would send a reset, which can destroy the
+        answer before the client reads it.
+        """
+        self.state, self.deadline = "lingering", self.worker.loop.time() + LINGER_TIMEOUT
+        self.buffer.clear()
+        self.transport.write_eof()
+
+    def _close(self):
+        """Close once what is written has gone, or at SEND_TIMEOUT if the client will not take it."""
+        self.state, self.deadline = "closing", self.worker.loop.time() + SEND_TIMEOUT
+        self.transport.close()
+
     def time_out(self):
         if self.state in ("head", "body"):
             self._refuse(ProtocolError(408, "bad_request", "the request took too long to arrive"))
-        elif self.state in ("sending", "lingering"):
+        elif self.state in ("sending", "lingering", "closing"):
             self.transport.abort()
         elif self.state == "idle":
-            self.transport.close()      # [RFC 9112, 9.5] a server may close an idle connection
+            self._close()           # [RFC 9112, 9.5] a server may close an idle connection
 
     def stop(self):
         """The server is stopping: end this connection once it owes nothing."""
         if self.state in ("idle", "head", "body", "lingering"):
-            self.state = "closed"
-            self.transport.close()      # a request not read whole was never answered
+            self._close()           # a request not read whole was never answered
+        elif self.state == "sending":
+            self.close_after_answer = True
+            self._answer_sent()     # closes once the answer has gone
         else:
             self.close_after_answer = True
 
@@ -3191,7 +3239,9 @@ def _listening_sockets(host, port, workers):
 def _raise_open_files_limit(wanted):
     """Let this process hold wanted file descriptors if the hard limit allows; return how many it may."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    if soft < wanted:
         soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     return soft
@@ -3204,8 +3254,13 @@ def serve_http(front, host, port, workers, max_concurrent, max_body_bytes, annou
     are handled. A worker that dies is replaced; one that will not stop is
     killed after KILL_TIMEOUT.
     """
-    reserve = 64 + 4 * max_concurrent       # descriptors for the files of the requests in progress
-    max_connections = min(MAX_CONNECTIONS, _raise_open_files_limit(MAX_CONNECTIONS + reserve) - reserve)
+    reserve = 64 + workers + 4 * max_concurrent     # listening sockets, and the files of requests in progress
+    allowed = _raise_open_files_limit(FILES_PER_CONNECTION * MAX_CONNECTIONS + reserve)
+    max_connections = min(MAX_CONNECTIONS, (allowed - reserve) // FILES_PER_CONNECTION)
+    if max_connections < MIN_CONNECTIONS:
+        sys.exit(f"cutout.py: this process may open only {allowed} files (ulimit -n), too few for "
+                 f"{MIN_CONNECTIONS} connections and {max_concurrent} requests at once; raise the limit "
+                 f"to at least {FILES_PER_CONNECTION * MIN_CONNECTIONS + reserve}")
     sockets = _listening_sockets(host, port, workers)
     in_progress = memoryview(mmap.mmap(-1, 8 * workers)).cast("q")     # shared with the workers
     children, stopping = {}, []
@@ -3227,8 +3282,8 @@ def serve_http(front, host, port, workers, max_concurrent, max_body_bytes, annou
             finally:
                 logging.shutdown()
                 os._exit(code)
+        children[pid] = index, time.monotonic()     # before a signal can look for it
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
-        children[pid] = index, time.monotonic()
 
     def stop(signum, frame):
         stopping.append(signum)

@@ -26,6 +26,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tarfile
@@ -1393,13 +1394,16 @@ def test_server_refuses_a_public_address_without_a_verifier(tmp_path):
 
 
 class _FakeVerifier(http.server.BaseHTTPRequestHandler):
-    """A BrowserID-style verifier: "good:EMAIL" is okay, "elsewhere:EMAIL" is okay for another audience."""
+    """A BrowserID-style verifier: "good:EMAIL" is okay, "elsewhere:EMAIL" is okay for another
+    audience, "slow:EMAIL" is okay after two seconds."""
 
     def do_POST(self):
         form = urllib.parse.parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
         assertion, audience = form["assertion"][0], form["audience"][0]
         kind, _, email = assertion.partition(":")
-        if kind == "good":
+        if kind == "slow":
+            time.sleep(2)
+        if kind in ("good", "slow"):
             verdict = {"status": "okay", "email": email, "audience": audience}
         elif kind == "elsewhere":
             verdict = {"status": "okay", "email": email, "audience": "https://elsewhere.example"}
@@ -1805,6 +1809,9 @@ FRAMING = [
     ("HTTP/2 in an HTTP/1 request line", b"GET /syncclient.js HTTP/2.0\r\nHost: x\r\n\r\n", 505),
     ("a request line with two spaces", b"GET  /syncclient.js HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("a control character in a field", b"GET /syncclient.js HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400),
+    ("an absolute URL without Host", b"GET http://x/syncclient.js HTTP/1.1\r\n\r\n", 400),
+    ("a chunked body in LF lines", b"POST /verify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"5\nhello\n0\n\n", 400),
 ]
 
 
@@ -1971,3 +1978,83 @@ def test_a_burst_of_logins_is_answered_or_told_to_retry_never_left_hanging(tmp_p
             time.sleep(max(retry for status, retry in answers if status == 503))
             assert requests.post(base + "/verify", data={"assertion": "ann@example.com",
                                                          "audience": "http://app.example"}, timeout=10).status_code == 200
+
+
+def test_a_request_whose_client_is_gone_still_counts_until_it_is_done(tmp_path, verifier_url):
+    """Logins that wait on a slow verifier hold the server's places even when their clients
+    reset the connection: otherwise abandoned work would pile up behind an empty count."""
+    with _server(tmp_path, "--workers", "1", "--max-concurrent", "2", "--verifier-url", verifier_url) as base:
+        form = b"assertion=slow%3Aann%40example.com&audience=http%3A%2F%2Fapp.example"
+        for _ in range(2):
+            client = _raw(base)
+            client.sendall(b"POST /verify HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(form), form))
+            time.sleep(0.2)     # read and handed to a thread
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()      # a reset
+        assert requests.get(base + "/syncclient.js", timeout=10).status_code == 503
+        deadline = time.monotonic() + 10
+        while requests.get(base + "/syncclient.js", timeout=10).status_code == 503:
+            assert time.monotonic() < deadline, "the places were never given back"
+            time.sleep(0.2)
+
+
+def _blob_href(base, token, size):
+    """The href of a blob of size random bytes, posted to a new collection."""
+    path = base + "/app.example/ann@example.com/blobs"
+    collection_id = requests.get(path, params={"auth": token}, timeout=10).json()["collection_id"]
+    posted = requests.post(path, params={"auth": token, "since": 0, "collection_id": collection_id}, timeout=30,
+                           json=[{"type": "photo", "id": 1, "data": {}, "blob": {
+                               "content_type": "image/png", "data": base64.b64encode(os.urandom(size)).decode()}}])
+    return posted.json()["blob_hrefs"][0]
+
+
+def test_answers_that_end_a_connection_are_delivered_whole_and_quietly(tmp_path):
+    """A blob downloaded on a connection that closes after it (HTTP/1.0, Connection: close)
+    arrives whole, and the server logs no error for it; requests sent before a half-close are
+    all answered, and then the connection is closed at once."""
+    with _cutout_process(tmp_path) as process:
+        base = f"http://127.0.0.1:{_announced_port(process)}"
+        token = _token(base)
+        href = _blob_href(base, token, 3 << 20)
+        for request in (b"GET %s?auth=%s HTTP/1.0\r\n\r\n", b"GET %s?auth=%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"):
+            with _raw(base) as client:
+                client.sendall(request % (href.encode(), token.encode()))
+                status, headers, body = _read_answer(client)
+                assert status == 200 and len(body) == 3 << 20 and _closed(client)
+        with _raw(base) as client:
+            pipelined = b"GET %s?auth=%s HTTP/1.1\r\nHost: x\r\n\r\n" % (href.encode(), token.encode())
+            client.sendall(pipelined * 3)
+            time.sleep(0.5)         # the answers fill the buffers: the server waits for the client to read
+            client.shutdown(socket.SHUT_WR)
+            started = time.monotonic()
+            for _ in range(3):
+                status, _, body = _read_answer(client)
+                assert status == 200 and len(body) == 3 << 20
+            assert _closed(client) and time.monotonic() - started < 10
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+        logged = process.stderr.read()
+        assert "Traceback" not in logged and "Exception in callback" not in logged, logged
+
+
+def test_a_body_in_too_many_chunks_is_refused(tmp_path):
+    """Each chunk costs the event loop a parse however small it is: a body may come in at most
+    MAX_CHUNKS chunks. Leading zeros in a chunk's size are still fine."""
+    with _server(tmp_path) as base, _raw(base) as client:
+        client.sendall(b"POST /verify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       + b"1\r\nx\r\n" * (cutout.MAX_CHUNKS + 1) + b"0\r\n\r\n")
+        status, _, body = _read_answer(client)
+        assert (status, json.loads(body)["error"]) == (400, "bad_request") and "chunks" in json.loads(body)["message"]
+    with _server(tmp_path) as base, _raw(base) as client:
+        form = b"assertion=ann%40example.com&audience=http%3A%2F%2Fapp.example"
+        client.sendall(b"POST /verify HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n%017x\r\n%s\r\n0\r\n\r\n" % (len(form), form))
+        assert _read_answer(client)[0] == 200
+
+
+def test_too_few_file_descriptors_is_said_at_start(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(HERE, "cutout.py"), "--port", "0", "--data-dir",
+                           str(tmp_path / "data")], capture_output=True, text=True, timeout=30,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (150, 150)))
+    assert done.returncode != 0 and "ulimit -n" in done.stderr and "serving" not in done.stdout
