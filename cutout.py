@@ -2097,6 +2097,31 @@ def remote_verifier(url):
     return verify
 
 
+MAX_VERIFY_BYTES = 16 << 10  # bytes of a /verify form: an assertion (an ID token is 1-2 KB) and an origin
+FORM = "application/x-www-form-urlencoded"
+
+
+def parse_verify_form(body, content_type):
+    """(assertion, audience) from the body of POST /verify; raises ProtocolError (AUTH-1).
+
+    The form is read here, not by a general parser: a multipart body or a
+    malformed Content-Type is refused before anything in it is parsed.
+    """
+    if len(body) and content_type.partition(";")[0].strip().lower() != FORM:
+        raise ProtocolError(415, "bad_request", f"POST /verify takes a form ({FORM})")
+    try:
+        pairs = urllib.parse.parse_qsl(str(body, "ascii"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise ProtocolError(400, "bad_request", "the form is not percent-encoded UTF-8") from None
+    fields = {}
+    for name, value in pairs:
+        if name in ("assertion", "audience"):
+            if name in fields:
+                raise ProtocolError(400, "bad_request", f"{name} may appear only once")
+            fields[name] = value
+    return fields.get("assertion", ""), fields.get("audience", "")
+
+
 def verify_assertion(secret, verifier, assertion, audience, now):
     """Answer POST /verify (AUTH-1): (status, body bytes)."""
     if not assertion or not audience:
@@ -2367,10 +2392,10 @@ def preflight(**url_parts):
 @app.post("/verify")
 @_protocol
 def verify():
-    forms = bottle.request.forms
+    assertion, audience = parse_verify_form(_body(MAX_VERIFY_BYTES), bottle.request.content_type)
+    bottle.request.environ["cutout.audience"] = audience        # for the CORS headers (CORS-3)
     config = _config()
-    return _answer(*verify_assertion(config.secret, config.verifier, forms.getunicode("assertion") or "",
-                                     forms.getunicode("audience") or "", time.time()))
+    return _answer(*verify_assertion(config.secret, config.verifier, assertion, audience, time.time()))
 
 
 @app.get("/syncclient.js")
@@ -2422,9 +2447,7 @@ def _cross_origin_and_backoff_headers(method, path, origin, audience=None):
 def _add_cross_origin_and_backoff_headers():
     request, response = bottle.request, bottle.response
     origin = request.environ.get("HTTP_ORIGIN")
-    audience = None
-    if request.path == "/verify" and request.method == "POST" and origin is not None:
-        audience = request.forms.getunicode("audience")
+    audience = request.environ.get("cutout.audience")      # set by verify() once it has read the form
     for name, value in _cross_origin_and_backoff_headers(request.method, _raw_path(request.environ), origin, audience):
         if name == "Vary":
             response.add_header(name, value)

@@ -1381,6 +1381,27 @@ def test_AUTH_1_a_missing_field_is_400_bad_request(server):
         expect_error(http("POST", server.url + "/verify", data=form), 400, "bad_request", "AUTH-1")
 
 
+@pytest.mark.parametrize("content_type, body", [
+    ("application/json", '{"assertion": "a@example.test", "audience": "http://app.example.test"}'),
+    ("multipart/form-data; boundary=x", '--x\r\nContent-Disposition: form-data; name="assertion"\r\n\r\n'
+                                        'a@example.test\r\n--x--\r\n'),
+    (";", "assertion=a%40example.test&audience=http%3A%2F%2Fapp.example.test"),
+    (None, "assertion=a%40example.test&audience=http%3A%2F%2Fapp.example.test")])
+def test_AUTH_1_a_body_that_is_not_a_form_is_415(server, content_type, body):
+    """[AUTH-1] The body MUST be a form (application/x-www-form-urlencoded): any other type is
+    answered 415 (bad_request) before it is read. (SPEC.md 2.6)"""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    expect_error(http("POST", server.url + "/verify", data=body.encode(), headers=headers), 415, "bad_request",
+                 "AUTH-1")
+
+
+def test_AUTH_1_a_form_over_the_limit_is_413_too_large(server):
+    """[AUTH-1] A form larger than the server's limit is answered 413 (too_large; this server:
+    16 KiB, and 1 MiB is over any reasonable one). (SPEC.md 2.6)"""
+    form = {"assertion": "a" * (1 << 20), "audience": "http://app.example.test"}
+    expect_error(http("POST", server.url + "/verify", data=form), 413, "too_large", "AUTH-1")
+
+
 @pytest.mark.parametrize("audience", ["app.example.test", "http://app.example.test/notes", "http://",
                                       "http://app.example.test?x=1", "http://app.example.test#top",
                                       "http://user@app.example.test", "http://app.example.test:port",

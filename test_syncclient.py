@@ -313,6 +313,8 @@ def test_an_expired_token_is_renewed_without_losing_an_edit(browser, app_origin,
     laptop.wait_for(["with a fresh token"], "before the token expires")
     # The server's own signature, two days old: a token that has expired (AUTH-2).
     expired = cutout.make_token(server.secret(), "ann@example.com", app_origin.lower(), time.time() - 2 * 86400)
+    # Swapped while no page of the app runs: a running one could write its own token back.
+    phone.page.goto(f"{app_origin}/no-app-here")
     phone.page.evaluate("""token => {
         const key = Object.keys(localStorage).find(k => k.startsWith("cutout-sync "));
         const state = JSON.parse(localStorage.getItem(key));
