@@ -464,10 +464,12 @@ if server == "cutout":      # the bare app: cutout.py itself is started as a use
         def empty_poll(self, environ):
             return None
 
+        def body_limit(self, environ):
+            return 1 << 30
+
         def overloaded(self, environ):
             return "503 Service Unavailable", [("Retry-After", "1")], b""
-    cutout.serve_http(Bare(), "127.0.0.1", port, workers, cutout.MAX_CONCURRENT_PER_WORKER * workers, 1 << 30,
-                      announce)
+    cutout.serve_http(Bare(), "127.0.0.1", port, workers, cutout.MAX_CONCURRENT_PER_WORKER * workers, announce)
 elif server == "granian":
     from granian import Granian
     announce()

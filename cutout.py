@@ -2501,8 +2501,10 @@ class Front:
     As a WSGI application, any server can run it: it answers an empty poll
     itself (empty_poll), and hands every other request to bottle (dispatch).
     The server below asks it for those two apart, so that it can answer
-    empty polls on its event loop and the rest on threads, and for the 503
-    it answers when too many requests are in progress (overloaded).
+    empty polls on its event loop and the rest on threads; for the most a
+    request's body may hold, so that it refuses a larger one before reading
+    it (body_limit); and for the 503 it answers when too many requests are
+    in progress (overloaded).
     """
 
     def __init__(self, application):
@@ -2559,6 +2561,16 @@ class Front:
                 headers = [(name, value) for name, value in headers if name.lower() != "content-length"]
             return start_response(status, headers, exc_info)
         return self.application(environ, respond)
+
+    def body_limit(self, environ):
+        """The most bytes the body of this request may have, known from its head (LIMIT-1, AUTH-1)."""
+        limits = _config().limits
+        path = _raw_path(environ)
+        if path == "/verify":
+            return MAX_VERIFY_BYTES
+        if environ["REQUEST_METHOD"] == "POST" and len(path[1:].split("/")) == 3:
+            return limits.max_post_bytes        # the objects, and the base64 of one largest blob
+        return limits.max_body_bytes
 
     def overloaded(self, environ):
         """(status, headers, body) of the 503 a busy server answers (BACKOFF-1).
@@ -2767,7 +2779,7 @@ class _Worker:
         # writes only its own and reads the sum. Two workers may both take the last
         # place at once; the limit is a bound on load, not a count of resources.
         self.in_progress, self.index = in_progress, index
-        self.max_concurrent, self.max_body_bytes, self.max_connections = limits
+        self.max_concurrent, self.max_connections = limits
         self.connections = set()
         self.loop = self.threads = self.listener = None
         self.stopping = False
@@ -2842,6 +2854,7 @@ class _Connection(asyncio.Protocol):
         self.deadline = worker.loop.time() + IDLE_TIMEOUT
         self.request = self.body = self.answer = self.chunks = None
         self.admitted = False           # counted in progress (Worker.admit)
+        self.body_limit = 0             # bytes the body being read may have (Front.body_limit)
         self.writing_paused = False
         self.input_ended = False        # the client will send nothing more (it half-closed)
         self.close_after_answer = False
@@ -2968,9 +2981,10 @@ class _Connection(asyncio.Protocol):
             if answer is not None:
                 self._send(*answer)
                 return True
-        if request.length > worker.max_body_bytes:
+        self.body_limit = worker.front.body_limit(request.environ) if request.has_body else 0
+        if request.length > self.body_limit:
             # [LIMIT-1] Refused before any of it is read; what follows cannot be read as a request.
-            raise ProtocolError(413, "too_large", f"the body is larger than {worker.max_body_bytes} bytes")
+            raise ProtocolError(413, "too_large", f"the body is larger than {self.body_limit} bytes")
         if not worker.admit():
             self.unread_body = request.has_body
             self._send(*worker.front.overloaded(request.environ))
@@ -3042,9 +3056,8 @@ class _Connection(asyncio.Protocol):
                 if size is None:
                     raise ProtocolError(400, "bad_request", "a chunk's size is not hexadecimal digits")
                 self.chunk_left, self.chunk_count = int(size.group(1), 16), self.chunk_count + 1
-                if len(body) + self.chunk_left > self.worker.max_body_bytes:
-                    raise ProtocolError(413, "too_large",
-                                        f"the body is larger than {self.worker.max_body_bytes} bytes")
+                if len(body) + self.chunk_left > self.body_limit:
+                    raise ProtocolError(413, "too_large", f"the body is larger than {self.body_limit} bytes")
                 if self.chunk_count > MAX_CHUNKS:
                     raise ProtocolError(400, "bad_request", f"a body may come in at most {MAX_CHUNKS} chunks")
                 if self.chunk_left == 0:        # the last chunk: the trailer section follows
@@ -3270,7 +3283,7 @@ def _raise_open_files_limit(wanted):
     return soft
 
 
-def serve_http(front, host, port, workers, max_concurrent, max_body_bytes, announce):
+def serve_http(front, host, port, workers, max_concurrent, announce):
     """Serve front (see Front) on (host, port) with worker processes until SIGTERM or SIGINT.
 
     announce(port) is called once the port is listening and the signals
@@ -3297,7 +3310,7 @@ def serve_http(front, host, port, workers, max_concurrent, max_body_bytes, annou
             try:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
                     signal.signal(signum, signal.SIG_DFL)
-                _Worker(front, in_progress, index, (max_concurrent, max_body_bytes, max_connections)).run(
+                _Worker(front, in_progress, index, (max_concurrent, max_connections)).run(
                     sockets[index % len(sockets)])
                 code = 0
             except BaseException:
@@ -3374,7 +3387,7 @@ def _server_secret(path):
 
 
 def configure(args):
-    """Set up app for the command line's options; return its Limits. Exits on options that cannot serve."""
+    """Set up app for the command line's options. Exits on options that cannot serve."""
     os.makedirs(args.data_dir, exist_ok=True)
     if args.verifier_url:
         verifier = remote_verifier(args.verifier_url)
@@ -3391,18 +3404,17 @@ def configure(args):
         data_dir=DataDir(args.data_dir),
         secret=_server_secret(args.secret_file or os.path.join(args.data_dir, ".secret")),
         verifier=verifier, poll_time=args.poll_time, limits=limits)
-    return limits
 
 
 def serve(args):
-    limits = configure(args)
+    configure(args)
     max_concurrent = args.max_concurrent or MAX_CONCURRENT_PER_WORKER * args.workers
     host = f"[{args.host}]" if ":" in args.host else args.host
 
     def announce(port):     # once listening, so that whoever reads this can connect
         print(f"The Cut-Out serving http://{host}:{port}/ (data in {args.data_dir}, "
               f"{args.workers} worker processes)", flush=True)
-    serve_http(Front(app), args.host, args.port, args.workers, max_concurrent, limits.max_post_bytes, announce)
+    serve_http(Front(app), args.host, args.port, args.workers, max_concurrent, announce)
     print("The Cut-Out stopped", flush=True)
 
 

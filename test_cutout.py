@@ -2058,3 +2058,49 @@ def test_too_few_file_descriptors_is_said_at_start(tmp_path):
                            str(tmp_path / "data")], capture_output=True, text=True, timeout=30,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (150, 150)))
     assert done.returncode != 0 and "ulimit -n" in done.stderr and "serving" not in done.stdout
+
+
+# ---------------------------------------------------------------- what anyone with a socket can make it spend
+
+
+def _rss(pid):
+    """Resident memory of a process, in bytes, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def _open_files(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_huge_upload_to_verify_is_refused_before_it_is_read(tmp_path):
+    """A 300 MiB multipart upload to /verify was parsed into two temporary files of its size,
+    kept open after the answer. Now any body larger than a /verify form, declared or chunked,
+    is refused 413 (JSON) before it is read, and the worker keeps no memory or file for it."""
+    with _cutout_process(tmp_path, "--workers", "1") as process:
+        base = f"http://127.0.0.1:{_announced_port(process)}"
+        worker = _server_workers(process)[0]
+        requests.post(base + "/verify", data={"assertion": "ann@example.com", "audience": "http://app.example"},
+                      timeout=10)
+        memory, files = _rss(worker), _open_files(worker)
+        with _raw(base) as client:      # refused from its head alone: no byte of its body is sent
+            client.sendall(f"POST /verify HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                           f"Content-Length: {1 << 20}\r\n\r\n".encode())
+            status, _, body = _read_answer(client)
+            assert (status, json.loads(body)["error"]) == (413, "too_large")
+        for content_type in ("multipart/form-data; boundary=x", "application/x-www-form-urlencoded"):
+            with _raw(base) as client:
+                client.sendall(f"POST /verify HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                               f"Content-Length: {300 << 20}\r\n\r\n".encode() + b"--x\r\n" + b"a" * (4 << 20))
+                status, _, body = _read_answer(client)
+                assert (status, json.loads(body)["error"]) == (413, "too_large")
+        with _raw(base) as client:      # chunked: refused as soon as the form is too large
+            client.sendall(b"POST /verify HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n" + b"10000\r\n" + b"a" * 0x10000 + b"\r\n")
+            status, _, body = _read_answer(client)
+            assert (status, json.loads(body)["error"]) == (413, "too_large")
+        time.sleep(cutout.LINGER_TIMEOUT + 1)      # the refused connections are gone
+        assert _rss(worker) - memory < 4 << 20, "the worker kept memory for a refused upload"
+        assert _open_files(worker) <= files, "the worker kept files open for a refused upload"
+        process.terminate()
+        assert process.wait(timeout=10) == 0
