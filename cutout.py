@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -41,6 +42,7 @@ import socket
 import struct
 import sys
 import tarfile
+import threading
 import time
 import unicodedata
 import urllib.parse
@@ -209,7 +211,7 @@ def _check_magic(raw, magic, size, path, kind):
         raise StorageError(path, f"not a Cut-Out {kind} (bad or missing header)")
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096)      # of 512-byte headers: some 4 MB at most
 def _decoded_header(raw):
     # Every request reads its collection's header; parsing the same bytes
     # again would be a tenth of an append's own work.
@@ -552,13 +554,44 @@ class PollState:
     purge_horizon: int
 
 
+class BoundedCache:
+    """A mapping that forgets its least recently used entries once they take more than max_bytes.
+
+    An entry's size is what its caller says it is. Safe to use from several
+    threads. Every cache that a request can add to is one of these: a cache
+    bounded only in entries grows with whatever the requests put in its keys.
+    """
+
+    def __init__(self, max_bytes):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._entries = collections.OrderedDict()     # key -> (value, size)
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                return None
+            self._entries.move_to_end(key)
+            return found[0]
+
+    def put(self, key, value, size):
+        with self._lock:
+            replaced = self._entries.pop(key, None)
+            self.bytes += size - (replaced[1] if replaced else 0)
+            self._entries[key] = value, size
+            while self.bytes > self.max_bytes:
+                self.bytes -= self._entries.popitem(last=False)[1][1]
+
+
 # Per process, the PollState of each collection read here, with the identity
 # of the index file it was read from (inode, size, change time). Every
 # acknowledged append grows the index, and every repair or replacement
 # rewrites it or renames another in, so while that identity is unchanged the
 # state is: a poll then answers with one stat() instead of opening the files.
-_poll_states = {}
-MAX_POLL_STATES = 100_000     # collections remembered; past it, start again
+POLL_STATE_BYTES = 32 << 20   # per process: some 50,000 collections at the longest paths, more at usual ones
+POLL_STATE_OVERHEAD = 400     # bytes an entry takes besides its path: the tuples, the PollState, the id
+_poll_states = BoundedCache(POLL_STATE_BYTES)
 
 
 def _index_identity(path):
@@ -697,6 +730,28 @@ class Snapshot:
             yield zip(counters[lead:], records)
 
 
+class UnwrittenSnapshot:
+    """The Snapshot of a collection never written: empty, with its first collection_id; no file behind it."""
+
+    secret = deleted = None
+    purge_horizon = last_counter = last_record_counter = record_count = 0
+
+    def __init__(self, path, collection_id):
+        self.path, self.collection_id = path, collection_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        pass
+
+    def close(self):
+        pass
+
+    def records_after(self, since=0, limit=None):
+        return iter(())
+
+
 class _ReplacementWriter:
     """Writes a whole new data file and index beside the live ones, then swaps them in.
 
@@ -813,12 +868,17 @@ class GarbageReport:
 class AppendOnlyDB:
     """One collection's durable, ordered stream of records (bytes), in one directory.
 
-    Created on first use. Counters grow strictly and are never reused, even
-    when garbage collection removes the newest records.
+    Counters grow strictly and are never reused, even when garbage
+    collection removes the newest records. Without a first_id, the first use
+    creates the collection, with a random collection_id. With one (the
+    server's collections have one, see DataDir), a collection that was never
+    written is an empty one with that collection_id, and reading it creates
+    nothing: its first write creates it, keeping that id (GET-1, LIMIT-2).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, first_id=None):
         self.path = os.path.abspath(path)
+        self.first_id = first_id
         self.data_path = os.path.join(self.path, "data")
         self.index_path = os.path.join(self.path, "index")
         self.blobs_path = os.path.join(self.path, "blobs")
@@ -860,15 +920,19 @@ class AppendOnlyDB:
         except FileNotFoundError:
             # Found by trying, not by stat(): a stat() of the data file before
             # an append makes its fdatasync slower (see _file_size).
-            self._create()
+            self.create()
             return _OpenCollection(self, exclusive)
 
-    def _create(self):
+    def create(self):
+        """Make the collection, empty, if it does not exist (with its first_id, if it has one)."""
         _make_dirs_durably(self.path)
         # The maintenance lock keeps this from clobbering an import's data.new.
         with self._maintenance(), self._locked():
             if not self.exists():
-                _ReplacementWriter(self).install(DataHeader.new())
+                header = DataHeader.new()
+                if self.first_id is not None:
+                    header = dataclasses.replace(header, collection_id=self.first_id)
+                _ReplacementWriter(self).install(header)
 
     @contextlib.contextmanager
     def _locked(self):
@@ -881,31 +945,41 @@ class AppendOnlyDB:
             os.close(fd)
 
     def snapshot(self, create=True):
-        """A Snapshot of the collection, creating the collection if it is new (and create)."""
+        """A Snapshot of the collection; one never written is created first (if create), unless it has a first_id."""
+        if self.first_id is not None and not self.exists():
+            snapshot = UnwrittenSnapshot(self.path, self.first_id)
+            self._remember(None, snapshot)
+            return snapshot
         files = self._open(exclusive=False) if create else _OpenCollection(self, exclusive=False)
         try:
             snapshot = Snapshot(files)
             # Under the shared lock no writer can change the index, so the
             # path names the very file this state was read from.
-            if len(_poll_states) >= MAX_POLL_STATES:
-                _poll_states.clear()
-            _poll_states[self.path] = (_index_identity(self.index_path), PollState(
-                snapshot.collection_id, snapshot.last_counter, snapshot.last_record_counter, snapshot.purge_horizon))
+            self._remember(_index_identity(self.index_path), snapshot)
         except BaseException:
             files.close()
             raise
         fcntl.flock(files.dir_fd, fcntl.LOCK_UN)    # the snapshot reads without it
         return snapshot
 
+    def _remember(self, identity, snapshot):
+        state = PollState(snapshot.collection_id, snapshot.last_counter, snapshot.last_record_counter,
+                          snapshot.purge_horizon)
+        _poll_states.put(self.path, (identity, state), sys.getsizeof(self.path) + POLL_STATE_OVERHEAD)
+
     def poll_state(self):
-        """The PollState last read here, if the index is still the file it was read from; else None."""
+        """The PollState last read here, if the index is still the file it was read from; else None.
+
+        The state of a collection never written is remembered with the
+        identity None: it holds while neither of its files exists.
+        """
         remembered = _poll_states.get(self.path)
         if remembered is None:
             return None
         try:
             identity = _index_identity(self.index_path)
         except FileNotFoundError:
-            return None
+            identity = None if not self.exists() else "unindexed"
         return remembered[1] if remembered[0] == identity else None
 
     def append(self, records, if_last_counter=None, ignore_newer=None, if_collection_id=None, now=None,
@@ -923,6 +997,12 @@ class AppendOnlyDB:
         """
         if not isinstance(records, (list, tuple)) or not all(isinstance(r, bytes) for r in records):
             raise TypeError("records must be a list of bytes")
+        if self.first_id is not None and not self.exists():
+            # Refused, or with nothing to store, a write leaves a collection never written as it is.
+            if (if_collection_id not in (None, self.first_id)) or (if_last_counter or 0) > 0:
+                raise AppendConflict(0, self.first_id)
+            if not records:
+                return []
         appended_at = int(time.time() if now is None else now)
         files = self._open(exclusive=True)
         view = Snapshot(files)          # closing it closes the files
@@ -981,7 +1061,7 @@ class AppendOnlyDB:
         Counters go on from where they were. The new header remembers the
         reason until the collection is written again.
         """
-        self.snapshot().close()         # creates the collection first if it is new
+        self.create()                   # a delete is a write: the collection exists from now on
         with self._maintenance():
             writer = _ReplacementWriter(self)
             try:
@@ -1419,6 +1499,7 @@ class BlobBatch:
 
     def key(self, type_, id_):
         if self.secret is None:
+            self.db.create()            # an upload is a write: its collection's secret keys it
             with self.db.snapshot() as snapshot:
                 self.secret = snapshot.secret
         return blob_key(self.secret, type_, id_)
@@ -1508,9 +1589,12 @@ def escape_name(name):
     if not isinstance(name, str) or not name:
         raise ValueError("a collection path part must be a non-empty string")
     raw = name.encode("utf-8")      # a lone surrogate raises UnicodeEncodeError, a ValueError
+    # Each byte escapes to one character or more, so of a name longer than
+    # MAX_NAME_BYTES only a prefix is kept, and its first bytes are enough to
+    # make it: escaping all 60,000 of a long name took 11 ms.
     escaped = "".join(chr(b) if b in SAFE_NAME_BYTES and not (i == 0 and b == ord(".")) else f"%{b:02X}"
-                      for i, b in enumerate(raw))
-    if len(escaped) <= MAX_NAME_BYTES:
+                      for i, b in enumerate(raw[:MAX_NAME_BYTES + 1]))
+    if len(raw) <= MAX_NAME_BYTES and len(escaped) <= MAX_NAME_BYTES:
         return escaped
     digest = hashlib.sha256(raw).hexdigest()
     prefix = escaped[:MAX_NAME_BYTES - len(digest) - 1]
@@ -1520,21 +1604,46 @@ def escape_name(name):
     return prefix + "~" + digest
 
 
-@functools.lru_cache(maxsize=100_000)
-def _collection_db(root, domain, user, bucket):
-    # Every poll finds its collection: building the path again each time was
-    # a quarter of an empty poll's cost. AppendOnlyDB holds only the path.
-    return AppendOnlyDB(os.path.join(root, escape_name(domain), escape_name(user), escape_name(bucket)))
+# Every poll finds its collection: building the path again each time was a
+# quarter of an empty poll's cost. The names come from requests, up to 64 KiB
+# of them, so the cache is bounded in bytes.
+NAME_CACHE_BYTES = 16 << 20   # per process
+_collection_dbs = BoundedCache(NAME_CACHE_BYTES)
+
+
+def _collection_db(root, id_key, domain, user, bucket):
+    key = root, id_key, domain, user, bucket
+    db = _collection_dbs.get(key)
+    if db is None:
+        first_id = None if id_key is None else hmac.new(
+            id_key, json.dumps([domain, user, bucket]).encode(), "sha256").hexdigest()[:32]
+        db = AppendOnlyDB(os.path.join(root, escape_name(domain), escape_name(user), escape_name(bucket)), first_id)
+        # AppendOnlyDB holds four paths as long as its own.
+        _collection_dbs.put(key, db, sum(map(sys.getsizeof, key)) + 4 * sys.getsizeof(db.path) + 300)
+    return db
 
 
 class DataDir:
-    """The data directory: finds the AppendOnlyDB of each (domain, user, bucket)."""
+    """The data directory: finds the AppendOnlyDB of each (domain, user, bucket).
 
-    def __init__(self, root):
-        self.root = os.path.abspath(root)
+    With an id_key (the server has one), each collection's first_id is an
+    HMAC of its names under that key: a collection never written has an id
+    that stays the same, in every process and on every node with the key,
+    without a file on disk (GET-1).
+    """
+
+    def __init__(self, root, id_key=None):
+        self.root, self.id_key = os.path.abspath(root), id_key
 
     def collection(self, domain, user, bucket):
-        return _collection_db(self.root, domain, user, bucket)
+        return _collection_db(self.root, self.id_key, domain, user, bucket)
+
+    def collections_beside(self, db):
+        """How many collections exist of db's user and app, db's own included if it exists."""
+        try:
+            return sum(entry.is_dir() for entry in os.scandir(os.path.dirname(db.path)))
+        except FileNotFoundError:
+            return 0
 
     def collections(self):
         """Every collection that exists, in a stable order."""
@@ -1565,6 +1674,7 @@ class Limits:
     max_response_bytes: int = 1 << 20
     max_examined: int = 10_000    # records a filtered answer may look at before it says incomplete
     max_blob_bytes: int = 16 << 20
+    max_collections_per_user: int = 1000   # collections of one user in one app (LIMIT-2)
 
     @property
     def max_post_bytes(self):
@@ -2060,7 +2170,7 @@ def check_token(secret, token, now):
     return email, domain
 
 
-@functools.lru_cache(maxsize=10_000)
+@functools.lru_cache(maxsize=10_000)     # of tokens of at most MAX_TOKEN_LENGTH: some 25 MB at most
 def _token_claims(secret, token):
     # A client polls with the same token for hours: checking its signature
     # and parsing its JSON once keeps an empty poll free of both. A token
@@ -2215,6 +2325,17 @@ def _collection(pairs, *raw_parts):
         raise ProtocolError(400, "bad_path", str(error)) from None
 
 
+def _room_for(db):
+    """Refuse a write that would make a collection its user has no room for (LIMIT-2)."""
+    if db.exists():
+        return
+    # [LIMIT-2] "a write that would make one more MUST be refused with 403 (too_many_collections)"
+    most, count = _config().limits.max_collections_per_user, _config().data_dir.collections_beside(db)
+    if count >= most:
+        raise ProtocolError(403, "too_many_collections",
+                            f"this user has {count} collections of this app, the most this server keeps")
+
+
 def _query_pairs(query_string):
     # Not bottle.request.query: it decodes values as Latin-1, so include=é
     # would not match the type "é".
@@ -2272,6 +2393,7 @@ def post_collection(domain, user, bucket):
     query = parse_sync_query(pairs)
     limits = _config().limits
     objects = parse_objects(_body(limits.max_post_bytes), limits)
+    _room_for(db)
     # Blob hrefs name the collection as a path, so they stay good whatever
     # host or proxy a client reaches the server by.
     names = (urllib.parse.unquote(part) for part in (domain, user, bucket))
@@ -2283,6 +2405,7 @@ def post_collection(domain, user, bucket):
 @_protocol
 def delete_collection_route(domain, user, bucket):
     db = _collection(_query_pairs(bottle.request.query_string), domain, user, bucket)
+    _room_for(db)
     return _answer(*delete_collection(db, bytes(_body()), _config().limits))
 
 
@@ -3399,11 +3522,11 @@ def configure(args):
         sys.exit(f"cutout.py: refusing to listen on {args.host} without --verifier-url: "
                  "the development verifier lets anyone log in as anyone")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_object_bytes=args.max_object_bytes,
-                    max_blob_bytes=args.max_blob_bytes)
+                    max_blob_bytes=args.max_blob_bytes, max_collections_per_user=args.max_collections_per_user)
+    secret = _server_secret(args.secret_file or os.path.join(args.data_dir, ".secret"))
     app.config["cutout.server"] = ServerConfig(
-        data_dir=DataDir(args.data_dir),
-        secret=_server_secret(args.secret_file or os.path.join(args.data_dir, ".secret")),
-        verifier=verifier, poll_time=args.poll_time, limits=limits)
+        data_dir=DataDir(args.data_dir, id_key=hmac.new(secret, b"collection ids", "sha256").digest()),
+        secret=secret, verifier=verifier, poll_time=args.poll_time, limits=limits)
 
 
 def serve(args):
@@ -3467,6 +3590,8 @@ def parse_args(argv):
                         help=f"largest object, as JSON (default {Limits.max_object_bytes})")
     parser.add_argument("--max-blob-bytes", type=int, default=Limits.max_blob_bytes,
                         help=f"largest blob (default {Limits.max_blob_bytes})")
+    parser.add_argument("--max-collections-per-user", type=int, default=Limits.max_collections_per_user,
+                        help=f"collections one user may have in one app (default {Limits.max_collections_per_user})")
     parser.add_argument("--debug", action="store_true", help="log every request")
     parser.set_defaults(run=serve)
     commands = parser.add_subparsers(title="commands")

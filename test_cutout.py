@@ -2104,3 +2104,58 @@ def test_a_huge_upload_to_verify_is_refused_before_it_is_read(tmp_path):
         assert _open_files(worker) <= files, "the worker kept files open for a refused upload"
         process.terminate()
         assert process.wait(timeout=10) == 0
+
+
+def _files_under(path):
+    return sum(len(names) + len(dirs) for _, dirs, names in os.walk(path))
+
+
+def test_reads_create_nothing_on_disk(tmp_path):
+    """Each GET on a new bucket made a directory and three files (10,000 of them: 123 MB and
+    40,000 inodes). Now hellos and polls on 1,000 new buckets leave the data directory as it
+    was; the id they are told is the one the first write keeps, and a refused write creates
+    nothing either."""
+    with _server(tmp_path) as base:
+        token = _token(base)
+        data = tmp_path / "data"
+        before = _files_under(data)
+        path = base + "/app.example/ann@example.com/"
+        with requests.Session() as device:
+            ids = {}
+            for n in range(1000):
+                ids[n] = device.get(path + f"b{n}", params={"auth": token}, timeout=10).json()["collection_id"]
+                poll = device.get(path + f"b{n}", params={"auth": token, "since": 0, "collection_id": ids[n]},
+                                  timeout=10)
+                assert poll.status_code == 204
+            refused = device.post(path + "b0", params={"auth": token, "since": 0, "collection_id": "stale"},
+                                  json=[{"type": "n", "id": 1, "data": 1}], timeout=10)
+            assert refused.json()["collection_changed"] is True
+            assert _files_under(data) == before, "a read or a refused write left files behind"
+            written = device.post(path + "b1", params={"auth": token, "since": 0, "collection_id": ids[1]},
+                                  json=[{"type": "n", "id": 1, "data": 1}], timeout=10)
+            assert written.json() == {"object_counters": [1]}
+            assert device.get(path + "b1", params={"auth": token}, timeout=10).json()["collection_id"] == ids[1]
+
+
+def test_long_names_cannot_grow_the_servers_memory_without_bound(tmp_path):
+    """3,000 GETs on buckets with 60,000-character names added 219 MB to the server (the
+    caches kept whole names as keys, up to 100,000 of them). The caches are bounded in bytes:
+    a worker grows by no more than their budgets."""
+    with _cutout_process(tmp_path, "--workers", "1") as process:
+        base = f"http://127.0.0.1:{_announced_port(process)}"
+        worker = _server_workers(process)[0]
+        token = _token(base)
+        with _raw(base) as client:
+            def hello(bucket):
+                client.sendall(f"GET /app.example/ann@example.com/{bucket}?auth={token} HTTP/1.1\r\n"
+                               f"Host: x\r\n\r\n".encode())
+                return _read_answer(client)[0]
+            assert hello("first") == 200
+            memory = _rss(worker)
+            for n in range(3000):
+                assert hello(f"{n:05d}" + "x" * 60_000) == 200
+        grown = _rss(worker) - memory
+        print(f"3,000 GETs on 60,000-character names: the worker grew {grown / 1e6:.1f} MB")
+        assert grown < cutout.NAME_CACHE_BYTES + cutout.POLL_STATE_BYTES + (16 << 20)
+        process.terminate()
+        assert process.wait(timeout=10) == 0

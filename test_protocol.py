@@ -19,7 +19,8 @@ Any other arguments go to pytest (`-x`, `-v`, ...). The run ends with pytest's s
 if some id of chapter 2 has no test. The suite needs Python 3, `requests` and `pytest`.
 
 Without a URL the suite starts `python cutout.py --port PORT --data-dir TMPDIR
---poll-time 7 --max-concurrent 2` from this file's directory, and stops it at the end.
+--poll-time 7 --max-concurrent 2 --max-collections-per-user 20` from this file's directory,
+and stops it at the end.
 
 Setting up your server
 ----------------------
@@ -36,6 +37,7 @@ shown, and runs the purge itself:
 
     CUTOUT_POLL_TIME         the X-Sync-Poll-Time, in seconds, that your server sends     (cutout.py: 7)
     CUTOUT_MAX_CONCURRENT    how many requests it serves at once: one more gets 503      (cutout.py: 2)
+    CUTOUT_MAX_COLLECTIONS   how many collections one user may have in one app           (cutout.py: 20)
     CUTOUT_PURGE_COMMAND     a shell command, run from this directory, that purges every tombstone now
                              (cutout.py: python cutout.py gc --data-dir DIR --purge-tombstones-days 0)
     CUTOUT_MAX_BODY_BYTES    its request body limit        (default 1048576, cutout.py's default)
@@ -83,6 +85,7 @@ HOLD_QUIET = 0.5             # seconds a held request must go unanswered to coun
 # The settings the suite starts cutout.py with (see the docstring).
 REFERENCE_POLL_TIME = 7      # seconds
 REFERENCE_MAX_CONCURRENT = 2  # requests in progress at once
+REFERENCE_MAX_COLLECTIONS = 20  # collections per user and app
 
 MAX_BODY_BYTES = int(os.environ.get("CUTOUT_MAX_BODY_BYTES", 1024 * 1024))     # bytes per request body
 MAX_OBJECT_BYTES = int(os.environ.get("CUTOUT_MAX_OBJECT_BYTES", 256 * 1024))  # bytes of JSON per object
@@ -92,7 +95,7 @@ MAX_BLOB_BYTES = int(os.environ.get("CUTOUT_MAX_BLOB_BYTES", 16 * 1024 * 1024)) 
 CHAPTER_CODES = (
     "not_found", "bad_path", "method_not_allowed", "bad_request", "bad_since", "bad_limit",
     "bad_filter", "bad_object", "unauthorized", "assertion_rejected", "verifier_unavailable",
-    "bad_json", "too_large", "bad_blob", "range_not_satisfiable",
+    "bad_json", "too_large", "bad_blob", "range_not_satisfiable", "too_many_collections",
 )
 
 
@@ -201,11 +204,13 @@ class Server:
         if reference is not None:
             self.poll_time = REFERENCE_POLL_TIME
             self.max_concurrent = REFERENCE_MAX_CONCURRENT
+            self.max_collections = REFERENCE_MAX_COLLECTIONS
             self.purge_command = [sys.executable, "cutout.py", "gc", "--data-dir", reference.data_dir,
                                   "--purge-tombstones-days", "0"]
         else:
             self.poll_time = env_int("CUTOUT_POLL_TIME")
             self.max_concurrent = env_int("CUTOUT_MAX_CONCURRENT")
+            self.max_collections = env_int("CUTOUT_MAX_COLLECTIONS")
             self.purge_command = os.environ.get("CUTOUT_PURGE_COMMAND") or None
 
     def require(self, value, setting, spec_id, meaning):
@@ -238,7 +243,8 @@ def server(tmp_path_factory):
         return
     reference = ReferenceServer(tmp_path_factory.mktemp("cutout-data"),
                                 ["--poll-time", str(REFERENCE_POLL_TIME),
-                                 "--max-concurrent", str(REFERENCE_MAX_CONCURRENT)])
+                                 "--max-concurrent", str(REFERENCE_MAX_CONCURRENT),
+                                 "--max-collections-per-user", str(REFERENCE_MAX_COLLECTIONS)])
     reference.start()
     try:
         yield Server(reference.url, reference)
@@ -1790,6 +1796,26 @@ def test_LIMIT_1_an_object_over_the_limit_is_413_too_large_and_stores_nothing(se
     check(pairs == [], "LIMIT-1", f"a POST refused for one large object stored {len(pairs)} objects")
     # One 1000 bytes under the limit is fine.
     c.write([note("fits", "x" * (MAX_OBJECT_BYTES - 1000))], "LIMIT-1")
+
+
+def test_LIMIT_2_a_write_past_the_users_collections_is_403_and_reads_make_none(server):
+    """[LIMIT-2] A write that would make one more collection than the server's limit for one
+    user in one app MUST be refused with 403 (too_many_collections), storing nothing; reads
+    never make a collection (this server: 20, or CUTOUT_MAX_COLLECTIONS). (SPEC.md 2.8)"""
+    limit = server.require(server.max_collections, "CUTOUT_MAX_COLLECTIONS", "LIMIT-2",
+                           "how many collections one user may have in one app")
+    first = Collection(server, bucket="b0")
+    buckets = [Collection(server, email=first.email, origin=first.origin, bucket=f"b{n}") for n in range(limit + 5)]
+    for c in buckets:       # reads of more collections than the limit: they make none
+        c.start()
+        check(c.get(c.sync_params()).status_code == 204, "LIMIT-2", "a poll of a new collection was not empty")
+    for c in buckets[:limit]:
+        c.write([note("a", 1)], "LIMIT-2")
+    over = buckets[limit]
+    expect_error(over.post([note("a", 1)], over.sync_params()), 403, "too_many_collections", "LIMIT-2")
+    _, pairs = over.hello()
+    check(pairs == [], "LIMIT-2", "a write refused for the limit stored objects")
+    buckets[0].write([note("b", 2)], "LIMIT-2")     # the collections there are still written to
 
 
 ###############################################################################
