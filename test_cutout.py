@@ -1395,15 +1395,25 @@ def test_server_refuses_a_public_address_without_a_verifier(tmp_path):
 
 class _FakeVerifier(http.server.BaseHTTPRequestHandler):
     """A BrowserID-style verifier: "good:EMAIL" is okay, "elsewhere:EMAIL" is okay for another
-    audience, "slow:EMAIL" is okay after two seconds."""
+    audience, "slow:EMAIL" is okay after two seconds. The hostile ones say okay too, each in its
+    own wrong way: "huge:" in an answer of 300 MB, "gzip:" in one that inflates to 400 MB,
+    "moved:" with a redirect to a verifier that says okay, "error:" with status 500, "dribble:"
+    a byte every two seconds."""
 
     def do_POST(self):
         form = urllib.parse.parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
         assertion, audience = form["assertion"][0], form["audience"][0]
         kind, _, email = assertion.partition(":")
+        okay = json.dumps({"status": "okay", "email": email, "audience": audience}).encode()
+        hostile = {"huge": self._huge, "gzip": self._gzip, "moved": self._moved, "error": self._error,
+                   "dribble": self._dribble}
+        if kind in hostile and self.path != "/elsewhere":
+            with contextlib.suppress(OSError):      # the server hung up on it, as it should
+                hostile[kind](okay)
+            return
         if kind == "slow":
             time.sleep(2)
-        if kind in ("good", "slow"):
+        if kind in ("good", "slow") or self.path == "/elsewhere":
             verdict = {"status": "okay", "email": email, "audience": audience}
         elif kind == "elsewhere":
             verdict = {"status": "okay", "email": email, "audience": "https://elsewhere.example"}
@@ -1415,6 +1425,41 @@ class _FakeVerifier(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _head(self, status, length, **headers):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(length))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.end_headers()
+
+    def _huge(self, okay):
+        padding = b" " * (1 << 20)
+        self._head(200, len(okay) + 300 * len(padding))
+        self.wfile.write(okay)
+        for _ in range(300):
+            self.wfile.write(padding)
+
+    def _gzip(self, okay):
+        bomb = zlib.compressobj(9, zlib.DEFLATED, 31)       # gzip framing
+        body = bomb.compress(okay) + b"".join(bomb.compress(b" " * (1 << 20)) for _ in range(400)) + bomb.flush()
+        self._head(200, len(body), Content_Encoding="gzip")
+        self.wfile.write(body)
+
+    def _moved(self, okay):
+        self._head(307, 0, Location=f"http://127.0.0.1:{self.server.server_address[1]}/elsewhere")
+
+    def _error(self, okay):
+        self._head(500, len(okay))
+        self.wfile.write(okay)
+
+    def _dribble(self, okay):
+        self._head(200, len(okay))
+        for byte in okay:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(2)
 
     def log_message(self, *args):
         pass
@@ -2159,3 +2204,25 @@ def test_long_names_cannot_grow_the_servers_memory_without_bound(tmp_path):
         assert grown < cutout.NAME_CACHE_BYTES + cutout.POLL_STATE_BYTES + (16 << 20)
         process.terminate()
         assert process.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize("kind", ["huge", "gzip", "moved", "error", "dribble"])
+def test_a_hostile_verifier_cannot_log_anyone_in_or_hold_the_server(tmp_path, verifier_url, kind):
+    """The remote verifier was trusted too much: a 300 MB answer took the server to 1.2 GB, a
+    gzip one inflating to 400 MB to 1.65 GB, a redirect was followed to whatever said okay, a
+    500 saying okay was accepted, and one dribbling a byte every 5 s held a login for 80 s. Each
+    is now a 502 that names no address, within the deadline, the worker not grown by it."""
+    with _cutout_process(tmp_path, "--workers", "1", "--verifier-url", verifier_url) as process:
+        base = f"http://127.0.0.1:{_announced_port(process)}"
+        worker = _server_workers(process)[0]
+        memory, started = _rss(worker), time.monotonic()
+        answer = requests.post(base + "/verify", data={"assertion": f"{kind}:ann@example.com",
+                                                       "audience": "http://app.example"}, timeout=60)
+        took = time.monotonic() - started
+        assert (answer.status_code, answer.json()["error"]) == (502, "verifier_unavailable")
+        assert "127.0.0.1" not in answer.text and str(urllib.parse.urlsplit(verifier_url).port) not in answer.text
+        assert took < cutout.VERIFIER_TIMEOUT + 5, f"the login took {took:.1f} s"
+        assert _rss(worker) - memory < 16 << 20, "the verifier's answer was read into memory"
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+        assert "verifier" in process.stderr.read()      # what went wrong is in the log
