@@ -2135,16 +2135,26 @@ def delete_collection(db, body, limits):
     return 200, json.dumps({"collection_id": db.delete(reason)}).encode()
 
 
+# origin = scheme "://" host [ ":" port ], with scheme http or https (RFC 6454, 6.2), and
+# an optional "/" as browsers and apps write one; nothing else, not even a space:
+# urlsplit() would quietly drop a tab or a newline and let "app.exa<TAB>mple" pass.
+ORIGIN = re.compile(r"(?i:http|https)://([A-Za-z0-9.-]+(?::[0-9]+)?)/?\Z")
+
+
+def is_loopback(host):
+    """Whether host (a name or an address, without a port) is this machine's own."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def domain_of_origin(origin):
     """The domain (host[:port]) of an origin such as "https://example.com", or None if it is not one."""
-    try:
-        parts = urllib.parse.urlsplit(origin)
-        parts.port     # raises ValueError for a port that is not one
-    except ValueError:
+    match = ORIGIN.match(origin)
+    if match is None:
         return None
-    domain = parts.netloc.lower()
-    if parts.scheme not in ("http", "https") or parts.path not in ("", "/") or parts.query or parts.fragment:
-        return None
+    domain = match.group(1).lower()
     return domain if is_domain(domain) else None
 
 
@@ -2269,12 +2279,21 @@ def parse_verify_form(body, content_type):
     return fields.get("assertion", ""), fields.get("audience", "")
 
 
-def verify_assertion(secret, verifier, assertion, audience, now):
-    """Answer POST /verify (AUTH-1): (status, body bytes)."""
+def verify_assertion(secret, verifier, assertion, audience, now, http_apps=True):
+    """Answer POST /verify (AUTH-1): (status, body bytes).
+
+    http_apps: whether an app served over plain http may log in (AUTH-5).
+    """
     if not assertion or not audience:
         raise ProtocolError(400, "bad_request", "assertion and audience are both needed")
-    if domain_of_origin(audience) is None:
+    domain = domain_of_origin(audience)
+    if domain is None:
         raise ProtocolError(400, "bad_request", "audience must be an origin such as https://example.com")
+    # [AUTH-5] "a server that other machines can reach SHOULD refuse to verify for an audience
+    # that is not https, except a loopback host"
+    host = domain.split(":")[0]
+    if not http_apps and audience.lower().startswith("http:") and not is_loopback(host):
+        raise ProtocolError(400, "bad_request", "this server logs in only apps served over https")
     audience = audience.rstrip("/").lower()
     email = verifier(assertion, audience)
     token = make_token(secret, email, audience, now)
@@ -2303,6 +2322,7 @@ class ServerConfig:
     verifier: object
     limits: Limits = dataclasses.field(default_factory=Limits)
     poll_time: int = 0            # seconds; sent as X-Sync-Poll-Time when > 0 (BACKOFF-1)
+    http_apps: bool = True        # apps served over plain http may log in (AUTH-5)
 
 
 def _config():
@@ -2555,28 +2575,27 @@ def verify():
     assertion, audience = parse_verify_form(_body(MAX_VERIFY_BYTES), bottle.request.content_type)
     bottle.request.environ["cutout.audience"] = audience        # for the CORS headers (CORS-3)
     config = _config()
-    return _answer(*verify_assertion(config.secret, config.verifier, assertion, audience, time.time()))
+    return _answer(*verify_assertion(config.secret, config.verifier, assertion, audience, time.time(),
+                                     config.http_apps))
 
 
 @app.get("/syncclient.js")
 def syncclient_js():
-    # [JS-1] The client's default server is wherever this request reached us.
-    # Only Host, not X-Forwarded-Host: any client could send that one.
-    environ = bottle.request.environ
-    base = f"{environ['wsgi.url_scheme']}://{environ.get('HTTP_HOST') or environ['SERVER_NAME']}/"
+    # [JS-1] The same bytes for every request: the library finds its server
+    # from where it was loaded, so nothing a request says (Host) is written
+    # into it, and a cache in front may serve it to anyone.
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "syncclient.js"), "rb") as script:
-        source = script.read()
-    answer = _answer(200, source.replace(b'"{{server_url}}"', json.dumps(base).encode()),
-                     "application/javascript; charset=utf-8")
-    answer.set_header("Cache-Control", "no-cache")     # it names the host it was asked for
+        answer = _answer(200, script.read(), "application/javascript; charset=utf-8")
+    answer.set_header("Cache-Control", "no-cache")     # a new version is fetched at once
     return answer
 
 
-def _cross_origin_and_backoff_headers(method, path, origin, audience=None):
-    """The CORS (CORS-1..3) and backoff (BACKOFF-1) headers of an answer to method on path.
+def _answer_headers(method, path, origin, audience=None):
+    """The headers every answer to method on path carries: nosniff, CORS (CORS-1..3), backoff (BACKOFF-1).
 
     path is as it was sent, still percent-encoded; audience is what a POST
-    to /verify named.
+    to /verify named. nosniff because an answer may quote the request's text
+    (an error naming a bucket): a browser must never take it for a page.
     """
     parts = path.strip("/").split("/")
     allowed = False
@@ -2588,7 +2607,7 @@ def _cross_origin_and_backoff_headers(method, path, origin, audience=None):
     elif _is_collection_path(parts) and origin is not None:
         # [CORS-1] Only the origin of the collection's domain, one origin per header.
         allowed = domain_of_origin(origin) == urllib.parse.unquote(parts[0])
-    headers = [("Vary", "Origin")]
+    headers = [("Vary", "Origin"), ("X-Content-Type-Options", "nosniff")]
     if path == "/syncclient.js":
         headers.append(("Access-Control-Allow-Origin", "*"))
     elif allowed:
@@ -2604,11 +2623,11 @@ def _cross_origin_and_backoff_headers(method, path, origin, audience=None):
 
 
 @app.hook("after_request")
-def _add_cross_origin_and_backoff_headers():
+def _add_answer_headers():
     request, response = bottle.request, bottle.response
     origin = request.environ.get("HTTP_ORIGIN")
     audience = request.environ.get("cutout.audience")      # set by verify() once it has read the form
-    for name, value in _cross_origin_and_backoff_headers(request.method, _raw_path(request.environ), origin, audience):
+    for name, value in _answer_headers(request.method, _raw_path(request.environ), origin, audience):
         if name == "Vary":
             response.add_header(name, value)
         else:
@@ -2701,7 +2720,7 @@ class Front:
         state = db.poll_state()
         if state is None or not nothing_new(state, query):
             return None
-        return "204 No Content", _cross_origin_and_backoff_headers("GET", path, environ.get("HTTP_ORIGIN")), b""
+        return "204 No Content", _answer_headers("GET", path, environ.get("HTTP_ORIGIN")), b""
 
     def dispatch(self, environ, start_response):
         """Answer any request with bottle.
@@ -2737,7 +2756,7 @@ class Front:
 
         With the CORS headers of the path, so that a browser can read its Retry-After.
         """
-        headers = _cross_origin_and_backoff_headers(environ["REQUEST_METHOD"], _raw_path(environ),
+        headers = _answer_headers(environ["REQUEST_METHOD"], _raw_path(environ),
                                                     environ.get("HTTP_ORIGIN"))
         headers += [("Content-Type", "application/json"), ("Retry-After", str(RETRY_AFTER))]
         return ("503 Service Unavailable", headers,
@@ -2926,7 +2945,8 @@ def _error_bytes(status, code, message, date, retry_after=None, to_head=False):
     body = json.dumps({"error": code, "message": message}).encode()
     retry = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
     return (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\nDate: {date}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{retry}"
+            f"Content-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n"
+            f"Content-Length: {len(body)}\r\n{retry}"
             f"Connection: close\r\n\r\n").encode() + (b"" if to_head else body)
 
 
@@ -3520,13 +3540,6 @@ def serve_http(front, host, port, workers, max_concurrent, announce):
 MAX_CONCURRENT_PER_WORKER = 16    # requests in progress per worker by default: more wait on the disk, not the CPU
 
 
-def _is_loopback(host):
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def _server_secret(path):
     """The secret that signs tokens: read from path, or made there (readable by us alone) at first start."""
     try:
@@ -3551,7 +3564,7 @@ def configure(args):
     os.makedirs(args.data_dir, exist_ok=True)
     if args.verifier_url:
         verifier = remote_verifier(args.verifier_url)
-    elif _is_loopback(args.host):
+    elif is_loopback(args.host):
         verifier = development_verifier
         log.warning("DEVELOPMENT VERIFIER: any assertion that is an email address logs in as that "
                     "address. Fine on your own machine; pass --verifier-url for anything else.")
@@ -3563,7 +3576,8 @@ def configure(args):
     secret = _server_secret(args.secret_file or os.path.join(args.data_dir, ".secret"))
     app.config["cutout.server"] = ServerConfig(
         data_dir=DataDir(args.data_dir, id_key=hmac.new(secret, b"collection ids", "sha256").digest()),
-        secret=secret, verifier=verifier, poll_time=args.poll_time, limits=limits)
+        secret=secret, verifier=verifier, poll_time=args.poll_time, limits=limits,
+        http_apps=is_loopback(args.host) if args.http_apps is None else args.http_apps)
 
 
 def serve(args):
@@ -3614,6 +3628,9 @@ def parse_args(argv):
                         "made at first start)")
     parser.add_argument("--verifier-url", help="a BrowserID-style verifier to check assertions with "
                         "(without one: the development verifier, on loopback only)")
+    parser.add_argument("--http-apps", action=argparse.BooleanOptionalAction,
+                        help="log in apps served over plain http, whose pages anyone on the way can change "
+                        "(default: only when listening on loopback)")
     parser.add_argument("--poll-time", type=int, default=0, metavar="SECONDS",
                         help="ask clients to poll no sooner than this (X-Sync-Poll-Time)")
     parser.add_argument("--workers", type=int, default=_cores(),

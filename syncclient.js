@@ -9,15 +9,19 @@
  *     const sync = new Sync(appData, {getAssertion: async () => email});
  *     await sync.request();            // log in
  *
- * One file, no build step. The server fills in DEFAULT_SERVER_URL with the
- * address this file was loaded from (SPEC.md JS-1). Every Sync keeps its own
+ * One file, no build step. The default server is the one this file was
+ * loaded from (SPEC.md JS-1). Every Sync keeps its own
  * state (login, collection_id, since) in localStorage under a key made of its
  * server and bucket, so several can run side by side in one page.
  */
 (function (root) {
   "use strict";
 
-  const DEFAULT_SERVER_URL = "{{server_url}}";
+  // [JS-1] The server this file was loaded from, read while it runs: the
+  // server sends the same bytes to everyone, and the browser knows the URL
+  // it used, scheme included, whatever proxy is in between.
+  const loadedFrom = root.document && root.document.currentScript && root.document.currentScript.src;
+  const DEFAULT_SERVER_URL = loadedFrom ? new URL(".", loadedFrom).href : null;
 
   const DEFAULTS = {
     serverUrl: DEFAULT_SERVER_URL,
@@ -139,6 +143,9 @@
       this.appData = appData;
       this.options = {...DEFAULTS, ...options};
       const location = root.location;
+      if (!this.options.serverUrl) {
+        throw new SyncError("no server: syncclient.js was not loaded from one, so pass options.serverUrl");
+      }
       this.serverUrl = new URL(this.options.serverUrl, location && location.href).href.replace(/\/?$/, "/");
       this.audience = this.options.audience || (location && location.origin);
       this.storage = this.options.storage || root.localStorage;

@@ -1678,13 +1678,6 @@ def test_objects_json_cannot_hold_are_refused(tmp_path, body):
         assert requests.get(path, params={"auth": token}, timeout=10).json()["objects"] == []
 
 
-def test_syncclient_js_names_the_host_asked_for_not_a_forwarded_one(tmp_path):
-    with _server(tmp_path) as base:
-        answer = requests.get(base + "/syncclient.js", headers={"X-Forwarded-Host": "evil.example"}, timeout=10)
-        assert base + "/" in answer.text and "evil.example" not in answer.text
-        assert answer.headers["Cache-Control"] == "no-cache"
-
-
 def test_a_post_below_the_purge_horizon_is_refused_under_the_lock(db):
     """The protocol checks the horizon before appending; the append checks it again under
     the writer lock, so a purge in between cannot let a stale client write."""
@@ -2226,3 +2219,53 @@ def test_a_hostile_verifier_cannot_log_anyone_in_or_hold_the_server(tmp_path, ve
         process.terminate()
         assert process.wait(timeout=10) == 0
         assert "verifier" in process.stderr.read()      # what went wrong is in the log
+
+
+def test_every_answer_says_nosniff(tmp_path):
+    """An error may quote the request's text; no browser may take any answer for a page."""
+    with _server(tmp_path) as base:
+        answers = [requests.get(base + "/nowhere", timeout=10),
+                   requests.get(base + "/app.example/ann@example.com/b", params={"auth": "forged"}, timeout=10),
+                   requests.post(base + "/verify", data={"assertion": "x"}, timeout=10),
+                   requests.get(base + "/syncclient.js", timeout=10)]
+        for answer in answers:
+            assert answer.headers["X-Content-Type-Options"] == "nosniff", (answer.status_code, answer.url)
+        with _raw(base) as client:      # refused by the server itself, before any route
+            client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert _read_answer(client)[1]["x-content-type-options"] == "nosniff"
+
+
+def test_an_absolute_url_is_percent_decoded_once(tmp_path):
+    """GET http://host/.../%252e%252e was decoded twice and reached a bucket named "..". The
+    target is decoded once, like any other: the bucket is "%2e%2e"."""
+    with _server(tmp_path) as base:
+        token = _token(base)
+        port = base.rsplit(":", 1)[1]
+        with _raw(base) as client:
+            client.sendall(f"GET http://127.0.0.1:{port}/app.example/ann@example.com/%252e%252e?auth={token} "
+                           f"HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            collection_id = json.loads(_read_answer(client)[2])["collection_id"]
+            body = b'[{"type": "n", "id": 1, "data": "odd"}]'
+            client.sendall(f"POST http://127.0.0.1:{port}/app.example/ann@example.com/%252e%252e?auth={token}"
+                           f"&since=0&collection_id={collection_id} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}"
+                           f"\r\n\r\n".encode() + body)
+            assert json.loads(_read_answer(client)[2]) == {"object_counters": [1]}
+        named = requests.get(base + "/app.example/ann@example.com/%252e%252e", params={"auth": token}, timeout=10)
+        assert named.json()["objects"] == [[1, {"type": "n", "id": 1, "data": "odd"}]]
+        dots = requests.get(base + "/app.example/ann@example.com/%2e%2e", params={"auth": token}, timeout=10)
+        assert dots.status_code != 200 or dots.json()["objects"] == []
+
+
+def test_a_server_that_others_can_reach_logs_in_no_app_served_over_http(tmp_path, verifier_url):
+    """[AUTH-5] A page over plain http can be changed by anyone on its way: a public server
+    (here forced with --no-http-apps, since tests listen on loopback only) refuses http
+    audiences, but not those of loopback hosts, and still logs in https apps."""
+    with _server(tmp_path, "--no-http-apps", "--verifier-url", verifier_url) as base:
+        def login(audience):
+            return requests.post(base + "/verify", data={"assertion": "good:ann@example.com", "audience": audience},
+                                 timeout=10)
+        refused = login("http://app.example")
+        assert (refused.status_code, refused.json()["error"]) == (400, "bad_request")
+        assert login("https://app.example").status_code == 200
+        assert login("http://localhost:8000").status_code == 200
+        assert login("http://127.0.0.1:8000").status_code == 200

@@ -580,6 +580,18 @@ def test_the_readme_example_works(browser, app_origin, server):
     assert [obj["data"] for obj in held.values()] == ["from the README"]
 
 
+def test_the_default_server_is_where_syncclient_js_was_loaded_from(browser, app_origin, server):
+    """[JS-1] Loaded from the server under either of its names, the library's default server
+    is that name: the server writes nothing of the request into it."""
+    context = browser.new_context()
+    _open_contexts.append(context)
+    page = context.new_page()
+    page.goto(app_origin + "/default-server")      # a page of the app's origin (a 404) with nothing on it
+    for base in (server.url, server.url.replace("127.0.0.1", "localhost")):
+        page.add_script_tag(url=base + "syncclient.js")
+        assert page.evaluate("new Sync({}, {}).serverUrl") == base
+
+
 # ---------------------------------------------------------------- what a review found
 
 # A second device in the same page: a Sync of its own, its state kept apart in memory.
