@@ -798,6 +798,33 @@ class Side:
             client.close()
 
 
+def load_child(server, mode, spec, timeout):
+    """Run `bench.py --MODE SPEC` (load_closed_loop or load_devices) against server in a child process.
+
+    Returns what the child found, and the server's CPU seconds inside the
+    window the child announced first (on CLOCK_MONOTONIC, the same clock
+    here) once its load was going. A child that fails raises RuntimeError.
+    """
+    child = subprocess.Popen([sys.executable, __file__, f"--{mode}", json.dumps(spec)], stdout=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([child.stdout], [], [], SERVER_START_TIMEOUT)
+        window = json.loads(child.stdout.readline() or "null") if ready else None
+        if window is not None:
+            time.sleep(max(0.0, window[0] - time.monotonic()))
+            cpu_before = server.cpu_seconds()
+            time.sleep(max(0.0, window[1] - time.monotonic()))
+            cpu_after = server.cpu_seconds()
+        out, _ = child.communicate(timeout=timeout)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    done = json.loads(out or "null") or {"failure": "the load child said nothing"}
+    if done["failure"] or window is None:
+        raise RuntimeError(done["failure"] or "the load child did not start")
+    return done, cpu_after - cpu_before
+
+
 class LoadSide(Side):
     """A Side whose load comes from a child process of asyncio clients (load_closed_loop), one
     connection per entry of `connections`, each sending its next request as soon as it has the
@@ -810,26 +837,11 @@ class LoadSide(Side):
         self.spec = {"port": server.port, "connections": connections, "status": status}
 
     def run(self, lead, seconds, measured=True):
-        child = subprocess.Popen([sys.executable, __file__, "--load",
-                                  json.dumps(dict(self.spec, lead=lead, seconds=seconds))], stdout=subprocess.PIPE)
         try:
-            # The child says when its window opens and closes (on CLOCK_MONOTONIC, the same
-            # clock here), once its connections are open and have been loading for `lead`.
-            ready, _, _ = select.select([child.stdout], [], [], SERVER_START_TIMEOUT)
-            window = json.loads(child.stdout.readline() or "null") if ready else None
-            if window is not None:
-                time.sleep(max(0.0, window[0] - time.monotonic()))
-                cpu_before = self.server.cpu_seconds()
-                time.sleep(max(0.0, window[1] - time.monotonic()))
-                cpu_after = self.server.cpu_seconds()
-            out, _ = child.communicate(timeout=seconds + SERVER_START_TIMEOUT)
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-        done = json.loads(out or "null") or {"failure": "the load child said nothing"}
-        if done["failure"] or window is None:
-            raise RuntimeError(f"{self.name}: {done['failure'] or 'the load child did not start'}")
+            done, server_cpu = load_child(self.server, "load", dict(self.spec, lead=lead, seconds=seconds),
+                                          seconds + SERVER_START_TIMEOUT)
+        except RuntimeError as error:
+            raise RuntimeError(f"{self.name}: {error}") from None
         self.spec["connections"] = done["connections"]      # where each POST plan has got to
         if measured:
             figures = self.figures
@@ -838,7 +850,7 @@ class LoadSide(Side):
             figures.opened += done["opened"]
             figures.dropped += done["dropped"]
             figures.seconds += seconds
-            figures.server_cpu += cpu_after - cpu_before
+            figures.server_cpu += server_cpu
             figures.client_cpu += done["client_cpu"]
             figures.round_rates.append(len(done["latencies"]) / seconds)
 
@@ -1148,24 +1160,7 @@ def devices_run(server, polls, status, kind, sizes):
     spec = {"port": server.port, "polls": [poll.decode("latin-1") for poll in polls], "status": status,
             "kind": kind, "devices": sizes.devices, "idle": sizes.idle_sockets, "slowloris": sizes.slowloris,
             "interval": sizes.device_interval, "seconds": sizes.device_seconds, "fresh_every": sizes.fresh_every}
-    child = subprocess.Popen([sys.executable, __file__, "--devices", json.dumps(spec)], stdout=subprocess.PIPE)
-    try:
-        ready, _, _ = select.select([child.stdout], [], [], SERVER_START_TIMEOUT)
-        window = json.loads(child.stdout.readline() or "null") if ready else None
-        if window is not None:
-            time.sleep(max(0.0, window[0] - time.monotonic()))
-            cpu_before = server.cpu_seconds()
-            time.sleep(max(0.0, window[1] - time.monotonic()))
-            cpu_after = server.cpu_seconds()
-        out, _ = child.communicate(timeout=2 * DEVICE_TIMEOUT + SERVER_START_TIMEOUT)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    done = json.loads(out or "null") or {"failure": "the load child said nothing"}
-    if done["failure"] or window is None:
-        raise RuntimeError(done["failure"] or "the load child did not start")
-    done["server_cpu"] = cpu_after - cpu_before
+    done, done["server_cpu"] = load_child(server, "devices", spec, 2 * DEVICE_TIMEOUT + SERVER_START_TIMEOUT)
     return done
 
 
