@@ -557,8 +557,9 @@ class BoundedCache:
     """A mapping that forgets its least recently used entries once they take more than max_bytes.
 
     An entry's size is what its caller says it is. Safe to use from several
-    threads. Every cache that a request can add to is one of these: a cache
-    bounded only in entries grows with whatever the requests put in its keys.
+    threads. A cache whose keys come from requests, of any length, is one of
+    these: bounded only in entries, it would grow with what requests put in
+    its keys.
     """
 
     def __init__(self, max_bytes):
@@ -2240,7 +2241,8 @@ def remote_verifier(url):
             verdict = json.loads(body)
         except (OSError, http.client.HTTPException, ValueError) as error:
             log.warning("the verifier %s could not be asked: %s", url, error)
-            raise ProtocolError(502, "verifier_unavailable", "the verifier could not be asked: try again later") from None
+            raise ProtocolError(502, "verifier_unavailable",
+                                "the verifier could not be asked: try again later") from None
         finally:
             connection.close()
         if not (isinstance(verdict, dict) and verdict.get("status") == "okay"

@@ -128,6 +128,28 @@ def test_non_bytes_records_are_refused_and_nothing_is_stored(db, records):
     assert read_all(db) == [(1, b"first")]
 
 
+def test_a_collection_with_a_first_id_is_made_by_its_first_write_only(tmp_path):
+    """[GET-1] With a first_id, reading a collection never written, and writes that are
+    refused or store nothing, leave no file; the first write keeps that id; a delete is a write."""
+    first = "ab" * 16
+    db = AppendOnlyDB(tmp_path / "c", first_id=first)
+    with db.snapshot() as snapshot:
+        assert (snapshot.collection_id, snapshot.last_counter, list(snapshot.records_after())) == (first, 0, [])
+    assert db.poll_state() == cutout.PollState(first, 0, 0, 0)
+    with pytest.raises(AppendConflict):
+        db.append([note("n", 1)], if_collection_id="another")
+    with pytest.raises(AppendConflict):
+        db.append([note("n", 1)], if_last_counter=3)
+    assert db.append([]) == []
+    assert not os.path.exists(db.path)
+    assert db.append([note("n", 1)], if_last_counter=0, if_collection_id=first) == [1]
+    assert db.poll_state() is None, "the state of the collection never written outlived its first write"
+    with db.snapshot() as snapshot:
+        assert (snapshot.collection_id, snapshot.record_count) == (first, 1)
+    deleted = AppendOnlyDB(tmp_path / "d", first_id=first)
+    assert deleted.delete("gone") != first and deleted.exists()
+
+
 def test_collection_id_and_secret_are_random_and_stable(tmp_path):
     ids = set()
     for i in range(20):
