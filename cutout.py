@@ -67,13 +67,31 @@ log = logging.getLogger("cutout")
 # AppendConflict when a conditional append finds records its caller missed.
 
 
+# [ERR-1] Every error is answered {"error": CODE, "message": TEXT}, CODE one of
+# these; each with the status it is answered with. A few are also answered with
+# another status where HTTP has a more exact one for the case (too_large: 431 for
+# a request head; bad_request: 408, 415, 501 or 505), named where they are raised.
+ERRORS = {
+    "bad_request": 400, "bad_path": 400, "bad_since": 400, "bad_limit": 400, "bad_filter": 400,
+    "bad_json": 400, "bad_object": 400, "bad_blob": 400,
+    "unauthorized": 401, "assertion_rejected": 401,
+    "too_many_collections": 403,                # LIMIT-2
+    "not_found": 404, "method_not_allowed": 405,
+    "too_large": 413,                           # LIMIT-1
+    "range_not_satisfiable": 416,               # BLOB-8
+    "internal_error": 500, "storage_error": 500,
+    "verifier_unavailable": 502,                # AUTH-1
+    "overloaded": 503,                          # BACKOFF-1
+}
+
+
 class ProtocolError(Exception):
-    """A request the spec refuses; answered with status and {"error": code, "message": ...},
+    """A request the spec refuses; answered with its status and {"error": code, "message": ...},
     and "object": the position of the object refused, when one is (POST-1)."""
 
-    def __init__(self, status, code, message, headers=None, position=None):
+    def __init__(self, code, message, status=None, headers=None, position=None):
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.code, self.message, self.status = code, message, status or ERRORS[code]
         self.headers = headers or {}
         self.position = position
 
@@ -1729,10 +1747,10 @@ def parse_sync_query(pairs):
         values.setdefault(name, []).append(value)
     for name in ("since", "collection_id", "limit", "auth"):
         if len(values.get(name, ())) > 1:
-            raise ProtocolError(400, "bad_request", f"{name} may appear only once")
+            raise ProtocolError("bad_request", f"{name} may appear only once")
     query = SyncQuery(include=tuple(values.get("include", ())), exclude=tuple(values.get("exclude", ())))
     if query.include and query.exclude:
-        raise ProtocolError(400, "bad_filter", "include and exclude cannot be used together")
+        raise ProtocolError("bad_filter", "include and exclude cannot be used together")
     if "since" in values:
         query.since = _parse_integer(values["since"][0], "since", "bad_since", minimum=0)
     if "limit" in values:
@@ -1740,14 +1758,14 @@ def parse_sync_query(pairs):
     if "collection_id" in values:
         query.collection_id = values["collection_id"][0]
     if query.since is not None and query.collection_id is None:
-        raise ProtocolError(400, "bad_request", "since needs the collection_id it belongs to")
+        raise ProtocolError("bad_request", "since needs the collection_id it belongs to")
     return query
 
 
 def _parse_integer(text, name, code, minimum):
     # Decimal digits only: int() would also take "+5", " 5" and "5_000".
     if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) < minimum:
-        raise ProtocolError(400, code, f"{name} must be a whole number of at least {minimum}, not {text!r}")
+        raise ProtocolError(code, f"{name} must be a whole number of at least {minimum}, not {text!r}")
     return int(text)
 
 
@@ -1755,13 +1773,13 @@ def parse_json_body(body, limits, max_bytes=None):
     """The JSON value of a request body; raises ProtocolError (ERR-2, LIMIT-1)."""
     max_bytes = max_bytes or limits.max_body_bytes
     if len(body) > max_bytes:
-        raise ProtocolError(413, "too_large", f"the body is larger than {max_bytes} bytes")
+        raise ProtocolError("too_large", f"the body is larger than {max_bytes} bytes")
     try:
         return json.loads(str(body, "utf-8"), parse_constant=_not_json)
     except (UnicodeDecodeError, ValueError) as error:
-        raise ProtocolError(400, "bad_json", f"the body is not UTF-8 JSON: {error}") from None
+        raise ProtocolError("bad_json", f"the body is not UTF-8 JSON: {error}") from None
     except RecursionError:
-        raise ProtocolError(400, "bad_json", "the body's JSON is nested too deeply") from None
+        raise ProtocolError("bad_json", "the body's JSON is nested too deeply") from None
 
 
 def _compact_json(value):
@@ -1782,7 +1800,7 @@ def parse_objects(body, limits):
     string and decoded whole (that would hold four copies of it at once).
     """
     if len(body) > limits.max_post_bytes:
-        raise ProtocolError(413, "too_large", f"the body is larger than {limits.max_post_bytes} bytes")
+        raise ProtocolError("too_large", f"the body is larger than {limits.max_post_bytes} bytes")
     # Sizes are checked before anything is parsed: parsing a body of small
     # JSON values takes some 25 times its size in memory.
     reduced, lifted = _lift_long_base64(body)
@@ -1795,11 +1813,11 @@ def parse_objects(body, limits):
         _check_body_size(body, [lifted[placeholder] for placeholder in in_blobs], limits)
         objects, lifted = parse_json_body(body, limits, limits.max_post_bytes), {}
     if not isinstance(objects, list):
-        raise ProtocolError(400, "bad_object", "the body must be a JSON list of objects")
+        raise ProtocolError("bad_object", "the body must be a JSON list of objects")
     for position, obj in enumerate(objects):
         problem = _object_problem(obj)
         if problem:
-            raise ProtocolError(400, "bad_object", f"object {position}: {problem}", position=position)
+            raise ProtocolError("bad_object", f"object {position}: {problem}", position=position)
         if "data" in obj.get("blob", ()):
             data = obj["blob"]["data"]
             # A lifted string matched the alphabet already: 4 MB of base64 take 5 ms to check again.
@@ -1811,7 +1829,7 @@ def parse_objects(body, limits):
 def _check_body_size(body, blob_data, limits):
     # [BLOB-7] What a body holds besides the data of its large blobs must fit the body limit.
     if len(body) - sum(map(len, blob_data)) > limits.max_body_bytes:
-        raise ProtocolError(413, "too_large", f"the body, without its blobs' data, is larger than "
+        raise ProtocolError("too_large", f"the body, without its blobs' data, is larger than "
                             f"{limits.max_body_bytes} bytes")
 
 
@@ -1867,10 +1885,10 @@ class _Base64:
         core = text[:len(text) - padding]
         if ((not alphabet_checked and not _BASE64_TEXT.fullmatch(core))
                 or len(core) % 4 == 1 or padding and (len(core) + padding) % 4):
-            raise ProtocolError(400, "bad_blob", f"object {position}: the blob's data is not base64", position=position)
+            raise ProtocolError("bad_blob", f"object {position}: the blob's data is not base64", position=position)
         length = len(core) * 3 // 4
         if length > limits.max_blob_bytes:
-            raise ProtocolError(413, "too_large", f"object {position}: the blob is larger than "
+            raise ProtocolError("too_large", f"object {position}: the blob is larger than "
                                 f"{limits.max_blob_bytes} bytes", position=position)
         return cls(core, length)
 
@@ -2005,7 +2023,7 @@ def nothing_new(state, query):
 def _check_since(snapshot, query):
     # [GET-5] "A since greater than any counter the collection has given is answered 400."
     if query.since > snapshot.last_counter:
-        raise ProtocolError(400, "bad_since", f"since {query.since} is newer than the newest counter, "
+        raise ProtocolError("bad_since", f"since {query.since} is newer than the newest counter, "
                             f"{snapshot.last_counter}")
 
 
@@ -2020,7 +2038,7 @@ def write_collection(db, query, objects, limits, blob_base="/"):
     blob_base is the path under which the collection's blobs are served (BLOB-2).
     """
     if query.since is None or query.collection_id is None:
-        raise ProtocolError(400, "bad_request", "a POST needs since and collection_id")
+        raise ProtocolError("bad_request", "a POST needs since and collection_id")
     wanted = query.wanted()
     blobs = BlobBatch(db)
     try:
@@ -2075,11 +2093,11 @@ def _record(obj, position, limits, href):
     try:
         record = _compact_json(obj)
     except RecursionError:
-        raise ProtocolError(400, "bad_object", f"object {position} is nested too deeply", position=position) from None
+        raise ProtocolError("bad_object", f"object {position} is nested too deeply", position=position) from None
     except ValueError as error:     # 1e400 read as infinity, a lone surrogate
-        raise ProtocolError(400, "bad_object", f"object {position}: {error}", position=position) from None
+        raise ProtocolError("bad_object", f"object {position}: {error}", position=position) from None
     if len(record) > limits.max_object_bytes:
-        raise ProtocolError(413, "too_large", f"object {position} is larger than {limits.max_object_bytes} bytes",
+        raise ProtocolError("too_large", f"object {position} is larger than {limits.max_object_bytes} bytes",
                             position=position)
     return record
 
@@ -2093,11 +2111,11 @@ def _blob_kept_or_made(obj, position, blobs, blob_base):
         name = href[len(blob_base):] if href.startswith(blob_base) else ""
         kept = blobs.existing(type_, id_, name)
         if kept is None:        # BLOB-5
-            raise ProtocolError(400, "bad_blob", f"object {position}: {href!r} is not a blob of this object",
+            raise ProtocolError("bad_blob", f"object {position}: {href!r} is not a blob of this object",
                                 position=position)
         if "data" not in blob:
             if kept.content_type != blob["content_type"]:
-                raise ProtocolError(400, "bad_blob", f"object {position}: the content_type is not the blob's; "
+                raise ProtocolError("bad_blob", f"object {position}: the content_type is not the blob's; "
                                     "send the data again to change it", position=position)
             return name
     try:
@@ -2107,10 +2125,10 @@ def _blob_kept_or_made(obj, position, blobs, blob_base):
         for chunk in blob["data"].chunks():
             digest.update(chunk)
     except ValueError as error:
-        raise ProtocolError(400, "bad_blob", f"object {position}: the blob's data is not base64: {error}",
+        raise ProtocolError("bad_blob", f"object {position}: the blob's data is not base64: {error}",
                             position=position) from None
     if (digest.hexdigest(), blob["content_type"]) != (kept.sha256, kept.content_type):
-        raise ProtocolError(400, "bad_blob", f"object {position}: the blob's data and href disagree", position=position)
+        raise ProtocolError("bad_blob", f"object {position}: the blob's data and href disagree", position=position)
     return name
 
 
@@ -2130,9 +2148,9 @@ def delete_collection(db, body, limits):
     try:
         size = len(_compact_json(reason))
     except (ValueError, RecursionError) as error:
-        raise ProtocolError(400, "bad_json", f"the reason cannot be stored as JSON: {error}") from None
+        raise ProtocolError("bad_json", f"the reason cannot be stored as JSON: {error}") from None
     if size > MAX_REASON_BYTES:
-        raise ProtocolError(413, "too_large", f"the reason is larger than {MAX_REASON_BYTES} bytes of JSON")
+        raise ProtocolError("too_large", f"the reason is larger than {MAX_REASON_BYTES} bytes of JSON")
     return 200, json.dumps({"collection_id": db.delete(reason)}).encode()
 
 
@@ -2173,10 +2191,10 @@ MAX_TOKEN_LENGTH = 2048      # characters; ours are about 250, longer ones are n
 def check_token(secret, token, now):
     """(email, domain) of a valid token; raises ProtocolError 401 otherwise (AUTH-3)."""
     if not token or len(token) > MAX_TOKEN_LENGTH:
-        raise ProtocolError(401, "unauthorized", "a valid token is needed: verify again")
+        raise ProtocolError("unauthorized", "a valid token is needed: verify again")
     email, domain, expires = _token_claims(secret, token)
     if expires <= now:
-        raise ProtocolError(401, "unauthorized", "the token has expired: verify again")
+        raise ProtocolError("unauthorized", "the token has expired: verify again")
     return email, domain
 
 
@@ -2186,11 +2204,11 @@ def _token_claims(secret, token):
     # and parsing its JSON once keeps an empty poll free of both. A token
     # that fails raises, and exceptions are not cached.
     if token.count(".") != 1 or not token.isascii():
-        raise ProtocolError(401, "unauthorized", "a valid token is needed: verify again")
+        raise ProtocolError("unauthorized", "a valid token is needed: verify again")
     payload, signature = token.encode().split(b".")
     expected = base64.urlsafe_b64encode(hmac.new(secret, payload, "sha256").digest()).rstrip(b"=")
     if not hmac.compare_digest(signature, expected):
-        raise ProtocolError(401, "unauthorized", "a valid token is needed: verify again")
+        raise ProtocolError("unauthorized", "a valid token is needed: verify again")
     claims = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
     return claims["email"], domain_of_origin(claims["audience"]), claims["expires"]
 
@@ -2198,7 +2216,7 @@ def _token_claims(secret, token):
 def development_verifier(assertion, audience):
     """Accepts an assertion that is an email address; for running on one's own machine."""
     if not re.fullmatch(r"[^@\s]+@[^@\s]+", assertion) or len(assertion) > 254:
-        raise ProtocolError(401, "assertion_rejected", "the development verifier takes an email address")
+        raise ProtocolError("assertion_rejected", "the development verifier takes an email address")
     return assertion
 
 
@@ -2241,13 +2259,12 @@ def remote_verifier(url):
             verdict = json.loads(body)
         except (OSError, http.client.HTTPException, ValueError) as error:
             log.warning("the verifier %s could not be asked: %s", url, error)
-            raise ProtocolError(502, "verifier_unavailable",
-                                "the verifier could not be asked: try again later") from None
+            raise ProtocolError("verifier_unavailable", "the verifier could not be asked: try again later") from None
         finally:
             connection.close()
         if not (isinstance(verdict, dict) and verdict.get("status") == "okay"
                 and isinstance(verdict.get("email"), str) and verdict.get("audience") == audience):
-            raise ProtocolError(401, "assertion_rejected", "the verifier rejected the assertion")
+            raise ProtocolError("assertion_rejected", "the verifier rejected the assertion")
         return verdict["email"]
     return verify
 
@@ -2267,16 +2284,16 @@ def parse_verify_form(body, content_type):
     malformed Content-Type is refused before anything in it is parsed.
     """
     if len(body) and content_type.partition(";")[0].strip().lower() != FORM:
-        raise ProtocolError(415, "bad_request", f"POST /verify takes a form ({FORM})")
+        raise ProtocolError("bad_request", f"POST /verify takes a form ({FORM})", status=415)
     try:
         pairs = urllib.parse.parse_qsl(str(body, "ascii"), keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
-        raise ProtocolError(400, "bad_request", "the form is not percent-encoded UTF-8") from None
+        raise ProtocolError("bad_request", "the form is not percent-encoded UTF-8") from None
     fields = {}
     for name, value in pairs:
         if name in ("assertion", "audience"):
             if name in fields:
-                raise ProtocolError(400, "bad_request", f"{name} may appear only once")
+                raise ProtocolError("bad_request", f"{name} may appear only once")
             fields[name] = value
     return fields.get("assertion", ""), fields.get("audience", "")
 
@@ -2287,15 +2304,15 @@ def verify_assertion(secret, verifier, assertion, audience, now, http_apps=True)
     http_apps: whether an app served over plain http may log in (AUTH-5).
     """
     if not assertion or not audience:
-        raise ProtocolError(400, "bad_request", "assertion and audience are both needed")
+        raise ProtocolError("bad_request", "assertion and audience are both needed")
     domain = domain_of_origin(audience)
     if domain is None:
-        raise ProtocolError(400, "bad_request", "audience must be an origin such as https://example.com")
+        raise ProtocolError("bad_request", "audience must be an origin such as https://example.com")
     # [AUTH-5] "a server that other machines can reach SHOULD refuse to verify for an audience
     # that is not https, except a loopback host"
     host = domain.split(":")[0]
     if not http_apps and audience.lower().startswith("http:") and not is_loopback(host):
-        raise ProtocolError(400, "bad_request", "this server logs in only apps served over https")
+        raise ProtocolError("bad_request", "this server logs in only apps served over https")
     audience = audience.rstrip("/").lower()
     email = verifier(assertion, audience)
     token = make_token(secret, email, audience, now)
@@ -2355,7 +2372,7 @@ def _protocol(handler):
             return _error_answer(error)
         except StorageError as error:
             log.error("%s", error)
-            return _error_answer(ProtocolError(500, "storage_error", "the collection's files are damaged"))
+            return _error_answer(ProtocolError("storage_error", "the collection's files are damaged"))
     return route
 
 
@@ -2368,20 +2385,20 @@ def _collection(pairs, *raw_parts):
     try:
         domain, user, bucket = (urllib.parse.unquote(part, errors="strict") for part in raw_parts)
     except UnicodeDecodeError:
-        raise ProtocolError(400, "bad_path", "a path part is not percent-encoded UTF-8") from None
+        raise ProtocolError("bad_path", "a path part is not percent-encoded UTF-8") from None
     if not is_domain(domain):
-        raise ProtocolError(400, "bad_path", f"{domain!r} is not a host in lower case")
+        raise ProtocolError("bad_path", f"{domain!r} is not a host in lower case")
     tokens = [value for name, value in pairs if name == "auth"]
     if len(tokens) > 1:
-        raise ProtocolError(400, "bad_request", "auth may appear only once")
+        raise ProtocolError("bad_request", "auth may appear only once")
     email, token_domain = check_token(_config().secret, tokens[0] if tokens else "", time.time())
     # [AUTH-4] "A token MUST only give access to /{domain}/{user}/... of its email and audience."
     if (email, token_domain) != (user, domain):
-        raise ProtocolError(401, "unauthorized", "this token is for another user or app")
+        raise ProtocolError("unauthorized", "this token is for another user or app")
     try:
         return _config().data_dir.collection(domain, user, bucket)
     except ValueError as error:
-        raise ProtocolError(400, "bad_path", str(error)) from None
+        raise ProtocolError("bad_path", str(error)) from None
 
 
 def _room_for(db):
@@ -2391,7 +2408,7 @@ def _room_for(db):
     # [LIMIT-2] "a write that would make one more MUST be refused with 403 (too_many_collections)"
     most, count = _config().limits.max_collections_per_user, _config().data_dir.collections_beside(db)
     if count >= most:
-        raise ProtocolError(403, "too_many_collections",
+        raise ProtocolError("too_many_collections",
                             f"this user has {count} collections of this app, the most this server keeps")
 
 
@@ -2401,7 +2418,7 @@ def _query_pairs(query_string):
     try:
         return urllib.parse.parse_qsl(query_string, keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
-        raise ProtocolError(400, "bad_request", "the query is not percent-encoded UTF-8") from None
+        raise ProtocolError("bad_request", "the query is not percent-encoded UTF-8") from None
 
 
 BODY_CHUNK = 64 << 10     # bytes read at a time from a large request body
@@ -2411,7 +2428,7 @@ def _body(limit=None):
     limit = limit or _config().limits.max_body_bytes
     length = bottle.request.content_length
     if length > limit:
-        raise ProtocolError(413, "too_large", f"the body is larger than {limit} bytes")
+        raise ProtocolError("too_large", f"the body is larger than {limit} bytes")
     environ = bottle.request.environ
     if "cutout.body" in environ:
         return environ["cutout.body"]       # read whole by the server below, and measured
@@ -2428,7 +2445,7 @@ def _body(limit=None):
     while received < length:
         chunk = source.read(min(BODY_CHUNK, length - received))
         if not chunk:
-            raise ProtocolError(400, "bad_request", "the body ended before its Content-Length")
+            raise ProtocolError("bad_request", "the body ended before its Content-Length")
         body[received:received + len(chunk)] = chunk
         received += len(chunk)
     return body
@@ -2474,7 +2491,7 @@ def get_blob(domain, user, bucket, name):
     pairs = _query_pairs(bottle.request.query_string)
     found = _collection(pairs, domain, user, bucket).open_blob(name)
     if found is None:
-        raise ProtocolError(404, "not_found", "this collection has no blob of that name")
+        raise ProtocolError("not_found", "this collection has no blob of that name")
     info, blob = found
     try:
         return _blob_answer(info, blob, name, dict(pairs).get("filename"), bottle.request.environ)
@@ -2533,7 +2550,7 @@ def _byte_range(header, length):
 
 
 def _unsatisfiable(length):
-    return ProtocolError(416, "range_not_satisfiable", f"the blob has {length} bytes",
+    return ProtocolError("range_not_satisfiable", f"the blob has {length} bytes",
                          headers={"Content-Range": f"bytes */{length}"})
 
 
@@ -2761,8 +2778,9 @@ class Front:
         headers = _answer_headers(environ["REQUEST_METHOD"], _raw_path(environ),
                                                     environ.get("HTTP_ORIGIN"))
         headers += [("Content-Type", "application/json"), ("Retry-After", str(RETRY_AFTER))]
-        return ("503 Service Unavailable", headers,
-                json.dumps({"error": "overloaded", "message": "too busy: try again later"}).encode())
+        error = ProtocolError("overloaded", "too busy: try again later")
+        return (f"{error.status} {http.HTTPStatus(error.status).phrase}", headers,
+                json.dumps({"error": error.code, "message": error.message}).encode())
 
 
 ###############################################################################
@@ -2857,12 +2875,12 @@ def parse_request_head(head, connection_environ):
     lines = head.split(b"\r\n")
     request_line = REQUEST_LINE.match(lines[0])
     if request_line is None:
-        raise ProtocolError(400, "bad_request", "the request line is not METHOD TARGET HTTP/1.1")
+        raise ProtocolError("bad_request", "the request line is not METHOD TARGET HTTP/1.1")
     method, target, major, minor = request_line.groups()
     if major != b"1":
-        raise ProtocolError(505, "bad_request", "this server speaks HTTP/1.1 and HTTP/1.0")
+        raise ProtocolError("bad_request", "this server speaks HTTP/1.1 and HTTP/1.0", status=505)
     if len(lines) > MAX_HEADER_FIELDS + 1:
-        raise ProtocolError(431, "too_large", f"a request may have at most {MAX_HEADER_FIELDS} header fields")
+        raise ProtocolError("too_large", f"a request may have at most {MAX_HEADER_FIELDS} header fields", status=431)
     request = _Request()
     request.method, request.http_10 = method.decode(), minor == b"0"
     environ = request.environ = dict(connection_environ)
@@ -2871,7 +2889,7 @@ def parse_request_head(head, connection_environ):
     for line in lines[1:]:
         field = FIELD_LINE.match(line)
         if field is None:
-            raise ProtocolError(400, "bad_request", "a header field is not NAME: VALUE on one line")
+            raise ProtocolError("bad_request", "a header field is not NAME: VALUE on one line")
         name, value = field.group(1), field.group(2).strip(b" \t").decode("latin-1")
         if b"_" in name:
             continue        # in the environ it would pass for the same name with "-"
@@ -2880,7 +2898,7 @@ def parse_request_head(head, connection_environ):
         if key in environ:
             if key in ("CONTENT_LENGTH", "HTTP_HOST", "HTTP_TRANSFER_ENCODING"):
                 # [RFC 9112, 6.3 and 3.2] Two of these is a request framed two ways.
-                raise ProtocolError(400, "bad_request", f"{name.decode()} may appear only once")
+                raise ProtocolError("bad_request", f"{name.decode()} may appear only once")
             value = environ[key] + ", " + value       # one field, its lines joined (RFC 9110, 5.3)
         environ[key] = value
     _read_target(target, environ)
@@ -2897,7 +2915,7 @@ def _read_target(target, environ):
     if "HTTP_HOST" not in environ and environ["SERVER_PROTOCOL"] == "HTTP/1.1":
         # [RFC 9112, 3.2] "A server MUST respond with a 400 (Bad Request) status code to any
         # HTTP/1.1 request message that lacks a Host header field".
-        raise ProtocolError(400, "bad_request", "an HTTP/1.1 request needs a Host header")
+        raise ProtocolError("bad_request", "an HTTP/1.1 request needs a Host header")
     absolute = ABSOLUTE_FORM.match(target)
     if absolute is not None:
         # [RFC 9112, 3.2.2] "the origin server MUST ignore the received Host header field (if any)
@@ -2907,9 +2925,9 @@ def _read_target(target, environ):
         if target.startswith(b"?"):
             target = b"/" + target
     elif not target.startswith(b"/"):
-        raise ProtocolError(400, "bad_request", "the request target is neither a path nor an http URL")
+        raise ProtocolError("bad_request", "the request target is neither a path nor an http URL")
     if not HOST.match(environ.get("HTTP_HOST", "")):
-        raise ProtocolError(400, "bad_request", "the Host header is not a host")
+        raise ProtocolError("bad_request", "the Host header is not a host")
     path, _, query = target.decode("ascii").partition("?")
     environ["REQUEST_URI"] = target.decode("ascii")     # as sent: Front reads the path from it (PATH-1)
     environ["PATH_INFO"] = urllib.parse.unquote_to_bytes(path).decode("latin-1")    # as WSGI has it
@@ -2926,27 +2944,27 @@ def _read_framing(request, environ):
         # Transfer-Encoding header field MUST treat the message as if the framing is faulty";
         # a request with both it and Content-Length "MAY" be rejected, and is.
         if request.http_10 or length is not None:
-            raise ProtocolError(400, "bad_request", "a body framed both by Content-Length and by "
+            raise ProtocolError("bad_request", "a body framed both by Content-Length and by "
                                 "Transfer-Encoding, or chunked in HTTP/1.0")
         if transfer_encoding.lower() != "chunked":
             # [RFC 9112, 6.1] "A server that receives a request message with a transfer coding
             # it does not understand SHOULD respond with 501 (Not Implemented)."
-            raise ProtocolError(501, "bad_request", "the only transfer coding served is chunked")
+            raise ProtocolError("bad_request", "the only transfer coding served is chunked", status=501)
     elif length is not None:
         # [RFC 9112, 6.3] Content-Length = 1*DIGIT; anything else is "an unrecoverable error".
         if not (length.isascii() and length.isdigit()) or len(length) > 18:
-            raise ProtocolError(400, "bad_request", "Content-Length is not a number of bytes")
+            raise ProtocolError("bad_request", "Content-Length is not a number of bytes")
         request.length = int(length)
 
 
-def _error_bytes(status, code, message, date, retry_after=None, to_head=False):
-    """A whole HTTP answer to an error the server meets before any route, closing the connection.
+def _error_bytes(error, date, retry_after=None, to_head=False):
+    """A whole HTTP answer to a ProtocolError the server meets before any route, closing the connection.
 
     to_head: it answers a HEAD, so it has no body (RFC 9110, 9.3.2).
     """
-    body = json.dumps({"error": code, "message": message}).encode()
+    body = json.dumps({"error": error.code, "message": error.message}).encode()
     retry = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
-    return (f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\nDate: {date}\r\n"
+    return (f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}\r\nDate: {date}\r\n"
             f"Content-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n"
             f"Content-Length: {len(body)}\r\n{retry}"
             f"Connection: close\r\n\r\n").encode() + (b"" if to_head else body)
@@ -3048,7 +3066,7 @@ class _Connection(asyncio.Protocol):
         worker = self.worker
         worker.connections.add(self)
         if len(worker.connections) > worker.max_connections:
-            transport.write(_error_bytes(503, "overloaded", "too many connections: try again later",
+            transport.write(_error_bytes(ProtocolError("overloaded", "too many connections: try again later"),
                                          worker.date, RETRY_AFTER))
             self._linger()
             return
@@ -3135,13 +3153,13 @@ class _Connection(asyncio.Protocol):
         end = buffer.find(b"\r\n\r\n", max(0, self.scanned - 3))
         if end == -1:
             if buffer.find(b"\n\n", max(0, self.scanned - 1)) != -1:
-                raise ProtocolError(400, "bad_request", "the lines of a request head end in CRLF, not LF")
+                raise ProtocolError("bad_request", "the lines of a request head end in CRLF, not LF")
             self.scanned = len(buffer)          # a head trickled byte by byte is scanned once
             if len(buffer) > MAX_HEAD_BYTES:
-                raise ProtocolError(431, "too_large", f"the request head is larger than {MAX_HEAD_BYTES} bytes")
+                raise ProtocolError("too_large", f"the request head is larger than {MAX_HEAD_BYTES} bytes", status=431)
             return False
         if end > MAX_HEAD_BYTES:
-            raise ProtocolError(431, "too_large", f"the request head is larger than {MAX_HEAD_BYTES} bytes")
+            raise ProtocolError("too_large", f"the request head is larger than {MAX_HEAD_BYTES} bytes", status=431)
         head = bytes(buffer[:end])
         del buffer[:end + 4]
         self.scanned = 0
@@ -3166,7 +3184,7 @@ class _Connection(asyncio.Protocol):
         self.body_limit = worker.front.body_limit(request.environ) if request.has_body else 0
         if request.length > self.body_limit:
             # [LIMIT-1] Refused before any of it is read; what follows cannot be read as a request.
-            raise ProtocolError(413, "too_large", f"the body is larger than {self.body_limit} bytes")
+            raise ProtocolError("too_large", f"the body is larger than {self.body_limit} bytes")
         if not worker.admit():
             self.unread_body = request.has_body
             self._send(*worker.front.overloaded(request.environ))
@@ -3217,9 +3235,9 @@ class _Connection(asyncio.Protocol):
             line_end = buffer.find(b"\r\n")
             if line_end == -1:
                 if b"\n" in buffer:
-                    raise ProtocolError(400, "bad_request", "the lines of a chunked body end in CRLF, not LF")
+                    raise ProtocolError("bad_request", "the lines of a chunked body end in CRLF, not LF")
                 if len(buffer) > MAX_CHUNK_LINE:
-                    raise ProtocolError(400, "bad_request", "a chunk's size line is too long")
+                    raise ProtocolError("bad_request", "a chunk's size line is too long")
                 return False
             line = bytes(buffer[:line_end])
             del buffer[:line_end + 2]
@@ -3228,20 +3246,20 @@ class _Connection(asyncio.Protocol):
                     return True                 # the empty line that ends the body
                 self.received += len(line)
                 if FIELD_LINE.match(line) is None or self.received > MAX_HEAD_BYTES:
-                    raise ProtocolError(400, "bad_request", "a trailer field is malformed or too large")
+                    raise ProtocolError("bad_request", "a trailer field is malformed or too large")
             elif self.chunk_left == 0:          # the CRLF after a chunk's data
                 if line:
-                    raise ProtocolError(400, "bad_request", "a chunk is longer than its size says")
+                    raise ProtocolError("bad_request", "a chunk is longer than its size says")
                 self.chunk_left = None
             else:
                 size = CHUNK_SIZE_LINE.match(line)
                 if size is None:
-                    raise ProtocolError(400, "bad_request", "a chunk's size is not hexadecimal digits")
+                    raise ProtocolError("bad_request", "a chunk's size is not hexadecimal digits")
                 self.chunk_left, self.chunk_count = int(size.group(1), 16), self.chunk_count + 1
                 if len(body) + self.chunk_left > self.body_limit:
-                    raise ProtocolError(413, "too_large", f"the body is larger than {self.body_limit} bytes")
+                    raise ProtocolError("too_large", f"the body is larger than {self.body_limit} bytes")
                 if self.chunk_count > MAX_CHUNKS:
-                    raise ProtocolError(400, "bad_request", f"a body may come in at most {MAX_CHUNKS} chunks")
+                    raise ProtocolError("bad_request", f"a body may come in at most {MAX_CHUNKS} chunks")
                 if self.chunk_left == 0:        # the last chunk: the trailer section follows
                     self.chunk_left, self.in_trailer, self.received = None, True, 0
 
@@ -3397,8 +3415,7 @@ class _Connection(asyncio.Protocol):
         """Answer an error met while reading, and close: what follows in the stream cannot be trusted."""
         self._release()
         to_head = self.request is not None and self.request.method == "HEAD"
-        self.transport.write(_error_bytes(error.status, error.code, error.message, self.worker.date,
-                                          to_head=to_head))
+        self.transport.write(_error_bytes(error, self.worker.date, to_head=to_head))
         self._linger()
 
     def _linger(self):
@@ -3418,7 +3435,7 @@ class _Connection(asyncio.Protocol):
 
     def time_out(self):
         if self.state in ("head", "body"):
-            self._refuse(ProtocolError(408, "bad_request", "the request took too long to arrive"))
+            self._refuse(ProtocolError("bad_request", "the request took too long to arrive", status=408))
         elif self.state in ("sending", "lingering", "closing"):
             self.transport.abort()
         elif self.state == "idle":

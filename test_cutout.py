@@ -369,6 +369,20 @@ def test_every_on_disk_statement_has_a_test():
     assert sorted(specified - tested) == []
 
 
+def test_one_list_of_error_codes_in_spec_code_and_suite():
+    """[ERR-1]'s closed list of codes is the same in SPEC.md, in cutout.ERRORS (which every
+    ProtocolError is raised from) and in the conformance suite's CHAPTER_CODES."""
+    with open(os.path.join(HERE, "SPEC.md")) as spec:
+        paragraph = re.search(r"\*\*\[ERR-1\]\*\*(.*?)\n\n", spec.read(), re.S).group(1)
+    specified = set(re.findall(r"`([a-z_]+)`", paragraph)) - {"error", "message"}
+    with open(os.path.join(HERE, "test_protocol.py")) as suite:
+        listed = re.search(r"CHAPTER_CODES = \((.*?)\)", suite.read(), re.S).group(1)
+    assert specified == set(cutout.ERRORS) == set(re.findall(r'"([a-z_]+)"', listed))
+    with open(os.path.join(HERE, "cutout.py")) as source:
+        raised = set(re.findall(r'ProtocolError\("([a-z_]+)"', source.read()))
+    assert raised <= set(cutout.ERRORS), "a ProtocolError names a code ERR-1 does not"
+
+
 def test_data_file_shorter_than_the_index_says_is_an_error_naming_the_file(db):
     """[DISK-8] Acknowledged records missing from the data file are damage: reported, nothing cut."""
     _three_batches(db)

@@ -91,11 +91,13 @@ MAX_BODY_BYTES = int(os.environ.get("CUTOUT_MAX_BODY_BYTES", 1024 * 1024))     #
 MAX_OBJECT_BYTES = int(os.environ.get("CUTOUT_MAX_OBJECT_BYTES", 256 * 1024))  # bytes of JSON per object
 MAX_BLOB_BYTES = int(os.environ.get("CUTOUT_MAX_BLOB_BYTES", 16 * 1024 * 1024))  # bytes per blob
 
-# ERR-1: "CODE is one of the codes named in this chapter."
+# ERR-1: "CODE is one of the codes named in this chapter." (test_cutout.py checks that this
+# is the list SPEC.md's ERR-1 gives, and the one cutout.py raises from.)
 CHAPTER_CODES = (
     "not_found", "bad_path", "method_not_allowed", "bad_request", "bad_since", "bad_limit",
     "bad_filter", "bad_object", "unauthorized", "assertion_rejected", "verifier_unavailable",
     "bad_json", "too_large", "bad_blob", "range_not_satisfiable", "too_many_collections",
+    "overloaded", "storage_error", "internal_error",
 )
 
 
