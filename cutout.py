@@ -1983,53 +1983,62 @@ def _objects_after(snapshot, query, since, limits, members):
     return fragments
 
 
-def _full_answer(snapshot, query, limits, members):
-    """The JSON of members and the objects from the start (GET-1, GET-4)."""
+def _from_the_start(snapshot, query, limits, members):
+    """The JSON of members and the objects from the start (GET-1, GET-4); collection_deleted if it was (DEL-2)."""
     if snapshot.deleted is not None and snapshot.record_count == 0:
-        members["collection_deleted"] = snapshot.deleted["reason"]      # DEL-2
+        members["collection_deleted"] = snapshot.deleted["reason"]
     return _json_with_objects(members, _objects_after(snapshot, query, 0, limits, members))
 
 
 def read_collection(snapshot, query, limits):
-    """Answer a GET (SPEC.md 2.2): (status, body bytes or None)."""
+    """Answer a GET (SPEC.md 2.2), rung by rung in the order of SPEC: (status, body bytes or None)."""
+    # [GET-1] A hello: the collection's id, and its objects from the start.
     if query.collection_id is None:
-        return 200, _full_answer(snapshot, query, limits, {"collection_id": snapshot.collection_id})
-    if query.collection_id != snapshot.collection_id:
-        return 200, _full_answer(snapshot, query, limits, {
-            "collection_changed": True, "collection_id": snapshot.collection_id})
-    if query.since is None:
-        query = dataclasses.replace(query, since=0)     # the id alone asks for everything
-    _check_since(snapshot, query)
-    if 0 < query.since < snapshot.purge_horizon:
-        return 200, _since_purged(snapshot)
+        return 200, _from_the_start(snapshot, query, limits, {"collection_id": snapshot.collection_id})
+    # [GET-4], [GET-5], [PURGE-1]: the client's collection_id or since no longer hold.
+    answer = _no_longer_current(snapshot, query, limits)
+    if answer is not None:
+        return answer
+    # [GET-3] Nothing newer than since: 204, the empty poll (Front.empty_poll answers most
+    # of them from the remembered state with this same test).
     if nothing_new(snapshot, query):
         return 204, None
+    # [GET-2] The objects newer than since (a collection_id alone asks for all), at most a
+    # page of them (GET-6), of the types asked for (GET-7).
     members = {}
-    fragments = _objects_after(snapshot, query, query.since, limits, members)
+    fragments = _objects_after(snapshot, query, query.since or 0, limits, members)
     return 200, _json_with_objects(members, fragments)
+
+
+def _no_longer_current(snapshot, query, limits):
+    """The answer to a GET or a refused POST whose collection_id or since no longer hold; else None."""
+    # [GET-4] "If collection_id is not the collection's current id, the server MUST answer
+    # 200 with {"collection_changed": true, "collection_id": NEW, "objects": [...]}, the
+    # objects from the start." (POST-5 answers a POST the same way.)
+    if query.collection_id != snapshot.collection_id:
+        return 200, _from_the_start(snapshot, query, limits, {
+            "collection_changed": True, "collection_id": snapshot.collection_id})
+    # [GET-5] "A since greater than any counter the collection has given is answered 400."
+    since = query.since or 0
+    if since > snapshot.last_counter:
+        raise ProtocolError("bad_since", f"since {since} is newer than the newest counter, {snapshot.last_counter}")
+    # [PURGE-1] "If a GET or POST carries 0 < since < purge_horizon, the server MUST NOT
+    # answer normally: it MUST answer 200 with {"since_purged": true, "collection_id": C}."
+    if 0 < since < snapshot.purge_horizon:
+        return 200, json.dumps({"since_purged": True, "collection_id": snapshot.collection_id}).encode()
+    return None
 
 
 def nothing_new(state, query):
     """Whether a GET is answered 204 No Content, from a PollState or a Snapshot.
 
-    [GET-3] "If the collection holds no object newer than since, the server
-    MUST answer 204." The empty poll reads no record and parses no JSON.
+    [GET-3] "If the collection holds no object newer than since ..., the
+    server MUST answer 204 No Content." The rungs above it are tested here
+    too, so that an empty poll can be answered from the remembered state alone.
     """
     return (query.collection_id == state.collection_id and query.since is not None
             and state.last_record_counter <= query.since <= state.last_counter      # GET-5
             and not 0 < query.since < state.purge_horizon)                          # PURGE-1
-
-
-def _check_since(snapshot, query):
-    # [GET-5] "A since greater than any counter the collection has given is answered 400."
-    if query.since > snapshot.last_counter:
-        raise ProtocolError("bad_since", f"since {query.since} is newer than the newest counter, "
-                            f"{snapshot.last_counter}")
-
-
-def _since_purged(snapshot):
-    # [PURGE-1] The client must read everything again from since=0.
-    return json.dumps({"since_purged": True, "collection_id": snapshot.collection_id}).encode()
 
 
 def write_collection(db, query, objects, limits, blob_base="/"):
@@ -2037,29 +2046,31 @@ def write_collection(db, query, objects, limits, blob_base="/"):
 
     blob_base is the path under which the collection's blobs are served (BLOB-2).
     """
+    # [POST-1] "A POST MUST carry since and collection_id (else 400, bad_request)."
     if query.since is None or query.collection_id is None:
         raise ProtocolError("bad_request", "a POST needs since and collection_id")
     wanted = query.wanted()
     blobs = BlobBatch(db)
     try:
         records, hrefs = _records(objects, blobs, limits, blob_base)
+        # [POST-2], [POST-4], [POST-5], [PURGE-1] are checked again under the writer lock.
         counters = db.append(records, if_last_counter=query.since, if_collection_id=query.collection_id,
                              ignore_newer=None if wanted is None else _other_types(wanted, limits.max_examined),
                              blobs=blobs)
     except AppendConflict:
-        # Refused whole, under the writer lock; say why from a fresh view
-        # (POST-5, GET-5, PURGE-1, POST-2).
+        # Refused whole: say why from a fresh view, the rungs a GET would climb first, then
+        # [POST-2] "... MUST answer 200 with {"since_invalid": true, "objects": [...]}: the
+        # objects the client missed (paged as in GET-6)."
         with db.snapshot() as snapshot:
-            if query.collection_id != snapshot.collection_id:
-                return read_collection(snapshot, query, limits)
-            _check_since(snapshot, query)
-            if 0 < query.since < snapshot.purge_horizon:
-                return 200, _since_purged(snapshot)
+            answer = _no_longer_current(snapshot, query, limits)
+            if answer is not None:
+                return answer
             members = {"since_invalid": True}
             fragments = _objects_after(snapshot, query, query.since, limits, members)
             return 200, _json_with_objects(members, fragments)
     finally:
         blobs.discard()     # uploads of a refused POST
+    # [POST-3] Stored, in order: one counter per object.
     answer = {"object_counters": counters}
     if any("blob" in obj for obj in objects):
         answer["blob_hrefs"] = hrefs        # BLOB-2
