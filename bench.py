@@ -334,7 +334,7 @@ def peak_rss():
     return peak if sys.platform == "darwin" else peak * 1024
 
 before = peak_rss()
-report = cutout.AppendOnlyDB(sys.argv[1]).collect_garbage()
+report = cutout.collect_garbage(cutout.AppendOnlyDB(sys.argv[1]))
 print(json.dumps(dict(dataclasses.asdict(report), rss_before=before, rss_peak=peak_rss())))
 """
 
@@ -918,9 +918,9 @@ def empty_polls(root, sizes):
     log_dir = os.path.join(root, "logs")
     with contextlib.closing(start_ours("cutout", os.path.join(root, "http-5-target"), log_dir)) as ours, \
             contextlib.closing(start_bare(fastest, log_dir)) as bare_server:
+        bare_request = [{"request": get_request("/empty").decode()}] * n
         mine, theirs = interleaved([LoadSide("ours", ours, [{"request": empty_poll(ours)}] * n, 204),
-                                    LoadSide("bare", bare_server, [{"request": get_request("/empty").decode()}] * n, 204)],
-                                   sizes)
+                                    LoadSide("bare", bare_server, bare_request, 204)], sizes)
     print(f"  cutout.py on its own server vs the bare route on the fastest server above ({fastest}), interleaved:")
     print(mine.line("ours"))
     print(theirs.line("bare"))

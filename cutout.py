@@ -852,37 +852,6 @@ class _ReplacementWriter:
         self.data_fd = self.index_fd = None
 
 
-# A record's fate in garbage collection. Dropping the newest record of a
-# (type, id) that replaced an older one hides a change from clients that saw
-# the older one, so _PURGED and _EXPIRED_HIDING raise the purge horizon.
-_KEEP = 1
-_REPLACED = 2          # a later record has the same (type, id)
-_EXPIRED = 3           # the newest of its (type, id), and the first: no client misses anything
-_EXPIRED_HIDING = 4    # the newest of its (type, id), replacing an older one
-_PURGED = 5            # the newest of its (type, id), a tombstone older than the purge time
-
-
-@dataclasses.dataclass
-class GarbageReport:
-    """What one garbage collection of one collection did."""
-
-    path: str
-    records_before: int = 0
-    records_after: int = 0
-    bytes_before: int = 0
-    bytes_after: int = 0
-    replaced: int = 0      # records replaced by a later record of the same (type, id)
-    expired: int = 0       # records whose `expires` had passed
-    tombstones_purged: int = 0
-    purge_horizon: int = 0
-    blobs_removed: int = 0     # blobs no kept record names, and crashed uploads
-    seconds: float = 0.0
-
-    @property
-    def removed(self):
-        return self.records_before - self.records_after
-
-
 class AppendOnlyDB:
     """One collection's durable, ordered stream of records (bytes), in one directory.
 
@@ -903,33 +872,6 @@ class AppendOnlyDB:
 
     def exists(self):
         return os.path.exists(self.data_path)
-
-    def blob_info(self, name):
-        """The BlobInfo of the blob called name, or None if there is none."""
-        found = self.open_blob(name)
-        if found is None:
-            return None
-        found[1].close()
-        return found[0]
-
-    def open_blob(self, name):
-        """(BlobInfo, file) of the blob called name, the file at its first byte; or None."""
-        match = BLOB_NAME.match(name)
-        if match is None:
-            return None
-        path = os.path.join(self.blobs_path, *match.groups())
-        try:
-            blob = open(path, "rb")
-        except FileNotFoundError:
-            return None
-        try:
-            info = BlobInfo.decode(blob.read(BLOB_HEADER_SIZE), path)
-            if os.fstat(blob.fileno()).st_size != BLOB_HEADER_SIZE + info.length:
-                raise StorageError(path, "the blob file is not as long as its header says")
-        except BaseException:
-            blob.close()
-            raise
-        return info, blob
 
     def _open(self, exclusive):
         """The collection's files, opened and checked; a new collection is made first."""
@@ -1043,9 +985,7 @@ class AppendOnlyDB:
             first, count = files.last_counter + 1, len(records)
             batch, entries = bytearray(), array("Q")
             for i, record in enumerate(records):
-                head = FRAME_HEAD.pack(first + i, len(record), appended_at, i, count)
-                batch += head
-                batch += FRAME_CRC.pack(_frame_crc(head, record))
+                batch += _pack_frame(first + i, record, appended_at, i, count)
                 entries.extend((first + i, files.data_end + len(batch), len(record)))
                 batch += record
             position = files.data_end + len(batch)
@@ -1106,291 +1046,14 @@ class AppendOnlyDB:
         finally:
             os.close(fd)
 
-    def collect_garbage(self, now=None, purge_tombstones_before=None):
-        """Drop the records no client needs any more; return a GarbageReport.
 
-        A record goes when a later record has the same (type, id) or when its
-        `expires` (unix seconds) has passed. The newest tombstone of each
-        (type, id) stays, unless it was appended before purge_tombstones_before
-        (unix seconds): then it goes too, and the collection's purge_horizon
-        rises to its counter so that the protocol can send a client whose
-        `since` is older back to the start instead of letting it miss the
-        delete. Records that are not JSON objects with an `id` are kept.
-        Kept records keep their counters.
 
-        Readers and writers go on while it runs; it holds the lock only to
-        copy what was appended meanwhile and to swap the files.
-        """
-        report = GarbageReport(self.path)
-        if not self.exists():
-            return report
-        now = time.time() if now is None else now
-        started = time.perf_counter()
-        with self._maintenance(), self.snapshot(create=False) as snapshot:
-            files = snapshot._files
-            report.records_before = report.records_after = snapshot.record_count
-            report.bytes_before = report.bytes_after = files.data_end
-            report.purge_horizon = horizon = files.header.purge_horizon
-            blob_names = {}
-            fates = self._decide_fates(files, now, purge_tombstones_before, report, blob_names)
-            named = {name for position, name in blob_names.items() if fates[position] == _KEEP}
-            if fates.count(_KEEP) == len(fates):
-                # Nothing to drop: the files stay as they are, and only blobs may go.
-                if os.path.isdir(self.blobs_path):
-                    with _OpenCollection(self, exclusive=True) as live:
-                        named.update(_blob_name_of(frame.record)
-                                     for frame in _scan_frames(live.data_fd, files.data_end, live.data_end))
-                        report.blobs_removed = self._sweep_blobs(named)
-                report.seconds = time.perf_counter() - started
-                return report
-            writer = _ReplacementWriter(self)
-            try:
-                frames = _scan_frames(files.data_fd, DATA_HEADER_SIZE, files.data_end)
-                for frame, fate in zip(frames, fates):
-                    if fate == _KEEP:
-                        # Survivors of a batch no longer form it, so each becomes a batch of one.
-                        writer.add(frame.counter, frame.record, frame.appended_at)
-                    elif fate in (_PURGED, _EXPIRED_HIDING):
-                        horizon = max(horizon, frame.counter)
-                writer.sync()       # the bulk, before readers and writers are held up
-                with _OpenCollection(self, exclusive=True) as live:
-                    if live.header.generation != files.header.generation:
-                        raise StorageError(self.path, "replaced while garbage was being collected")
-                    late = live.entry_count - snapshot.record_count
-                    for frame in itertools.islice(_scan_frames(live.data_fd, files.data_end, live.data_end), late):
-                        writer.add(frame.counter, frame.record, frame.appended_at,
-                                   frame.batch_index, frame.batch_count)
-                        named.add(_blob_name_of(frame.record))
-                    if writer.record_count != fates.count(_KEEP) + late:
-                        raise StorageError(self.data_path, "a record appended during garbage collection is damaged")
-                    report.records_before += late
-                    report.records_after = writer.record_count
-                    report.bytes_before, report.bytes_after = live.data_end, writer.position
-                    report.purge_horizon = horizon
-                    writer.install(dataclasses.replace(
-                        live.header, generation=live.header.generation + 1,
-                        counter_floor=live.last_counter, purge_horizon=horizon,
-                        deleted=None if live.entry_count else live.header.deleted))
-                    report.blobs_removed = self._sweep_blobs(named)
-            except BaseException:
-                writer.abandon()
-                raise
-        report.seconds = time.perf_counter() - started
-        return report
 
-    @staticmethod
-    def _decide_fates(files, now, purge_tombstones_before, report, blob_names):
-        """One fate per record, in order (see _KEEP and the rest); fills report's counts.
 
-        Fills blob_names with {position: name} of the records that name a blob.
-        Memory: one byte per record plus one dict entry per (type, id), about
-        150 bytes; never the records themselves.
-        """
-        fates = bytearray()
-        # A 16-byte digest keeps memory per key small; two keys colliding, which
-        # would lose a record, is as likely as guessing a random 128-bit number.
-        newest = {}                  # digest of (type, id) -> position of its newest record
-        for position, frame in enumerate(_scan_frames(files.data_fd, DATA_HEADER_SIZE, files.data_end)):
-            try:
-                obj = json.loads(frame.record)
-                key = hashlib.blake2b(json.dumps([obj.get("type"), obj["id"]]).encode(), digest_size=16).digest()
-            except (ValueError, TypeError, KeyError, AttributeError):
-                fates.append(_KEEP)
-                continue
-            older = newest.get(key)
-            if older is not None:
-                fates[older] = _REPLACED
-            if "blob" in obj:
-                blob_names[position] = _named_blob(obj)
-            expires = obj.get("expires")
-            if isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires <= now:
-                fates.append(_EXPIRED if older is None else _EXPIRED_HIDING)
-            elif (obj.get("deleted") is True and purge_tombstones_before is not None
-                  and frame.appended_at < purge_tombstones_before):
-                fates.append(_PURGED)
-            else:
-                fates.append(_KEEP)
-            newest[key] = position
-        if len(fates) != files.entry_count:
-            raise StorageError(files.db.data_path, f"record {len(fates) + 1} is damaged (CRC or frame)")
-        report.replaced = fates.count(_REPLACED)
-        report.expired = fates.count(_EXPIRED) + fates.count(_EXPIRED_HIDING)
-        report.tombstones_purged = fates.count(_PURGED)
-        return fates
 
-    def _sweep_blobs(self, named):
-        """Delete every blob not in named, and stale .partial files; return how many.
 
-        The caller holds the writer lock, so no append is between renaming
-        its blobs into place and writing the records that name them.
-        """
-        removed, stale = 0, time.time() - STALE_PARTIAL_SECONDS
-        try:
-            keys = os.scandir(self.blobs_path)
-        except FileNotFoundError:
-            return 0
-        with keys:
-            for key in keys:
-                # An upload going on beside this deletes its own .partial file when it fails.
-                with contextlib.suppress(FileNotFoundError), os.scandir(key.path) as blobs:
-                    for blob in blobs:
-                        with contextlib.suppress(FileNotFoundError):
-                            if (blob.stat().st_mtime > stale if blob.name.endswith(".partial")
-                                    else f"{key.name}-{blob.name}" in named):
-                                continue
-                            os.unlink(blob.path)
-                            removed += 1
-                with contextlib.suppress(OSError):     # not empty: it holds a kept blob or an upload
-                    os.rmdir(key.path)
-        return removed
 
-    def _blob_paths(self):
-        """(key, nonce, path) of every blob in place, in a stable order."""
-        try:
-            keys = sorted(os.listdir(self.blobs_path))
-        except FileNotFoundError:
-            return
-        for key in keys:
-            for nonce in sorted(os.listdir(os.path.join(self.blobs_path, key))):
-                if not nonce.endswith(".partial"):
-                    yield key, nonce, os.path.join(self.blobs_path, key, nonce)
 
-    def export_to(self, out):
-        """Write the collection to the binary file out as a tar stream: `data`, `index`, then its blobs.
-
-        The export holds the lock shared while it is written, so appends wait
-        for it and it is one state of the collection, blobs included.
-        """
-        with _OpenCollection(self, exclusive=False) as files, tarfile.open(fileobj=out, mode="w|") as tar:
-            members = [("data", os.dup(files.data_fd), files.data_end),
-                       ("index", os.dup(files.index_fd), _entry_position(files.entry_count))]
-            members += ((f"blobs/{key}/{nonce}", os.open(path, os.O_RDONLY), None)
-                        for key, nonce, path in self._blob_paths())
-            for name, fd, size in members:
-                info = tarfile.TarInfo(name)
-                info.size = _file_size(fd) if size is None else size
-                info.mode, info.mtime = 0o600, int(time.time())
-                with os.fdopen(fd, "rb") as member:
-                    member.seek(0)
-                    tar.addfile(info, member)
-
-    def import_from(self, stream):
-        """Replace the collection by the one exported to stream; all at once or not at all.
-
-        Every frame is verified and the index must match the data. The old copy
-        serves reads and writes until the new one is complete; writes made to
-        it meanwhile are replaced with it. The exported collection_id is kept,
-        unless the collection here has that id and is newer or unreadable: then
-        the import restores an older state, so it gets a new collection_id (and
-        counters above the old ones) and clients read it again from the start.
-        Raises StorageError if the stream is not a whole, intact export.
-        """
-        _make_dirs_durably(self.path)
-        with self._maintenance():
-            writer, blobs = _ReplacementWriter(self), []
-            try:
-                header, imported_last = self._receive(stream, writer, blobs)
-                writer.sync()
-                with contextlib.ExitStack() as lock:
-                    try:
-                        live = lock.enter_context(_OpenCollection(self, exclusive=True))
-                        live_header, live_last = live.header, live.last_counter
-                    except (FileNotFoundError, StorageError):
-                        # Missing or damaged: restoring a damaged copy is what import is for.
-                        lock.enter_context(self._locked())
-                        live_header, live_last = self._readable_header(), None
-                    if live_header is not None:
-                        header = dataclasses.replace(header, generation=max(header.generation,
-                                                                            live_header.generation) + 1)
-                        if live_header.collection_id == header.collection_id and (
-                                live_last is None or live_last > imported_last):
-                            header = dataclasses.replace(
-                                header, collection_id=DataHeader.new().collection_id,
-                                counter_floor=max(header.counter_floor, live_last or 0, imported_last))
-                    # The blobs first, so that no record is ever installed without its blob.
-                    for partial, final in blobs:
-                        os.rename(partial, final)
-                    for directory in {os.path.dirname(final) for _, final in blobs}:
-                        _fsync_dir(directory)
-                    writer.install(header)
-                    self._sweep_blobs({"-".join(final.split(os.sep)[-2:]) for _, final in blobs})
-            except BaseException:
-                writer.abandon()
-                for partial, _ in blobs:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(partial)
-                raise
-
-    def _receive_blob(self, member, source):
-        """Write an exported blob as a .partial file, checked; return (its path, the path it goes to)."""
-        parts = member.name.split("/")
-        if not (member.isfile() and len(parts) == 3 and parts[0] == "blobs"
-                and BLOB_NAME.match(f"{parts[1]}-{parts[2]}")):
-            raise StorageError(self.path, f"an export holds only data, index and blobs, not {member.name!r}")
-        final = os.path.join(self.blobs_path, parts[1], parts[2])
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(final + ".partial")       # left by an import that crashed
-        exported = BlobInfo.decode(source.read(BLOB_HEADER_SIZE), f"{self.path} (import of {member.name})")
-        written = _write_blob_file(final + ".partial", exported.content_type,
-                                   iter(functools.partial(source.read, BLOB_CHUNK), b""))
-        if written != exported:
-            os.unlink(final + ".partial")
-            raise StorageError(self.path, f"the exported blob {member.name} is damaged")
-        return final + ".partial", final
-
-    def _readable_header(self):
-        """The data file's header, or None if there is none that can be read."""
-        try:
-            fd = os.open(self.data_path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            return DataHeader.decode(os.pread(fd, DATA_HEADER_SIZE, 0), self.data_path)
-        except StorageError:
-            return None
-        finally:
-            os.close(fd)
-
-    def _receive(self, stream, writer, blobs):
-        """Read an export into writer, checking all of it; return its header and last counter.
-
-        Its blobs are written as .partial files in place; blobs gets
-        (partial path, final path) of each.
-        """
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                members = iter(tar)
-                data_member = next(members, None)
-                if data_member is None or data_member.name != "data" or not data_member.isfile():
-                    raise StorageError(self.path, "an export starts with its data file")
-                data = tar.extractfile(data_member)
-                header = DataHeader.decode(data.read(DATA_HEADER_SIZE), f"{self.path} (import)")
-                _pwrite_all(writer.data_fd, header.encode(), 0)
-                received = DATA_HEADER_SIZE
-                while chunk := data.read(SCAN_CHUNK):
-                    _pwrite_all(writer.data_fd, chunk, received)
-                    received += len(chunk)
-                index_member = next(members, None)
-                if index_member is None or index_member.name != "index" or not index_member.isfile():
-                    raise StorageError(self.path, "an export ends with its index")
-                exported_index = tar.extractfile(index_member).read()
-                for member in members:
-                    blobs.append(self._receive_blob(member, tar.extractfile(member)))
-        except tarfile.TarError as error:
-            raise StorageError(self.path, f"not a readable export: {error}") from None
-        last_counter, expected_index = 0, 0
-        for frame in _scan_frames(writer.data_fd, DATA_HEADER_SIZE, received):
-            if frame.batch_index != expected_index or frame.counter <= last_counter:
-                break
-            writer.add_received(frame)
-            last_counter, expected_index = frame.counter, 0 if frame.ends_batch else expected_index + 1
-        if writer.position != received or expected_index:
-            raise StorageError(self.path, f"the exported data is damaged at offset {writer.position}")
-        writer._flush()
-        if exported_index[INDEX_HEADER.size:] != os.pread(writer.index_fd, len(exported_index), 0)[
-                INDEX_HEADER.size:] or len(exported_index) != _entry_position(writer.record_count):
-            raise StorageError(self.path, "the exported index does not match its data")
-        return header, max(last_counter, header.counter_floor)
 
 
 ###############################################################################
@@ -1535,7 +1198,7 @@ class BlobBatch:
         match = BLOB_NAME.match(name or "")
         if match is None or match.group(1) != self.key(type_, id_):
             return None
-        info = self.db.blob_info(name)
+        info = blob_info(self.db, name)
         if info is not None:
             self.kept_paths.append(os.path.join(self.db.blobs_path, *match.groups()))
         return info
@@ -1582,6 +1245,361 @@ class BlobBatch:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial)
         self.uploads = []
+
+
+def open_blob(db, name):
+    """(BlobInfo, file) of the blob called name, the file at its first byte; or None."""
+    match = BLOB_NAME.match(name)
+    if match is None:
+        return None
+    path = os.path.join(db.blobs_path, *match.groups())
+    try:
+        blob = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    try:
+        info = BlobInfo.decode(blob.read(BLOB_HEADER_SIZE), path)
+        if os.fstat(blob.fileno()).st_size != BLOB_HEADER_SIZE + info.length:
+            raise StorageError(path, "the blob file is not as long as its header says")
+    except BaseException:
+        blob.close()
+        raise
+    return info, blob
+
+def blob_info(db, name):
+    """The BlobInfo of the blob called name, or None if there is none."""
+    found = open_blob(db, name)
+    if found is None:
+        return None
+    found[1].close()
+    return found[0]
+
+def _sweep_blobs(db, named):
+    """Delete every blob not in named, and stale .partial files; return how many.
+
+    The caller holds the writer lock, so no append is between renaming
+    its blobs into place and writing the records that name them.
+    """
+    removed, stale = 0, time.time() - STALE_PARTIAL_SECONDS
+    try:
+        keys = os.scandir(db.blobs_path)
+    except FileNotFoundError:
+        return 0
+    with keys:
+        for key in keys:
+            # An upload going on beside this deletes its own .partial file when it fails.
+            with contextlib.suppress(FileNotFoundError), os.scandir(key.path) as blobs:
+                for blob in blobs:
+                    with contextlib.suppress(FileNotFoundError):
+                        if (blob.stat().st_mtime > stale if blob.name.endswith(".partial")
+                                else f"{key.name}-{blob.name}" in named):
+                            continue
+                        os.unlink(blob.path)
+                        removed += 1
+            with contextlib.suppress(OSError):     # not empty: it holds a kept blob or an upload
+                os.rmdir(key.path)
+    return removed
+
+def _blob_paths(db):
+    """(key, nonce, path) of every blob in place, in a stable order."""
+    try:
+        keys = sorted(os.listdir(db.blobs_path))
+    except FileNotFoundError:
+        return
+    for key in keys:
+        for nonce in sorted(os.listdir(os.path.join(db.blobs_path, key))):
+            if not nonce.endswith(".partial"):
+                yield key, nonce, os.path.join(db.blobs_path, key, nonce)
+
+
+###############################################################################
+# Maintenance: garbage collection, export and import of a collection
+###############################################################################
+# Garbage collection, export and import each replace a collection's files whole
+# (DISK-9): they write data.new and index.new beside the live files, sync them,
+# and rename them into place under the collection's lock, while readers and
+# writers go on with the old ones. One at a time runs on a collection, under
+# maintenance.lock (DISK-10). They are the only code that reads a collection
+# whole, and none of it is on the path of an answer.
+
+# A record's fate in garbage collection. Dropping the newest record of a
+# (type, id) that replaced an older one hides a change from clients that saw
+# the older one, so _PURGED and _EXPIRED_HIDING raise the purge horizon.
+_KEEP = 1
+_REPLACED = 2          # a later record has the same (type, id)
+_EXPIRED = 3           # the newest of its (type, id), and the first: no client misses anything
+_EXPIRED_HIDING = 4    # the newest of its (type, id), replacing an older one
+_PURGED = 5            # the newest of its (type, id), a tombstone older than the purge time
+
+
+@dataclasses.dataclass
+class GarbageReport:
+    """What one garbage collection of one collection did."""
+
+    path: str
+    records_before: int = 0
+    records_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    replaced: int = 0      # records replaced by a later record of the same (type, id)
+    expired: int = 0       # records whose `expires` had passed
+    tombstones_purged: int = 0
+    purge_horizon: int = 0
+    blobs_removed: int = 0     # blobs no kept record names, and crashed uploads
+    seconds: float = 0.0
+
+    @property
+    def removed(self):
+        return self.records_before - self.records_after
+
+
+def collect_garbage(db, now=None, purge_tombstones_before=None):
+    """Drop the records no client needs any more; return a GarbageReport.
+
+    A record goes when a later record has the same (type, id) or when its
+    `expires` (unix seconds) has passed. The newest tombstone of each
+    (type, id) stays, unless it was appended before purge_tombstones_before
+    (unix seconds): then it goes too, and the collection's purge_horizon
+    rises to its counter so that the protocol can send a client whose
+    `since` is older back to the start instead of letting it miss the
+    delete. Records that are not JSON objects with an `id` are kept.
+    Kept records keep their counters.
+
+    Readers and writers go on while it runs; it holds the lock only to
+    copy what was appended meanwhile and to swap the files.
+    """
+    report = GarbageReport(db.path)
+    if not db.exists():
+        return report
+    now = time.time() if now is None else now
+    started = time.perf_counter()
+    with db._maintenance(), db.snapshot(create=False) as snapshot:
+        files = snapshot._files
+        report.records_before = report.records_after = snapshot.record_count
+        report.bytes_before = report.bytes_after = files.data_end
+        report.purge_horizon = horizon = files.header.purge_horizon
+        blob_names = {}
+        fates = _decide_fates(files, now, purge_tombstones_before, report, blob_names)
+        named = {name for position, name in blob_names.items() if fates[position] == _KEEP}
+        if fates.count(_KEEP) == len(fates):
+            # Nothing to drop: the files stay as they are, and only blobs may go.
+            if os.path.isdir(db.blobs_path):
+                with _OpenCollection(db, exclusive=True) as live:
+                    named.update(_blob_name_of(frame.record)
+                                 for frame in _scan_frames(live.data_fd, files.data_end, live.data_end))
+                    report.blobs_removed = _sweep_blobs(db, named)
+            report.seconds = time.perf_counter() - started
+            return report
+        writer = _ReplacementWriter(db)
+        try:
+            frames = _scan_frames(files.data_fd, DATA_HEADER_SIZE, files.data_end)
+            for frame, fate in zip(frames, fates):
+                if fate == _KEEP:
+                    # Survivors of a batch no longer form it, so each becomes a batch of one.
+                    writer.add(frame.counter, frame.record, frame.appended_at)
+                elif fate in (_PURGED, _EXPIRED_HIDING):
+                    horizon = max(horizon, frame.counter)
+            writer.sync()       # the bulk, before readers and writers are held up
+            with _OpenCollection(db, exclusive=True) as live:
+                if live.header.generation != files.header.generation:
+                    raise StorageError(db.path, "replaced while garbage was being collected")
+                late = live.entry_count - snapshot.record_count
+                for frame in itertools.islice(_scan_frames(live.data_fd, files.data_end, live.data_end), late):
+                    writer.add(frame.counter, frame.record, frame.appended_at,
+                               frame.batch_index, frame.batch_count)
+                    named.add(_blob_name_of(frame.record))
+                if writer.record_count != fates.count(_KEEP) + late:
+                    raise StorageError(db.data_path, "a record appended during garbage collection is damaged")
+                report.records_before += late
+                report.records_after = writer.record_count
+                report.bytes_before, report.bytes_after = live.data_end, writer.position
+                report.purge_horizon = horizon
+                writer.install(dataclasses.replace(
+                    live.header, generation=live.header.generation + 1,
+                    counter_floor=live.last_counter, purge_horizon=horizon,
+                    deleted=None if live.entry_count else live.header.deleted))
+                report.blobs_removed = _sweep_blobs(db, named)
+        except BaseException:
+            writer.abandon()
+            raise
+    report.seconds = time.perf_counter() - started
+    return report
+
+def _decide_fates(files, now, purge_tombstones_before, report, blob_names):
+    """One fate per record, in order (see _KEEP and the rest); fills report's counts.
+
+    Fills blob_names with {position: name} of the records that name a blob.
+    Memory: one byte per record plus one dict entry per (type, id), about
+    150 bytes; never the records themselves.
+    """
+    fates = bytearray()
+    # A 16-byte digest keeps memory per key small; two keys colliding, which
+    # would lose a record, is as likely as guessing a random 128-bit number.
+    newest = {}                  # digest of (type, id) -> position of its newest record
+    for position, frame in enumerate(_scan_frames(files.data_fd, DATA_HEADER_SIZE, files.data_end)):
+        try:
+            obj = json.loads(frame.record)
+            key = hashlib.blake2b(json.dumps([obj.get("type"), obj["id"]]).encode(), digest_size=16).digest()
+        except (ValueError, TypeError, KeyError, AttributeError):
+            fates.append(_KEEP)
+            continue
+        older = newest.get(key)
+        if older is not None:
+            fates[older] = _REPLACED
+        if "blob" in obj:
+            blob_names[position] = _named_blob(obj)
+        expires = obj.get("expires")
+        if isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires <= now:
+            fates.append(_EXPIRED if older is None else _EXPIRED_HIDING)
+        elif (obj.get("deleted") is True and purge_tombstones_before is not None
+              and frame.appended_at < purge_tombstones_before):
+            fates.append(_PURGED)
+        else:
+            fates.append(_KEEP)
+        newest[key] = position
+    if len(fates) != files.entry_count:
+        raise StorageError(files.db.data_path, f"record {len(fates) + 1} is damaged (CRC or frame)")
+    report.replaced = fates.count(_REPLACED)
+    report.expired = fates.count(_EXPIRED) + fates.count(_EXPIRED_HIDING)
+    report.tombstones_purged = fates.count(_PURGED)
+    return fates
+
+def export_collection(db, out):
+    """Write the collection to the binary file out as a tar stream: `data`, `index`, then its blobs.
+
+    The export holds the lock shared while it is written, so appends wait
+    for it and it is one state of the collection, blobs included.
+    """
+    with _OpenCollection(db, exclusive=False) as files, tarfile.open(fileobj=out, mode="w|") as tar:
+        members = [("data", os.dup(files.data_fd), files.data_end),
+                   ("index", os.dup(files.index_fd), _entry_position(files.entry_count))]
+        members += ((f"blobs/{key}/{nonce}", os.open(path, os.O_RDONLY), None)
+                    for key, nonce, path in _blob_paths(db))
+        for name, fd, size in members:
+            info = tarfile.TarInfo(name)
+            info.size = _file_size(fd) if size is None else size
+            info.mode, info.mtime = 0o600, int(time.time())
+            with os.fdopen(fd, "rb") as member:
+                member.seek(0)
+                tar.addfile(info, member)
+
+def import_collection(db, stream):
+    """Replace the collection by the one exported to stream; all at once or not at all.
+
+    Every frame is verified and the index must match the data. The old copy
+    serves reads and writes until the new one is complete; writes made to
+    it meanwhile are replaced with it. The exported collection_id is kept,
+    unless the collection here has that id and is newer or unreadable: then
+    the import restores an older state, so it gets a new collection_id (and
+    counters above the old ones) and clients read it again from the start.
+    Raises StorageError if the stream is not a whole, intact export.
+    """
+    _make_dirs_durably(db.path)
+    with db._maintenance():
+        writer, blobs = _ReplacementWriter(db), []
+        try:
+            header, imported_last = _receive(db, stream, writer, blobs)
+            writer.sync()
+            with contextlib.ExitStack() as lock:
+                try:
+                    live = lock.enter_context(_OpenCollection(db, exclusive=True))
+                    live_header, live_last = live.header, live.last_counter
+                except (FileNotFoundError, StorageError):
+                    # Missing or damaged: restoring a damaged copy is what import is for.
+                    lock.enter_context(db._locked())
+                    live_header, live_last = _readable_header(db), None
+                if live_header is not None:
+                    header = dataclasses.replace(header, generation=max(header.generation,
+                                                                        live_header.generation) + 1)
+                    if live_header.collection_id == header.collection_id and (
+                            live_last is None or live_last > imported_last):
+                        header = dataclasses.replace(
+                            header, collection_id=DataHeader.new().collection_id,
+                            counter_floor=max(header.counter_floor, live_last or 0, imported_last))
+                # The blobs first, so that no record is ever installed without its blob.
+                for partial, final in blobs:
+                    os.rename(partial, final)
+                for directory in {os.path.dirname(final) for _, final in blobs}:
+                    _fsync_dir(directory)
+                writer.install(header)
+                _sweep_blobs(db, {"-".join(final.split(os.sep)[-2:]) for _, final in blobs})
+        except BaseException:
+            writer.abandon()
+            for partial, _ in blobs:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(partial)
+            raise
+
+def _receive_blob(db, member, source):
+    """Write an exported blob as a .partial file, checked; return (its path, the path it goes to)."""
+    parts = member.name.split("/")
+    if not (member.isfile() and len(parts) == 3 and parts[0] == "blobs"
+            and BLOB_NAME.match(f"{parts[1]}-{parts[2]}")):
+        raise StorageError(db.path, f"an export holds only data, index and blobs, not {member.name!r}")
+    final = os.path.join(db.blobs_path, parts[1], parts[2])
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(final + ".partial")       # left by an import that crashed
+    exported = BlobInfo.decode(source.read(BLOB_HEADER_SIZE), f"{db.path} (import of {member.name})")
+    written = _write_blob_file(final + ".partial", exported.content_type,
+                               iter(functools.partial(source.read, BLOB_CHUNK), b""))
+    if written != exported:
+        os.unlink(final + ".partial")
+        raise StorageError(db.path, f"the exported blob {member.name} is damaged")
+    return final + ".partial", final
+
+def _readable_header(db):
+    """The data file's header, or None if there is none that can be read."""
+    try:
+        fd = os.open(db.data_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return DataHeader.decode(os.pread(fd, DATA_HEADER_SIZE, 0), db.data_path)
+    except StorageError:
+        return None
+    finally:
+        os.close(fd)
+
+def _receive(db, stream, writer, blobs):
+    """Read an export into writer, checking all of it; return its header and last counter.
+
+    Its blobs are written as .partial files in place; blobs gets
+    (partial path, final path) of each.
+    """
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            members = iter(tar)
+            data_member = next(members, None)
+            if data_member is None or data_member.name != "data" or not data_member.isfile():
+                raise StorageError(db.path, "an export starts with its data file")
+            data = tar.extractfile(data_member)
+            header = DataHeader.decode(data.read(DATA_HEADER_SIZE), f"{db.path} (import)")
+            _pwrite_all(writer.data_fd, header.encode(), 0)
+            received = DATA_HEADER_SIZE
+            while chunk := data.read(SCAN_CHUNK):
+                _pwrite_all(writer.data_fd, chunk, received)
+                received += len(chunk)
+            index_member = next(members, None)
+            if index_member is None or index_member.name != "index" or not index_member.isfile():
+                raise StorageError(db.path, "an export ends with its index")
+            exported_index = tar.extractfile(index_member).read()
+            for member in members:
+                blobs.append(_receive_blob(db, member, tar.extractfile(member)))
+    except tarfile.TarError as error:
+        raise StorageError(db.path, f"not a readable export: {error}") from None
+    last_counter, expected_index = 0, 0
+    for frame in _scan_frames(writer.data_fd, DATA_HEADER_SIZE, received):
+        if frame.batch_index != expected_index or frame.counter <= last_counter:
+            break
+        writer.add_received(frame)
+        last_counter, expected_index = frame.counter, 0 if frame.ends_batch else expected_index + 1
+    if writer.position != received or expected_index:
+        raise StorageError(db.path, f"the exported data is damaged at offset {writer.position}")
+    writer._flush()
+    if exported_index[INDEX_HEADER.size:] != os.pread(writer.index_fd, len(exported_index), 0)[
+            INDEX_HEADER.size:] or len(exported_index) != _entry_position(writer.record_count):
+        raise StorageError(db.path, "the exported index does not match its data")
+    return header, max(last_counter, header.counter_floor)
 
 
 ###############################################################################
@@ -2500,7 +2518,7 @@ def delete_collection_route(domain, user, bucket):
 @_protocol
 def get_blob(domain, user, bucket, name):
     pairs = _query_pairs(bottle.request.query_string)
-    found = _collection(pairs, domain, user, bucket).open_blob(name)
+    found = open_blob(_collection(pairs, domain, user, bucket), name)
     if found is None:
         raise ProtocolError("not_found", "this collection has no blob of that name")
     info, blob = found
@@ -3627,14 +3645,14 @@ def _cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def collect_garbage(args):
+def gc_command(args):
     purge_before = None
     if args.purge_tombstones_days is not None:
         purge_before = time.time() - args.purge_tombstones_days * 86400
     data_dir = DataDir(args.data_dir)
     total = GarbageReport(data_dir.root)
     for db in data_dir.collections():
-        report = db.collect_garbage(purge_tombstones_before=purge_before)
+        report = collect_garbage(db, purge_tombstones_before=purge_before)
         print(f"{os.path.relpath(db.path, data_dir.root)}: removed {report.removed} of "
               f"{report.records_before} records ({report.replaced} replaced, {report.expired} expired, "
               f"{report.tombstones_purged} tombstones purged), {report.bytes_before - report.bytes_after} bytes, "
@@ -3683,7 +3701,7 @@ def parse_args(argv):
     gc.add_argument("--data-dir", default="./cutout-data", help="where collections live")
     gc.add_argument("--purge-tombstones-days", type=float, metavar="DAYS",
                     help="also purge tombstones appended more than DAYS days ago")
-    gc.set_defaults(run=collect_garbage)
+    gc.set_defaults(run=gc_command)
     return parser.parse_args(argv)
 
 

@@ -12,10 +12,8 @@ another) and the Python package playwright; without them they are skipped, and
 """
 
 import base64
-import contextlib
 import functools
 import http.server
-import json
 import os
 import re
 import socket
