@@ -6,9 +6,24 @@
 
 Written to be read first; durable and fast second, never at the cost of the first.
 It is one server on one machine's files, serving from one worker process per core:
-not a database server, not a framework. Its sections, each using only those above it:
-errors, storage, blobs, the data directory, the protocol, the HTTP routes (bottle),
-the HTTP server (asyncio, worker processes), and the command line.
+not a database server, not a framework. Its sections, in the order data flows from
+the disk to the socket:
+
+    Errors              the error codes every refusal is answered with (SPEC.md ERR-1)
+    Storage             one collection: a data file of framed records, an index (chapter 3)
+    Blobs               attachments kept beside a collection's records
+    Maintenance         garbage collection, export and import of a collection
+    The data directory  where each (domain, user, bucket) lives
+    Protocol            chapter 2 on plain values: query and body in, (status, body) out
+    HTTP                bottle routes: tokens, CORS, and the protocol's answers as HTTP
+    Balancer            (to come) collections spread over nodes by consistent hashing
+    Server              HTTP/1.1 on asyncio, in one worker process per core
+    Command line        python cutout.py [gc]
+
+Each section uses only those above it; within one, a function comes before the
+helpers only it uses. So one POST reads: post_collection (HTTP) -> parse_objects
+and write_collection (Protocol) -> BlobBatch (Blobs) -> AppendOnlyDB.append
+(Storage), each step up the file, each read downwards from there.
 """
 
 import argparse
@@ -116,7 +131,8 @@ class AppendConflict(Exception):
 ###############################################################################
 # Storage: a data file of framed records + an index of fixed-width entries
 ###############################################################################
-# A collection is a directory holding two files (SPEC.md, "On-disk representation"):
+# A collection is a directory holding two files (SPEC.md chapter 3, whose DISK-n
+# ids the code below names where it carries them out):
 #
 #   data   a 512-byte header (magic, then a space-padded JSON object naming the
 #          collection_id, its secret, and the file's generation), then records
@@ -145,11 +161,11 @@ class AppendConflict(Exception):
 # when a process dies, so a killed writer never leaves the collection locked.
 # It is not reliable on network filesystems; the data directory must be local.
 
-DATA_MAGIC = b"CUTOUTDB"
+DATA_MAGIC = b"CUTOUTDB"      # DISK-2
 DATA_HEADER_SIZE = 512        # bytes: magic + space-padded JSON; frames start here
-FRAME = struct.Struct("<QQIIII")  # counter, length, appended_at (unix s), batch_index, batch_count, crc32
+FRAME = struct.Struct("<QQIIII")  # DISK-3: counter, length, appended_at (unix s), batch_index, batch_count, crc32
 FRAME_HEAD, FRAME_CRC = struct.Struct("<QQIII"), struct.Struct("<I")  # FRAME in the two parts the crc needs
-INDEX_MAGIC = b"CUTOUTIX"
+INDEX_MAGIC = b"CUTOUTIX"     # DISK-5
 INDEX_HEADER = struct.Struct("<8sQQ")  # magic, generation of the data file, reserved (0)
 INDEX_ENTRY = struct.Struct("<QQQ")    # counter, offset of the record (after its frame), length
 READ_PAGE_ENTRIES = 1024      # index entries per read: bounds a reader's memory; fastest of 512-4096 in bench.py 3
@@ -161,7 +177,7 @@ assert INDEX_HEADER.size == INDEX_ENTRY.size  # entry i then sits at (i + 1) * I
 
 
 def _allocation_ahead(data_end):
-    """How many zero bytes to write after data_end when the data file must grow.
+    """How many zero bytes to write after data_end when the data file must grow (DISK-4).
 
     An fdatasync that must also record a new file size costs about half as
     much again as one that overwrites allocated blocks, so the file grows by
@@ -180,14 +196,14 @@ def _frame_crc(header_without_crc, record):
 
 
 def _pack_frame(counter, record, appended_at, batch_index, batch_count):
-    """The FRAME that goes before record."""
+    """The FRAME that goes before record (DISK-3); every writer packs frames here."""
     head = FRAME_HEAD.pack(counter, len(record), appended_at, batch_index, batch_count)
     return head + FRAME_CRC.pack(_frame_crc(head, record))
 
 
 @dataclasses.dataclass(frozen=True)
 class DataHeader:
-    """What the first DATA_HEADER_SIZE bytes of a data file say."""
+    """What the first DATA_HEADER_SIZE bytes of a data file say (DISK-2)."""
 
     collection_id: str
     secret: str
@@ -199,7 +215,8 @@ class DataHeader:
     @classmethod
     def new(cls):
         # Random, never from the clock: two collections made in the same
-        # instant must not share an id (a flaw of the original).
+        # instant must not share an id (a flaw of the original). A collection
+        # first made by a write keeps the id it had unwritten (AppendOnlyDB.create).
         return cls(secrets.token_hex(16), secrets.token_hex(32), generation=1, counter_floor=0, purge_horizon=0)
 
     def encode(self):
@@ -317,7 +334,7 @@ def _scan_frames(fd, start, end):
         position = record_offset + length
 
 
-_NONZERO = re.compile(rb"[^\x00]")
+_NONZERO = re.compile(rb"[^\x00]")     # any byte but zero: where allocated-ahead zeros end
 
 
 def _intact_batch_start_after(fd, start, end, above_counter):
@@ -396,7 +413,10 @@ def _make_dirs_durably(path):
 
 
 class _OpenCollection:
-    """The files of one collection, opened and checked under the directory lock."""
+    """The files of one collection, opened and checked under the directory lock (DISK-10).
+
+    Files that do not agree are repaired before anything reads them (DISK-8).
+    """
 
     def __init__(self, db, exclusive):
         self.db = db
@@ -431,7 +451,7 @@ class _OpenCollection:
         self.header = DataHeader.decode(os.pread(self.data_fd, DATA_HEADER_SIZE, 0), self.db.data_path)
 
     def _files_agree(self):
-        """Whether the index ends exactly where the data's last intact batch ends.
+        """Whether the index ends exactly where the data's last intact batch ends (DISK-8's "agree").
 
         Sets data_end, entry_count and last_counter as it goes.
         Checking the last frame is enough: index entries are written only
@@ -442,9 +462,9 @@ class _OpenCollection:
         index_size = _file_size(self.index_fd)
         head = os.pread(self.index_fd, INDEX_HEADER.size, 0)
         if len(head) < INDEX_HEADER.size or head[:8] != INDEX_MAGIC:
-            return False
+            return False        # DISK-6: rebuilt from the data file
         if INDEX_HEADER.unpack(head)[1] != self.header.generation:
-            return False
+            return False        # DISK-6 too: the data file was replaced (DISK-9)
         if index_size % INDEX_ENTRY.size:
             return False
         self.entry_count = index_size // INDEX_ENTRY.size - 1
@@ -465,7 +485,7 @@ class _OpenCollection:
         return INDEX_ENTRY.unpack(os.pread(self.index_fd, INDEX_ENTRY.size, _entry_position(i)))
 
     def _repair(self):
-        """Bring the index and the data's tail into agreement; log what changed.
+        """Bring the index and the data's tail into agreement, DISK-8's steps; log what changed.
 
         If the index's last entry is intact, the frames after it are indexed;
         otherwise the whole index is rebuilt from the data file, beside the
@@ -482,6 +502,7 @@ class _OpenCollection:
         index_usable = (len(head) == INDEX_HEADER.size and head[:8] == INDEX_MAGIC
                         and INDEX_HEADER.unpack(head)[1] == self.header.generation)
         listed = max(index_size // INDEX_ENTRY.size - 1, 0) if index_usable else 0
+        # Step 1: resume after the last entry if it is intact, else rebuild from the header.
         kept, previous = 0, None
         if listed:
             counter, offset, length = self.entry(listed - 1)
@@ -505,6 +526,7 @@ class _OpenCollection:
                 good_end, expected_index = frame.end, 0
             else:
                 expected_index += 1
+        # Step 3 before step 2: broken acknowledged records are reported, and nothing is cut.
         found = kept + len(entries) // 3
         if found < listed:
             raise StorageError(db.data_path, f"the index lists {listed} records but the data file holds "
@@ -515,11 +537,13 @@ class _OpenCollection:
         if _intact_batch_start_after(self.data_fd, scanned_end, file_size, last_counter):
             raise StorageError(db.data_path, f"damaged data at offset {scanned_end} is followed by "
                                "intact records")
+        # Step 2: cut the data file after the last intact batch.
         if os.pread(self.data_fd, FRAME.size, good_end).strip(b"\0"):
             log.warning("%s: cut off a torn append at offset %d", db.data_path, good_end)
         if good_end < file_size:
             os.ftruncate(self.data_fd, good_end)
             os.fdatasync(self.data_fd)
+        # Step 1's index: written now that nothing was refused.
         if sys.byteorder == "big":
             entries.byteswap()
         if kept == 0:
@@ -701,7 +725,16 @@ class Snapshot:
         against its neighbours (frames lie end to end, counters grow) by
         operations that loop in C. The first and last entries are also checked
         against their frames. So the records returned are exactly those after
-        the entry before them, however the search that found it went.
+        the entry before them, however the search that found it went. It
+        stands for this loop, which took six times as long (100,000 records):
+
+            previous = files.entry(first - 1) if first else None
+            for i in range(first, stop):
+                counter, offset, length = files.entry(i)
+                if previous and (counter <= previous[0] or offset != previous[1] + previous[2] + FRAME.size):
+                    raise StorageError(...)
+                yield counter, data[offset:offset + length]
+                previous = counter, offset, length
         """
         files = self._files
         for page_first in range(first, stop, READ_PAGE_ENTRIES):
@@ -824,7 +857,7 @@ class _ReplacementWriter:
             raise
 
     def install(self, header):
-        """Sync the new files and rename them over the old (caller holds the exclusive lock)."""
+        """Sync the new files and rename them over the old, data first (DISK-9; the caller holds the exclusive lock)."""
         try:
             self._flush()
             _pwrite_all(self.data_fd, header.encode(), 0)
@@ -887,7 +920,7 @@ class AppendOnlyDB:
         """Make the collection, empty, if it does not exist (with its first_id, if it has one)."""
         _make_dirs_durably(self.path)
         # The maintenance lock keeps this from clobbering an import's data.new.
-        with self._maintenance(), self._locked():
+        with self.maintenance(), self.locked():
             if not self.exists():
                 header = DataHeader.new()
                 if self.first_id is not None:
@@ -895,7 +928,7 @@ class AppendOnlyDB:
                 _ReplacementWriter(self).install(header)
 
     @contextlib.contextmanager
-    def _locked(self):
+    def locked(self):
         """Hold the collection directory's lock exclusively, without opening its files."""
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -943,7 +976,7 @@ class AppendOnlyDB:
         return remembered[1] if remembered[0] == identity else None
 
     def append(self, records, if_last_counter=None, ignore_newer=None, if_collection_id=None, now=None,
-               blobs=None):
+               before_write=None, after_write=None):
         """Store records (a list of bytes) as one batch; return their counters.
 
         All of them are stored or none. With if_last_counter, the batch is
@@ -952,8 +985,10 @@ class AppendOnlyDB:
         those for which ignore_newer(counter, record) is true); with
         if_collection_id, only if that is the collection's id. Otherwise
         AppendConflict is raised. Returns once the records are on disk.
-        blobs, a BlobBatch, is committed before the records are written and
-        pruned after (see "Blobs" below).
+        Under the writer lock, before_write(secret) is called once the checks
+        have passed (False refuses the append as a conflict), and
+        after_write(secret) once the batch is durable: the collection's secret,
+        so that they can name its files (the blobs use them).
         """
         if not isinstance(records, (list, tuple)) or not all(isinstance(r, bytes) for r in records):
             raise TypeError("records must be a list of bytes")
@@ -980,7 +1015,7 @@ class AppendOnlyDB:
                     raise AppendConflict(files.last_counter, files.header.collection_id)
             if not records:
                 return []
-            if blobs is not None and not blobs.commit(files.header.secret):
+            if before_write is not None and not before_write(files.header.secret):
                 raise AppendConflict(files.last_counter, files.header.collection_id)
             first, count = files.last_counter + 1, len(records)
             batch, entries = bytearray(), array("Q")
@@ -993,8 +1028,8 @@ class AppendOnlyDB:
                 batch += bytes(_allocation_ahead(position))
             if sys.byteorder == "big":
                 entries.byteswap()
-            # The commit point: once the frames are synced the batch is durable,
-            # and only then may the index point at it.
+            # [DISK-7] The commit point: once the frames are synced the batch is
+            # durable, and only then may the index point at it.
             _pwrite_all(files.data_fd, batch, files.data_end)
             os.fdatasync(files.data_fd)
             try:
@@ -1007,8 +1042,8 @@ class AppendOnlyDB:
                 log.warning("%s: counters %d..%d are stored but not yet indexed",
                             self.index_path, first, first + count - 1)
                 raise
-            if blobs is not None:
-                blobs.prune(files.header.secret)
+            if after_write is not None:
+                after_write(files.header.secret)
             return list(range(first, first + count))
         finally:
             view.close()
@@ -1020,7 +1055,7 @@ class AppendOnlyDB:
         reason until the collection is written again.
         """
         self.create()                   # a delete is a write: the collection exists from now on
-        with self._maintenance():
+        with self.maintenance():
             writer = _ReplacementWriter(self)
             try:
                 with _OpenCollection(self, exclusive=True) as live:
@@ -1037,8 +1072,8 @@ class AppendOnlyDB:
         return header.collection_id
 
     @contextlib.contextmanager
-    def _maintenance(self):
-        """Serialise the operations that replace files (gc, import) with each other."""
+    def maintenance(self):
+        """Serialise the operations that replace files (gc, import, delete) with each other (DISK-10)."""
         fd = os.open(os.path.join(self.path, "maintenance.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -1047,19 +1082,10 @@ class AppendOnlyDB:
             os.close(fd)
 
 
-
-
-
-
-
-
-
-
-
 ###############################################################################
 # Blobs: attachments kept beside the stream
 ###############################################################################
-# A record may carry a blob (SPEC.md BLOB-*), bytes too large to send with
+# A record may carry a blob (SPEC.md BLOB-*, DISK-13), bytes too large to send with
 # every sync. Its bytes live in the collection directory as
 # blobs/<key>/<nonce>: key is an HMAC of the record's (type, id) under the
 # collection's secret, nonce is random, and the blob's name is "<key>-<nonce>".
@@ -1078,6 +1104,7 @@ class AppendOnlyDB:
 
 BLOB_MAGIC = b"CUTOUTBL"
 BLOB_HEADER_SIZE = 512
+# blob-name = key "-" nonce, key = nonce = 32( %x30-39 / %x61-66 )   (lower-case hex, DISK-13)
 BLOB_NAME = re.compile(r"([0-9a-f]{32})-([0-9a-f]{32})\Z")
 BLOB_CHUNK = 256 << 10            # bytes read or written at a time
 STALE_PARTIAL_SECONDS = 3600      # a .partial file older than this is a crash's leftover
@@ -1266,6 +1293,7 @@ def open_blob(db, name):
         raise
     return info, blob
 
+
 def blob_info(db, name):
     """The BlobInfo of the blob called name, or None if there is none."""
     found = open_blob(db, name)
@@ -1273,6 +1301,7 @@ def blob_info(db, name):
         return None
     found[1].close()
     return found[0]
+
 
 def _sweep_blobs(db, named):
     """Delete every blob not in named, and stale .partial files; return how many.
@@ -1299,6 +1328,7 @@ def _sweep_blobs(db, named):
             with contextlib.suppress(OSError):     # not empty: it holds a kept blob or an upload
                 os.rmdir(key.path)
     return removed
+
 
 def _blob_paths(db):
     """(key, nonce, path) of every blob in place, in a stable order."""
@@ -1354,7 +1384,7 @@ class GarbageReport:
 
 
 def collect_garbage(db, now=None, purge_tombstones_before=None):
-    """Drop the records no client needs any more; return a GarbageReport.
+    """Drop the records no client needs any more (DISK-11); return a GarbageReport.
 
     A record goes when a later record has the same (type, id) or when its
     `expires` (unix seconds) has passed. The newest tombstone of each
@@ -1373,7 +1403,7 @@ def collect_garbage(db, now=None, purge_tombstones_before=None):
         return report
     now = time.time() if now is None else now
     started = time.perf_counter()
-    with db._maintenance(), db.snapshot(create=False) as snapshot:
+    with db.maintenance(), db.snapshot(create=False) as snapshot:
         files = snapshot._files
         report.records_before = report.records_after = snapshot.record_count
         report.bytes_before = report.bytes_after = files.data_end
@@ -1425,6 +1455,7 @@ def collect_garbage(db, now=None, purge_tombstones_before=None):
     report.seconds = time.perf_counter() - started
     return report
 
+
 def _decide_fates(files, now, purge_tombstones_before, report, blob_names):
     """One fate per record, in order (see _KEEP and the rest); fills report's counts.
 
@@ -1464,8 +1495,9 @@ def _decide_fates(files, now, purge_tombstones_before, report, blob_names):
     report.tombstones_purged = fates.count(_PURGED)
     return fates
 
+
 def export_collection(db, out):
-    """Write the collection to the binary file out as a tar stream: `data`, `index`, then its blobs.
+    """Write the collection to the binary file out as a tar stream: `data`, `index`, then its blobs (DISK-12).
 
     The export holds the lock shared while it is written, so appends wait
     for it and it is one state of the collection, blobs included.
@@ -1483,8 +1515,9 @@ def export_collection(db, out):
                 member.seek(0)
                 tar.addfile(info, member)
 
+
 def import_collection(db, stream):
-    """Replace the collection by the one exported to stream; all at once or not at all.
+    """Replace the collection by the one exported to stream; all at once or not at all (DISK-12).
 
     Every frame is verified and the index must match the data. The old copy
     serves reads and writes until the new one is complete; writes made to
@@ -1495,7 +1528,7 @@ def import_collection(db, stream):
     Raises StorageError if the stream is not a whole, intact export.
     """
     _make_dirs_durably(db.path)
-    with db._maintenance():
+    with db.maintenance():
         writer, blobs = _ReplacementWriter(db), []
         try:
             header, imported_last = _receive(db, stream, writer, blobs)
@@ -1506,7 +1539,7 @@ def import_collection(db, stream):
                     live_header, live_last = live.header, live.last_counter
                 except (FileNotFoundError, StorageError):
                     # Missing or damaged: restoring a damaged copy is what import is for.
-                    lock.enter_context(db._locked())
+                    lock.enter_context(db.locked())
                     live_header, live_last = _readable_header(db), None
                 if live_header is not None:
                     header = dataclasses.replace(header, generation=max(header.generation,
@@ -1530,6 +1563,7 @@ def import_collection(db, stream):
                     os.unlink(partial)
             raise
 
+
 def _receive_blob(db, member, source):
     """Write an exported blob as a .partial file, checked; return (its path, the path it goes to)."""
     parts = member.name.split("/")
@@ -1547,6 +1581,7 @@ def _receive_blob(db, member, source):
         raise StorageError(db.path, f"the exported blob {member.name} is damaged")
     return final + ".partial", final
 
+
 def _readable_header(db):
     """The data file's header, or None if there is none that can be read."""
     try:
@@ -1559,6 +1594,7 @@ def _readable_header(db):
         return None
     finally:
         os.close(fd)
+
 
 def _receive(db, stream, writer, blobs):
     """Read an export into writer, checking all of it; return its header and last counter.
@@ -1615,7 +1651,7 @@ MAX_NAME_BYTES = 200    # escaped bytes per path part; filesystems allow 255
 
 
 def escape_name(name):
-    """The directory name for one part of a collection's path.
+    """The directory name for one part of a collection's path (DISK-1).
 
     Bytes outside SAFE_NAME_BYTES, and a leading ".", become %XX. A name whose
     escaped form is too long keeps a readable prefix and ends in "~" and a
@@ -1722,11 +1758,16 @@ TOKEN_LIFETIME = 24 * 3600    # seconds a token from /verify is good for (AUTH-2
 MAX_REASON_BYTES = 256        # bytes of JSON in a deletion's reason; it lives in the data header
 OBJECT_MEMBERS = frozenset({"type", "id", "data", "deleted", "expires", "blob"})
 BLOB_MEMBERS = frozenset({"content_type", "data", "href"})
-# A media type as HTTP writes one (RFC 9110, 8.3.1), parameters included.
+# token = 1*tchar, tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." /
+#   "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA                    (RFC 9110, 5.6.2)
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+# media-type = type "/" subtype *( OWS ";" OWS parameter )          (RFC 9110, 8.3.1)
+#   type = subtype = token; parameter = token "=" ( token / quoted-string ), the
+#   quoted-string here without quoted-pairs; at most 255 characters in all (BLOB-1)
 MEDIA_TYPE = re.compile(rf'(?=.{{1,255}}\Z){_TOKEN}/{_TOKEN}([ \t]*;[ \t]*{_TOKEN}=({_TOKEN}|"[ !#-\[\]-~]*"))*\Z')
-# A host as the path and an origin spell it (PATH-1): lower-case labels of
-# letters, digits and inner hyphens, joined by dots, and an optional port.
+# A host as the path and an origin spell it (PATH-1), at most 253 characters before the port:
+#   domain = *( label "." ) label [ ":" 1*5DIGIT ]
+#   label = ( LOWER / DIGIT ) [ *61( LOWER / DIGIT / "-" ) ( LOWER / DIGIT ) ]
 DOMAIN_PATTERN = re.compile(r"(?=.{1,253}(:|\Z))([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*"
                             r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(:[0-9]{1,5})?\Z")
 
@@ -1862,6 +1903,8 @@ def _blob_data(objects):
 # JSON strings of at least this many base64 characters are cut out of a POST
 # body before it is parsed; shorter ones cost little to parse.
 LIFTED_BASE64_CHARS = 4096
+# long-base64 = DQUOTE 4096*( ALPHA / DIGIT / "+" / "/" / "-" / "_" ) 0*2"=" DQUOTE
+#   (standard or URL-safe alphabet, padding optional: BLOB-1)
 _LONG_BASE64 = re.compile(rb'"([A-Za-z0-9+/_-]{%d,}={0,2})"' % LIFTED_BASE64_CHARS)
 
 
@@ -1885,7 +1928,7 @@ def _lift_long_base64(body):
     return b"".join(pieces), lifted
 
 
-_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/_-]*")
+_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/_-]*")      # *( ALPHA / DIGIT / "+" / "/" / "-" / "_" )
 _URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 
 
@@ -2074,7 +2117,7 @@ def write_collection(db, query, objects, limits, blob_base="/"):
         # [POST-2], [POST-4], [POST-5], [PURGE-1] are checked again under the writer lock.
         counters = db.append(records, if_last_counter=query.since, if_collection_id=query.collection_id,
                              ignore_newer=None if wanted is None else _other_types(wanted, limits.max_examined),
-                             blobs=blobs)
+                             before_write=blobs.commit, after_write=blobs.prune)
     except AppendConflict:
         # Refused whole: say why from a fresh view, the rungs a GET would climb first, then
         # [POST-2] "... MUST answer 200 with {"since_invalid": true, "objects": [...]}: the
@@ -2534,6 +2577,8 @@ def get_blob(domain, user, bucket, name):
 # JavaScript, ...) from the API's own origin could run script that reads the
 # user's collections, so it is served as a download (BLOB-6).
 INLINE_BLOB_TYPES = re.compile(r"(image/(png|jpeg|gif|webp|avif|bmp)|audio/.+|video/.+|text/plain)\Z")
+# Range = "bytes=" ( first-pos "-" [ last-pos ] / "-" suffix-length )   (RFC 9110, 14.1.1)
+#   one range only, each number at most 19 digits (so it fits in 64 bits); more ranges are ignored
 BYTE_RANGE = re.compile(r"bytes=([0-9]{0,19})-([0-9]{0,19})\Z", re.IGNORECASE)
 
 
