@@ -1800,13 +1800,17 @@ class SyncQuery:
 
 
 def parse_sync_query(pairs):
-    """A SyncQuery from the query's (name, value) pairs; raises ProtocolError (GET-8, GET-7)."""
+    """A SyncQuery from the query's (name, value) pairs; raises ProtocolError (GET-7, GET-8, GET-9)."""
     values = {}
     for name, value in pairs:
         values.setdefault(name, []).append(value)
     for name in ("since", "collection_id", "limit", "auth"):
         if len(values.get(name, ())) > 1:
             raise ProtocolError("bad_request", f"{name} may appear only once")
+    # [GET-9] Other names are ignored, but the 2012 protocol's way of deleting must not be
+    # taken for a read or a write.
+    if "delete" in values:
+        raise ProtocolError("bad_request", "?delete is the 2012 protocol's delete: send the DELETE method")
     query = SyncQuery(include=tuple(values.get("include", ())), exclude=tuple(values.get("exclude", ())))
     if query.include and query.exclude:
         raise ProtocolError("bad_filter", "include and exclude cannot be used together")
@@ -1816,8 +1820,6 @@ def parse_sync_query(pairs):
         query.limit = _parse_integer(values["limit"][0], "limit", "bad_limit", minimum=1)
     if "collection_id" in values:
         query.collection_id = values["collection_id"][0]
-    if query.since is not None and query.collection_id is None:
-        raise ProtocolError("bad_request", "since needs the collection_id it belongs to")
     return query
 
 
@@ -2044,22 +2046,25 @@ def _objects_after(snapshot, query, since, limits, members):
     return fragments
 
 
-def _from_the_start(snapshot, query, limits, members):
-    """The JSON of members and the objects from the start (GET-1, GET-4); collection_deleted if it was (DEL-2)."""
+def _introducing(snapshot, query, since, limits, members):
+    """The JSON of members, the collection's id and its objects after since, for a client that
+    did not know the id (GET-1, GET-4); collection_deleted if it was deleted (DEL-2)."""
+    members["collection_id"] = snapshot.collection_id
     if snapshot.deleted is not None and snapshot.record_count == 0:
         members["collection_deleted"] = snapshot.deleted["reason"]
-    return _json_with_objects(members, _objects_after(snapshot, query, 0, limits, members))
+    return _json_with_objects(members, _objects_after(snapshot, query, since, limits, members))
 
 
 def read_collection(snapshot, query, limits):
     """Answer a GET (SPEC.md 2.2), rung by rung in the order of SPEC: (status, body bytes or None)."""
-    # [GET-1] A hello: the collection's id, and its objects from the start.
-    if query.collection_id is None:
-        return 200, _from_the_start(snapshot, query, limits, {"collection_id": snapshot.collection_id})
     # [GET-4], [GET-5], [PURGE-1]: the client's collection_id or since no longer hold.
     answer = _no_longer_current(snapshot, query, limits)
     if answer is not None:
         return answer
+    # [GET-1] A hello: the collection's id, and its objects after since (from the start
+    # without one); never 204, which could not say the id.
+    if query.collection_id is None:
+        return 200, _introducing(snapshot, query, query.since or 0, limits, {})
     # [GET-3] Nothing newer than since: 204, the empty poll (Front.empty_poll answers most
     # of them from the remembered state with this same test).
     if nothing_new(snapshot, query):
@@ -2076,9 +2081,8 @@ def _no_longer_current(snapshot, query, limits):
     # [GET-4] "If collection_id is not the collection's current id, the server MUST answer
     # 200 with {"collection_changed": true, "collection_id": NEW, "objects": [...]}, the
     # objects from the start." (POST-5 answers a POST the same way.)
-    if query.collection_id != snapshot.collection_id:
-        return 200, _from_the_start(snapshot, query, limits, {
-            "collection_changed": True, "collection_id": snapshot.collection_id})
+    if query.collection_id not in (None, snapshot.collection_id):
+        return 200, _introducing(snapshot, query, 0, limits, {"collection_changed": True})
     # [GET-5] "A since greater than any counter the collection has given is answered 400."
     since = query.since or 0
     if since > snapshot.last_counter:
@@ -2107,15 +2111,21 @@ def write_collection(db, query, objects, limits, blob_base="/"):
 
     blob_base is the path under which the collection's blobs are served (BLOB-2).
     """
-    # [POST-1] "A POST MUST carry since and collection_id (else 400, bad_request)."
-    if query.since is None or query.collection_id is None:
-        raise ProtocolError("bad_request", "a POST needs since and collection_id")
+    # [POST-1] "A POST MUST carry since (else 400, bad_request)."
+    if query.since is None:
+        raise ProtocolError("bad_request", "a POST needs since (and should carry collection_id)")
+    # [POST-7] Without a collection_id (as in the 2012 protocol) the objects go to the current
+    # collection, and every answer says which that is.
+    collection_id = query.collection_id
+    if collection_id is None:
+        with db.snapshot() as snapshot:
+            collection_id = snapshot.collection_id
     wanted = query.wanted()
     blobs = BlobBatch(db)
     try:
         records, hrefs = _records(objects, blobs, limits, blob_base)
         # [POST-2], [POST-4], [POST-5], [PURGE-1] are checked again under the writer lock.
-        counters = db.append(records, if_last_counter=query.since, if_collection_id=query.collection_id,
+        counters = db.append(records, if_last_counter=query.since, if_collection_id=collection_id,
                              ignore_newer=None if wanted is None else _other_types(wanted, limits.max_examined),
                              before_write=blobs.commit, after_write=blobs.prune)
     except AppendConflict:
@@ -2127,12 +2137,16 @@ def write_collection(db, query, objects, limits, blob_base="/"):
             if answer is not None:
                 return answer
             members = {"since_invalid": True}
+            if query.collection_id is None:
+                members["collection_id"] = snapshot.collection_id     # POST-7
             fragments = _objects_after(snapshot, query, query.since, limits, members)
             return 200, _json_with_objects(members, fragments)
     finally:
         blobs.discard()     # uploads of a refused POST
     # [POST-3] Stored, in order: one counter per object.
     answer = {"object_counters": counters}
+    if query.collection_id is None:
+        answer["collection_id"] = collection_id     # POST-7
     if any("blob" in obj for obj in objects):
         answer["blob_hrefs"] = hrefs        # BLOB-2
     return 200, json.dumps(answer).encode()

@@ -677,12 +677,22 @@ def test_GET_2_since_answers_only_newer_objects_oldest_first(server):
               f"since={since} must answer the objects after it, oldest first", response)
 
 
-def test_GET_2_since_without_collection_id_is_400_bad_request(server):
-    """[GET-2] A since without a collection_id is answered 400 (bad_request). (SPEC.md 2.2)"""
+def test_GET_1_a_hello_with_since_answers_the_objects_after_it_and_never_204(server):
+    """[GET-1] A hello answers the collection's id and its objects after since (from the start
+    without one), oldest first; never 204, which could not carry the id (the 2012 client
+    began with GET ?since=0). GET-5, GET-6, GET-7 and PURGE-1 apply to a hello. (SPEC.md 2.2)"""
     c = Collection(server)
-    c.write([note("a", 1)])
-    for since in (0, c.since):
-        expect_error(c.get({"since": since}), 400, "bad_request", "GET-2")
+    counters = c.write([note("a", 1), note("b", 2, "task"), note("c", 3)])
+    for since, expected in ((0, counters), (counters[0], counters[1:]), (counters[-1], [])):
+        body, pairs = c.hello({"since": since})
+        check(body["collection_id"] == c.collection_id and [counter for counter, _ in pairs] == expected, "GET-1",
+              f"a hello with since={since} must answer the id and the counters {expected}, got {body}")
+    body, pairs = c.hello({"since": 0, "limit": 1})
+    check(len(pairs) == 1 and body.get("incomplete") is True, "GET-1", f"limit applies to a hello (GET-6): {body}")
+    body, pairs = c.hello({"since": counters[0], "include": "task"})
+    check([counter for counter, _ in pairs] == [counters[1]] and body.get("until") == counters[-1], "GET-1",
+          f"include applies to a hello, with until (GET-7): {body}")
+    expect_error(c.get({"since": counters[-1] + 1}), 400, "bad_since", "GET-1")
 
 
 def test_GET_3_an_empty_poll_is_204_without_body(server):
@@ -974,21 +984,47 @@ def test_GET_8_since_limit_or_collection_id_given_twice_is_400(server):
     expect_error(response, 400, "bad_request", "GET-8")
 
 
+def test_GET_9_query_parameters_the_spec_does_not_name_are_ignored(server):
+    """[GET-9] A server MUST ignore query parameters of a GET or POST that this chapter does
+    not name (a client may add one to get past a cache). (SPEC.md 2.2)"""
+    c = Collection(server)
+    c.write([note("a", 1)])
+    extra = {"_": "1795785600123", "v": "2012", "callback": "x"}
+    plain = c.get(c.sync_params(since=0))
+    added = c.get(c.sync_params(since=0, **extra))
+    check(added.status_code == 200 and added.content == plain.content, "GET-9",
+          "a GET with parameters the spec does not name must be answered as without them", added)
+    expect_no_body(c.get(c.sync_params(**extra)), 204, "GET-9")
+    response = c.post([note("b", 2)], c.sync_params(**extra))
+    c.since = object_counters(response, 1, "GET-9")[0]
+
+
+def test_GET_9_the_2012_delete_parameter_is_400_and_deletes_nothing(server):
+    """[GET-9] ... except delete: the 2012 protocol deleted a collection with ?delete on any
+    method, so a request carrying it MUST be answered 400 (bad_request), and nothing read or
+    written. (SPEC.md 2.2)"""
+    c = Collection(server)
+    c.write([note("a", 1)])
+    for response in (c.get({"delete": ""}), c.get(c.sync_params(since=0, delete="1")),
+                     c.post([note("b", 2)], c.sync_params(delete=""))):
+        body = expect_error(response, 400, "bad_request", "GET-9")
+        check("objects" not in body, "GET-9", "a request with ?delete must not be answered with objects", response)
+    _, pairs = c.hello()
+    check([obj["id"] for _, obj in pairs] == ["a"], "GET-9", f"?delete changed the collection: {pairs}")
+
+
 ###############################################################################
 # 2.3 Writing: POST
 ###############################################################################
 
-def test_POST_1_a_post_without_since_or_collection_id_is_400(server):
-    """[POST-1] A POST MUST carry since and collection_id (the spec names no code for a
-    missing one: bad_request, as GET-2 uses, or bad_since for since). (SPEC.md 2.3)"""
+def test_POST_1_a_post_without_since_is_400_bad_request(server):
+    """[POST-1] A POST MUST carry since (else 400, bad_request). (SPEC.md 2.3)"""
     c = Collection(server)
     c.start()
-    for params, codes in (({"collection_id": c.collection_id}, ("bad_request", "bad_since")),
-                          ({"since": 0}, ("bad_request",)),
-                          ({}, ("bad_request", "bad_since"))):
-        expect_error(c.post([note("a", 1)], params), 400, codes, "POST-1")
+    for params in ({"collection_id": c.collection_id}, {}):
+        expect_error(c.post([note("a", 1)], params), 400, "bad_request", "POST-1")
     _, pairs = c.hello()
-    check(pairs == [], "POST-1", "a POST without since or collection_id stored something")
+    check(pairs == [], "POST-1", "a POST without since stored something")
 
 
 def test_POST_1_objects_of_every_allowed_shape_are_stored_as_sent(server):
@@ -1197,6 +1233,42 @@ def test_POST_5_a_stale_collection_id_stores_nothing_and_answers_collection_chan
     _, pairs = c.hello()
     check(pairs == list(zip(counters, objects)), "POST-5",
           f"a POST with a stale collection_id stored something: {pairs}")
+
+
+def test_POST_7_a_post_without_collection_id_is_stored_and_answered_with_the_id(server):
+    """[POST-7] A POST without collection_id (the 2012 protocol's shape) MUST be handled as if it
+    carried the collection's current id, and its answer, unless it is an error, MUST carry
+    "collection_id": C, the id it was checked against. (SPEC.md 2.3)"""
+    c = Collection(server)
+    first = c.post([note("a", 1)], {"since": 0})
+    body = expect_json(first, 200, "POST-7")
+    c.start()
+    check(body == {"object_counters": body.get("object_counters"), "collection_id": c.collection_id}, "POST-7",
+          f"expected {{\"object_counters\": [...], \"collection_id\": {c.collection_id!r}}}", first)
+    other = c.another_device()
+    other.start()
+    other.write([note("b", 2)])
+    missed = c.post([note("c", 3)], {"since": c.since})
+    body = expect_json(missed, 200, "POST-7")
+    check(body.get("since_invalid") is True and body.get("collection_id") == c.collection_id
+          and [counter for counter, _ in entries(body, "POST-7", missed)] == [other.since], "POST-7",
+          "a refused POST without collection_id answers since_invalid, the missed objects and the id", missed)
+
+
+def test_POST_7_after_a_delete_the_answer_names_the_new_collection(server):
+    """[POST-7] Without collection_id a replaced collection is not answered collection_changed:
+    the objects go to the collection there is now, and the answer's collection_id says which,
+    so that the client can notice. (SPEC.md 2.3)"""
+    c = Collection(server)
+    c.write([note("a", 1), note("b", 2)])
+    new_id = expect_json(c.another_device().delete(), 200, "DEL-1")["collection_id"]
+    response = c.post([note("c", 3)], {"since": c.since})
+    body = expect_json(response, 200, "POST-7")
+    check(body.get("collection_id") == new_id and len(body.get("object_counters", [])) == 1, "POST-7",
+          f"expected the objects stored in the new collection {new_id!r}, and its id in the answer", response)
+    stale = c.post([note("d", 4)], c.sync_params())
+    check(expect_json(stale, 200, "POST-5").get("collection_changed") is True, "POST-5",
+          "with the old collection_id, the same POST is collection_changed", stale)
 
 
 def test_POST_6_a_later_object_with_the_same_type_and_id_is_kept_beside_the_earlier(server):
@@ -2346,6 +2418,306 @@ def test_BLOB_8_if_none_match_with_the_etag_is_304(server):
 
 
 ###############################################################################
+# SPEC.md's examples, replayed
+###############################################################################
+# The http example blocks of chapter 2 are one story (SPEC.md 2.2 tells it). They are
+# replayed in order, once per session, with a new app and user in place of the story's,
+# and each is a test of its own that fails with what differed. As CommonMark's
+# spec_tests.py runs the examples of its spec, so that the spec cannot drift from what
+# the server does.
+
+STORY_APP, STORY_EMAIL = "app.example", "ann@example.com"
+# TOKEN, NAME, C0..C9 (see SPEC.md 2.2); "…" (U+2026) is a wildcard.
+PLACEHOLDER = re.compile(r"\b(TOKEN|NAME|C[0-9])\b")
+WILDCARD = "\u2026"
+EXAMPLE_PRECONDITIONS = ("after-purge", "while-busy", "at-collection-limit")
+TWICE_THE_BODY_LIMIT = re.compile(r"\(a JSON list of objects of .*, twice the body limit\)")
+HEADER_LINE = re.compile(r"([A-Za-z][A-Za-z0-9-]*): (.*)")
+LIST_HEADERS = ("allow", "vary", "access-control-allow-methods", "access-control-allow-headers",
+                "access-control-expose-headers")
+# How to replay the examples, for --dump-examples (SPEC.md 2.2 says the same).
+EXAMPLE_RULES = {
+    "order": "one story: replay every example in order, against one new app and user",
+    "app.example": "the story's app host: put a new one in its place (its origin is https://app.example)",
+    "ann@example.com": "the story's user (ann%40example.com where percent-encoded): put a new one in its place",
+    "TOKEN": "the token /verify gave the story's user; in an answer, any token",
+    "C0..C9": "collection ids: bound to the value an answer first gives; one first seen in a request is "
+              "an id the collection never had (make one up)",
+    "NAME": "a blob's name: bound to the value an answer first gives",
+    WILDCARD: "any JSON value, or any text inside a string",
+    "message": "an error's message is the reference server's wording: another server need only send a text",
+    "before": {"after-purge": "purge every tombstone first (3.6)",
+               "while-busy": "first hold open as many requests as the server serves at once (BACKOFF-1)",
+               "at-collection-limit": "first give the user as many collections of the app as the server keeps"},
+    "body": {"none shown": "no body for 204 and 304; a blob's bytes are not shown",
+             "(a JSON list of objects of 2 MiB, twice the body limit)": "such a body"},
+    "headers": "only those shown are compared; comma-separated lists as sets, case-insensitively",
+}
+
+
+def spec_examples(path=SPEC_PATH):
+    """Every http example block of SPEC.md chapter 2, in order, as dicts (the --dump-examples form)."""
+    with open(path, encoding="utf-8") as spec:
+        text = spec.read()
+    chapter = re.search(r"^## 2\..*?(?=^## |\Z)", text, re.M | re.S)
+    if chapter is None:
+        return []
+    first_line = text[:chapter.start()].count("\n") + 1
+    examples = []
+    for match in re.finditer(r"^```http example ([A-Z]+-[0-9]+)((?: [a-z-]+)*)\n(.*?)^```$", chapter.group(0),
+                             re.M | re.S):
+        request_text, _, answer_text = match.group(3).partition("\n.\n")
+        method, target, request_headers, request_body = _example_message(request_text, first_is="request")
+        status, _, answer_headers, answer_body = _example_message(answer_text, first_is="status")
+        examples.append({
+            "id": match.group(1), "before": match.group(2).split(),
+            "line": first_line + chapter.group(0)[:match.start()].count("\n"),
+            "request": {"method": method, "target": target, "headers": request_headers, "body": request_body},
+            "answer": {"status": int(status), "headers": answer_headers, "body": answer_body},
+        })
+    return examples
+
+
+def _example_message(text, first_is):
+    """(first word, rest of the first line, [[name, value], ...], body text or None) of one side."""
+    lines = text.strip("\n").split("\n")
+    first, _, rest = lines[0].partition(" ")
+    headers, at = [], 1
+    while at < len(lines) and HEADER_LINE.fullmatch(lines[at]):
+        headers.append(list(HEADER_LINE.fullmatch(lines[at]).groups()))
+        at += 1
+    body = "\n".join(lines[at:]).strip()
+    return first, rest, headers, body or None
+
+
+class Story:
+    """The state the examples share: the placeholders bound so far, and the story's user."""
+
+    def __init__(self, server):
+        self.server = server
+        tag = secrets.token_hex(6)
+        self.domain, self.email = f"app-{tag}.example.test", f"u-{tag}@example.test"
+        # https: the story's app is https://app.example, and a server that serves beyond
+        # loopback logs in only https apps (AUTH-5).
+        self.client = Collection(server, email=self.email, origin=f"https://{self.domain}")
+        self.bound = {"TOKEN": self.client.token}
+
+    def fill(self, text, quote=False):
+        """text with the story's app, user and bound placeholders replaced; unbound ids made up."""
+        def placeholder(match):
+            name = match.group(1)
+            if name not in self.bound:
+                check(name.startswith("C"), "SPEC", f"an example uses {name} before an answer gave it")
+                self.bound[name] = secrets.token_hex(16)      # an id the collection never had
+            return urllib.parse.quote(self.bound[name], safe="") if quote else self.bound[name]
+        text = text.replace("ann%40example.com", quote_part(self.email)).replace(STORY_EMAIL, self.email)
+        text = text.replace(STORY_APP, self.domain)
+        return PLACEHOLDER.sub(placeholder, text)
+
+    def send(self, example):
+        """The example's request, as the story has it now; returns the response."""
+        request = example["request"]
+        headers = {name: self.fill(value) for name, value in request["headers"]}
+        body = request["body"]
+        if body is not None and TWICE_THE_BODY_LIMIT.fullmatch(body):
+            body = objects_body(2 * MAX_BODY_BYTES, MAX_OBJECT_BYTES // 2)[0]
+        elif body is not None:
+            body = self.fill(body).encode()
+            if request["method"] != "POST" or not request["target"].startswith("/verify"):
+                headers.setdefault("Content-Type", "application/json")
+        url = self.server.url + self.fill(request["target"], quote=True)
+        return http(request["method"], url, data=body, headers=headers)
+
+    def matches(self, expected, actual):
+        """Whether one string of an example's answer matches the server's, binding placeholders."""
+        if not isinstance(actual, str):
+            return False
+        pattern, names = "", []
+        for piece in re.split(r"(\b(?:TOKEN|NAME|C[0-9])\b|\u2026)", self.fill_names(expected)):
+            if piece == WILDCARD:
+                pattern += ".*"
+            elif PLACEHOLDER.fullmatch(piece):
+                if piece in self.bound and piece != "TOKEN":
+                    pattern += re.escape(self.bound[piece])
+                else:       # bound here; TOKEN in an answer is any token (AUTH-1 gives a new one)
+                    pattern += f"(?P<{piece}>[^/?#&\"]+)" if piece not in names else f"(?P={piece})"
+                    names.append(piece)
+            else:
+                pattern += re.escape(piece)
+        found = re.fullmatch(pattern, actual, re.S)
+        if found is None:
+            return False
+        self.bound.update({name: value for name, value in found.groupdict().items() if name != "TOKEN"})
+        return True
+
+    def fill_names(self, text):
+        return text.replace("ann%40example.com", quote_part(self.email)).replace(
+            STORY_EMAIL, self.email).replace(STORY_APP, self.domain)
+
+
+def _wildcards_as_strings(text):
+    """An example's JSON with each bare … (outside strings) written as the string "…"."""
+    out, in_string, escaped = [], False, False
+    for char in text:
+        if in_string:
+            escaped = char == "\\" and not escaped
+            in_string = char != '"' or escaped
+        elif char == '"':
+            in_string = True
+        elif char == WILDCARD:
+            char = f'"{WILDCARD}"'
+        out.append(char)
+    return "".join(out)
+
+
+def json_differences(story, expected, actual, where="body", compare_messages=True):
+    """How actual differs from an example's expected JSON value: a list of lines, empty if it matches."""
+    if expected == WILDCARD:
+        return []
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return [f"{where}: expected an object, got {excerpt(json.dumps(actual), 100)}"]
+        problems = []
+        for key in sorted(set(expected) | set(actual)):
+            if key not in actual:
+                problems.append(f"{where}: missing {key!r}")
+            elif key not in expected:
+                problems.append(f"{where}: unexpected {key!r}: {excerpt(json.dumps(actual[key]), 100)}")
+            elif key == "message" and where == "body" and not compare_messages:
+                if not (isinstance(actual[key], str) and actual[key].strip()):
+                    problems.append(f"{where}.message: expected a text")
+            else:
+                problems += json_differences(story, expected[key], actual[key], f"{where}.{key}", compare_messages)
+        return problems
+    if isinstance(expected, list):
+        if not isinstance(actual, list) or len(actual) != len(expected):
+            return [f"{where}: expected {len(expected)} items, got {excerpt(json.dumps(actual), 200)}"]
+        return [problem for i, (e, a) in enumerate(zip(expected, actual))
+                for problem in json_differences(story, e, a, f"{where}[{i}]", compare_messages)]
+    if isinstance(expected, str):
+        if not story.matches(expected, actual):
+            return [f"{where}: expected {expected!r}, got {excerpt(json.dumps(actual), 200)}"]
+        return []
+    if type(expected) is not type(actual) or expected != actual:
+        return [f"{where}: expected {json.dumps(expected)}, got {excerpt(json.dumps(actual), 200)}"]
+    return []
+
+
+def example_differences(story, example, response):
+    """Every way response differs from what the example says it is."""
+    answer = example["answer"]
+    problems = []
+    if response.status_code != answer["status"]:
+        problems.append(f"status: expected {answer['status']}, got {response.status_code}")
+    for name, value in answer["headers"]:
+        got = response.headers.get(name)
+        if got is None:
+            problems.append(f"header {name}: missing")
+        elif name.lower() in LIST_HEADERS:
+            wanted = {token.strip().lower() for token in story.fill_names(value).split(",")}
+            if wanted != {token.strip().lower() for token in got.split(",")}:
+                problems.append(f"header {name}: expected {value!r}, got {got!r}")
+        elif not story.matches(value, got):
+            problems.append(f"header {name}: expected {value!r}, got {got!r}")
+    if answer["body"] is None:
+        # No body shown: none at all for a 204 or 304; a blob's bytes are not shown (SPEC.md 2.2).
+        if answer["status"] in (204, 304) and response.content:
+            problems.append(f"body: expected none, got {excerpt(response.content, 200)}")
+        return problems
+    try:
+        expected = json.loads(_wildcards_as_strings(answer["body"]))
+    except ValueError as error:
+        return problems + [f"SPEC.md: the example's answer is not JSON ({error})"]
+    try:
+        actual = json.loads(response.content.decode("utf-8"))
+    except ValueError:
+        return problems + [f"body: expected JSON, got {excerpt(response.content, 200)}"]
+    # A message is the reference server's wording (SPEC.md 2.2): others need only have one.
+    return problems + json_differences(story, expected, actual, compare_messages=server_is_reference(story))
+
+
+def server_is_reference(story):
+    return story.server.reference is not None
+
+
+def prepare(story, example, stack):
+    """Bring about what the example's id line says happens before its request."""
+    for before in example["before"]:
+        if before == "after-purge":
+            story.server.purge_tombstones(example["id"])
+        elif before == "at-collection-limit":
+            limit = story.server.require(story.server.max_collections, "CUTOUT_MAX_COLLECTIONS", example["id"],
+                                         "how many collections one user may have in one app")
+            for n in range(limit):
+                other = Collection(story.server, email=story.email, origin=story.client.origin, bucket=f"more-{n}")
+                other.start()
+                if other.post([note("a", 1)], other.sync_params()).status_code == 403:
+                    break       # the story's own collection counts too
+        elif before == "while-busy":
+            limit = story.server.require(story.server.max_concurrent, "CUTOUT_MAX_CONCURRENT", example["id"],
+                                         "the number of requests your server serves at once before it answers 503")
+            holder = Collection(story.server)
+            holder.start()
+            hold_requests_open(story.server, holder, limit, stack)
+        else:
+            pytest.fail(f"SPEC.md line {example['line']}: an example cannot say {before!r} "
+                        f"(only {', '.join(EXAMPLE_PRECONDITIONS)})", pytrace=False)
+
+
+def replay(story, example):
+    """Send one example's request in the story; the differences of its answer (a list of lines)."""
+    with contextlib.ExitStack() as stack:
+        prepare(story, example, stack)
+        response = story.send(example)
+        if "while-busy" in example["before"]:
+            # The held requests count once the server has read their heads, in its own time.
+            deadline = time.monotonic() + BUSY_DEADLINE
+            while response.status_code != example["answer"]["status"] and time.monotonic() < deadline:
+                response = story.send(example)
+    problems = example_differences(story, example, response)
+    return problems, response
+
+
+@pytest.fixture(scope="session")
+def replayed_story(server):
+    """{index: (differences, response)} of every example of SPEC.md chapter 2, replayed in order."""
+    story, results = Story(server), {}
+    for index, example in enumerate(spec_examples()):
+        try:
+            results[index] = replay(story, example)
+        except pytest.fail.Exception as failure:    # a setting the example needs, or no answer
+            results[index] = [str(failure)], None
+    return results
+
+
+def _example_name(index, example):
+    return f"{example['id']}@{example['line']}"
+
+
+SPEC_EXAMPLES = spec_examples() if os.path.exists(SPEC_PATH) else []
+
+
+@pytest.mark.parametrize("index", range(len(SPEC_EXAMPLES)),
+                         ids=[_example_name(i, e) for i, e in enumerate(SPEC_EXAMPLES)])
+def test_spec_example(replayed_story, index):
+    """SPEC.md's example, replayed in its place in the story: the status, the headers it lists
+    and the JSON body are those the example shows."""
+    example = SPEC_EXAMPLES[index]
+    problems, response = replayed_story[index]
+    earlier = [_example_name(i, SPEC_EXAMPLES[i]) for i in range(index) if replayed_story[i][0]]
+    if problems:
+        pytest.fail(f"[{example['id']}] the example at SPEC.md line {example['line']} is not what the server "
+                    f"answers:\n  " + "\n  ".join(problems) + (f"\n{describe(response)}" if response else "")
+                    + (f"\n  (earlier examples failed too, and the story may have gone astray there: "
+                       f"{', '.join(earlier)})" if earlier else ""), pytrace=False)
+
+
+def test_spec_has_examples():
+    """Chapter 2 has examples to replay, so that a SPEC_PATH that finds none does not pass silently."""
+    assert len(SPEC_EXAMPLES) >= 20, f"found only {len(SPEC_EXAMPLES)} http example blocks in {SPEC_PATH}"
+
+
+###############################################################################
 # The suite itself: every id has a test
 ###############################################################################
 
@@ -2390,18 +2762,26 @@ def print_table():
     """Print every id, its statement's first line and its tests; 1 if an id has none."""
     statements = spec_statements()
     tests = named_ids()
+    examples = collections.defaultdict(list)
+    for example in SPEC_EXAMPLES:
+        examples[example["id"]].append(example)
     width = max([len(spec_id) for spec_id, _ in statements] + [2])
-    print(f"{'id':<{width}}  tests  statement (first line) / tests that check it")
+    print(f"{'id':<{width}}  tests  statement (first line) / tests and examples that check it")
     for spec_id, first_line in statements:
         names = tests.get(spec_id, [])
         print(f"{spec_id:<{width}}  {len(names):>5}  {first_line}")
         for name in names or ["(no test)"]:
             print(f"{'':<{width}}         {name}")
+        for example in examples[spec_id]:
+            request = example["request"]
+            print(f"{'':<{width}}         example, SPEC.md line {example['line']}: {request['method']} "
+                  f"{excerpt(request['target'], 60)} -> {example['answer']['status']}")
     untested = [spec_id for spec_id, _ in statements if spec_id not in tests]
     unknown = sorted(set(tests) - {spec_id for spec_id, _ in statements})
     test_count = len([name for name in globals() if name.startswith("test_")])
     print(f"\n{len(statements)} ids in chapter 2 of {SPEC_PATH}: {len(statements) - len(untested)} with a test, "
-          f"{len(untested)} without{': ' + ', '.join(untested) if untested else ''}; {test_count} test functions")
+          f"{len(untested)} without{': ' + ', '.join(untested) if untested else ''}; {test_count} test functions; "
+          f"{len(SPEC_EXAMPLES)} examples, each replayed as a test")
     if unknown:
         print(f"tests name ids that chapter 2 does not have: {', '.join(unknown)}")
     return 1 if untested else 0
@@ -2413,9 +2793,18 @@ def main(argv=None):
     parser.add_argument("--url", help="the server to check (default: start cutout.py on a free port)")
     parser.add_argument("--only", metavar="REGEX", help="run only the tests of spec ids matching REGEX, e.g. 'POST-'")
     parser.add_argument("--list", action="store_true", help="print every spec id, its statement and its tests")
+    parser.add_argument("--dump-examples", metavar="FILE",
+                        help="write SPEC.md's examples as JSON to FILE ('-': standard output), to replay elsewhere")
     args, pytest_args = parser.parse_known_args(argv)
     if args.list:
         return print_table()
+    if args.dump_examples:
+        dump = {"spec": os.path.basename(SPEC_PATH), "placeholders": EXAMPLE_RULES, "examples": SPEC_EXAMPLES}
+        with (contextlib.nullcontext(sys.stdout) if args.dump_examples == "-"
+              else open(args.dump_examples, "w", encoding="utf-8")) as out:
+            json.dump(dump, out, indent=1, ensure_ascii=False)
+            out.write("\n")
+        return 0
     if args.url:
         os.environ["CUTOUT_URL"] = args.url
     selection = [__file__]
