@@ -2,6 +2,7 @@
 
     python cutout.py                                  # http://127.0.0.1:8088/, data in ./cutout-data
     python cutout.py gc --data-dir ./cutout-data      # collect garbage once
+    python cutout.py token --email E --audience A     # a token for E in the app A, as /verify gives
     python test_protocol.py --url http://127.0.0.1:8088/   # check a server against SPEC.md
 
 Written to be read first; durable and fast second, never at the cost of the first.
@@ -18,7 +19,7 @@ the disk to the socket:
     HTTP                bottle routes: tokens, CORS, and the protocol's answers as HTTP
     Balancer            (to come) collections spread over nodes by consistent hashing
     Server              HTTP/1.1 on asyncio, in one worker process per core
-    Command line        python cutout.py [gc]
+    Command line        python cutout.py [gc | token]
 
 Each section uses only those above it; within one, a function comes before the
 helpers only it uses. So one POST reads: post_collection (HTTP) -> parse_objects
@@ -1757,6 +1758,7 @@ class Limits:
 TOKEN_LIFETIME = 24 * 3600    # seconds a token from /verify is good for (AUTH-2)
 MAX_REASON_BYTES = 256        # bytes of JSON in a deletion's reason; it lives in the data header
 OBJECT_MEMBERS = frozenset({"type", "id", "data", "deleted", "expires", "blob"})
+MAX_SAFE_INTEGER = 2 ** 53 - 1   # the largest integer id: every JSON parser, JavaScript's too, reads it exactly
 BLOB_MEMBERS = frozenset({"content_type", "data", "href"})
 # token = 1*tchar, tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." /
 #   "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA                    (RFC 9110, 5.6.2)
@@ -1799,8 +1801,11 @@ class SyncQuery:
         return None
 
 
-def parse_sync_query(pairs):
-    """A SyncQuery from the query's (name, value) pairs; raises ProtocolError (GET-7, GET-8, GET-9)."""
+def parse_sync_query(pairs, post=False):
+    """A SyncQuery from the query's (name, value) pairs, of a GET or a POST; raises ProtocolError.
+
+    ERR-3's query rung: GET-7, GET-8, GET-9, and POST-1's since.
+    """
     values = {}
     for name, value in pairs:
         values.setdefault(name, []).append(value)
@@ -1820,6 +1825,9 @@ def parse_sync_query(pairs):
         query.limit = _parse_integer(values["limit"][0], "limit", "bad_limit", minimum=1)
     if "collection_id" in values:
         query.collection_id = values["collection_id"][0]
+    # [POST-1] "A POST MUST carry since (else 400, bad_request)."
+    if post and query.since is None:
+        raise ProtocolError("bad_request", "a POST needs since (and should carry collection_id)")
     return query
 
 
@@ -1976,8 +1984,9 @@ def _object_problem(obj):
         return f"has members the protocol does not know: {', '.join(sorted(unknown))}"
     if not isinstance(obj.get("type"), str) or not obj["type"]:
         return '"type" must be a non-empty string'
-    if "id" not in obj or not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
-        return '"id" must be a string or an integer'
+    id_ = obj.get("id")
+    if not (isinstance(id_, str) or type(id_) is int and -MAX_SAFE_INTEGER <= id_ <= MAX_SAFE_INTEGER):
+        return f'"id" must be a string or an integer from -{MAX_SAFE_INTEGER} to {MAX_SAFE_INTEGER}'
     if ("data" in obj) == ("deleted" in obj):
         return 'needs either "data" or "deleted": true, not both'
     if "deleted" in obj and obj["deleted"] is not True:
@@ -2109,11 +2118,9 @@ def nothing_new(state, query):
 def write_collection(db, query, objects, limits, blob_base="/"):
     """Answer a POST (SPEC.md 2.3): (status, body bytes). Stores all objects or none, with their blobs.
 
-    blob_base is the path under which the collection's blobs are served (BLOB-2).
+    query is parse_sync_query(..., post=True)'s, so it has a since (POST-1). blob_base is
+    the path under which the collection's blobs are served (BLOB-2).
     """
-    # [POST-1] "A POST MUST carry since (else 400, bad_request)."
-    if query.since is None:
-        raise ProtocolError("bad_request", "a POST needs since (and should carry collection_id)")
     # [POST-7] Without a collection_id (as in the 2012 protocol) the objects go to the current
     # collection, and every answer says which that is.
     collection_id = query.collection_id
@@ -2228,8 +2235,8 @@ def _other_types(wanted, most):
     return lambda counter, record: next(looked_at) < most and not wanted(record)
 
 
-def delete_collection(db, body, limits):
-    """Answer a DELETE (SPEC.md 2.4): empty the collection under a new collection_id."""
+def parse_reason(body, limits):
+    """The reason a DELETE gives (DEL-1): any JSON value of at most MAX_REASON_BYTES, or None."""
     reason = parse_json_body(body, limits) if body.strip() else None
     try:
         size = len(_compact_json(reason))
@@ -2237,6 +2244,11 @@ def delete_collection(db, body, limits):
         raise ProtocolError("bad_json", f"the reason cannot be stored as JSON: {error}") from None
     if size > MAX_REASON_BYTES:
         raise ProtocolError("too_large", f"the reason is larger than {MAX_REASON_BYTES} bytes of JSON")
+    return reason
+
+
+def delete_collection(db, reason):
+    """Answer a DELETE (SPEC.md 2.4): empty the collection under a new collection_id."""
     return 200, json.dumps({"collection_id": db.delete(reason)}).encode()
 
 
@@ -2462,11 +2474,12 @@ def _protocol(handler):
     return route
 
 
-def _collection(pairs, *raw_parts):
-    """The AppendOnlyDB the request may use; raises ProtocolError (PATH-1, AUTH-3, AUTH-4).
+def _collection(query_string, *raw_parts):
+    """(the AppendOnlyDB the request may use, the query's pairs); raises ProtocolError.
 
-    The parts arrive still percent-encoded (see Front), so that a "/" inside
-    a bucket's name stays inside it.
+    ERR-3's first rungs: the path (PATH-1), the query's encoding (GET-8), the
+    token (AUTH-3, AUTH-4). The parts arrive still percent-encoded (see Front),
+    so that a "/" inside a bucket's name stays inside it.
     """
     try:
         domain, user, bucket = (urllib.parse.unquote(part, errors="strict") for part in raw_parts)
@@ -2474,6 +2487,7 @@ def _collection(pairs, *raw_parts):
         raise ProtocolError("bad_path", "a path part is not percent-encoded UTF-8") from None
     if not is_domain(domain):
         raise ProtocolError("bad_path", f"{domain!r} is not a host in lower case")
+    pairs = _query_pairs(query_string)
     tokens = [value for name, value in pairs if name == "auth"]
     if len(tokens) > 1:
         raise ProtocolError("bad_request", "auth may appear only once")
@@ -2482,7 +2496,7 @@ def _collection(pairs, *raw_parts):
     if (email, token_domain) != (user, domain):
         raise ProtocolError("unauthorized", "this token is for another user or app")
     try:
-        return _config().data_dir.collection(domain, user, bucket)
+        return _config().data_dir.collection(domain, user, bucket), pairs
     except ValueError as error:
         raise ProtocolError("bad_path", str(error)) from None
 
@@ -2540,8 +2554,7 @@ def _body(limit=None):
 @app.get("/<domain>/<user>/<bucket>")
 @_protocol
 def get_collection(domain, user, bucket):
-    pairs = _query_pairs(bottle.request.query_string)
-    db = _collection(pairs, domain, user, bucket)
+    db, pairs = _collection(bottle.request.query_string, domain, user, bucket)
     query = parse_sync_query(pairs)
     with db.snapshot() as snapshot:     # an empty poll was answered by Front.empty_poll, if it could
         return _answer(*read_collection(snapshot, query, _config().limits))
@@ -2550,9 +2563,8 @@ def get_collection(domain, user, bucket):
 @app.post("/<domain>/<user>/<bucket>")
 @_protocol
 def post_collection(domain, user, bucket):
-    pairs = _query_pairs(bottle.request.query_string)
-    db = _collection(pairs, domain, user, bucket)
-    query = parse_sync_query(pairs)
+    db, pairs = _collection(bottle.request.query_string, domain, user, bucket)
+    query = parse_sync_query(pairs, post=True)
     limits = _config().limits
     objects = parse_objects(_body(limits.max_post_bytes), limits)
     _room_for(db)
@@ -2566,16 +2578,17 @@ def post_collection(domain, user, bucket):
 @app.delete("/<domain>/<user>/<bucket>")
 @_protocol
 def delete_collection_route(domain, user, bucket):
-    db = _collection(_query_pairs(bottle.request.query_string), domain, user, bucket)
+    db, _ = _collection(bottle.request.query_string, domain, user, bucket)
+    reason = parse_reason(bytes(_body()), _config().limits)
     _room_for(db)
-    return _answer(*delete_collection(db, bytes(_body()), _config().limits))
+    return _answer(*delete_collection(db, reason))
 
 
 @app.get("/<domain>/<user>/<bucket>/+static/<name>")
 @_protocol
 def get_blob(domain, user, bucket, name):
-    pairs = _query_pairs(bottle.request.query_string)
-    found = open_blob(_collection(pairs, domain, user, bucket), name)
+    db, pairs = _collection(bottle.request.query_string, domain, user, bucket)
+    found = open_blob(db, name)
     if found is None:
         raise ProtocolError("not_found", "this collection has no blob of that name")
     info, blob = found
@@ -2819,8 +2832,7 @@ class Front:
         if len(parts) != 3:
             return None
         try:
-            pairs = _query_pairs(environ.get("QUERY_STRING", ""))
-            db = _collection(pairs, *parts)
+            db, pairs = _collection(environ.get("QUERY_STRING", ""), *parts)
             query = parse_sync_query(pairs)
         except ProtocolError:
             return None
@@ -3726,6 +3738,18 @@ def gc_command(args):
           f"{total.seconds:.2f} s ({rate:.1f} MB/s)")
 
 
+def token_command(args):
+    path = args.secret_file or os.path.join(args.data_dir, ".secret")
+    try:
+        with open(path, "rb") as file:
+            secret = file.read().strip()
+    except FileNotFoundError:
+        sys.exit(f"cutout.py: no secret at {path}: the server makes it when it first starts")
+    if domain_of_origin(args.audience) is None:
+        sys.exit(f"cutout.py: {args.audience!r} is not an origin such as https://app.example")
+    print(make_token(secret, args.email, args.audience, time.time() + args.expires_in - TOKEN_LIFETIME))
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="cutout.py", description="The Cut-Out sync server.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -3761,6 +3785,15 @@ def parse_args(argv):
     gc.add_argument("--purge-tombstones-days", type=float, metavar="DAYS",
                     help="also purge tombstones appended more than DAYS days ago")
     gc.set_defaults(run=gc_command)
+    token = commands.add_parser("token", help="print a token for a user and an app, as /verify gives "
+                                "(for scripts and tests: it opens that user's data)")
+    token.add_argument("--data-dir", default="./cutout-data", help="where collections live")
+    token.add_argument("--secret-file", help="the server's secret (default DATA_DIR/.secret)")
+    token.add_argument("--email", required=True, help="the user")
+    token.add_argument("--audience", required=True, help="the app's origin, such as https://app.example")
+    token.add_argument("--expires-in", type=int, default=TOKEN_LIFETIME, metavar="SECONDS",
+                       help="seconds until it expires; negative: one that has expired (default %(default)s)")
+    token.set_defaults(run=token_command)
     return parser.parse_args(argv)
 
 

@@ -890,6 +890,26 @@ def test_gc_command_reports_what_it_removed(tmp_path):
     assert "total: removed 2 of 4 records" in done.stdout and "MB/s" in done.stdout
 
 
+def test_token_command_prints_a_token_the_server_takes_until_it_expires(tmp_path):
+    def token(*args):
+        return subprocess.run([sys.executable, os.path.join(HERE, "cutout.py"), "token", "--data-dir", str(tmp_path / "data"),
+                               "--email", "ann@example.com", *args], capture_output=True, text=True, timeout=60)
+    refused = token("--audience", "https://app.example")
+    assert refused.returncode != 0 and "no secret" in refused.stderr, "a token without the server's secret"
+    with _server(tmp_path) as base:
+        path = base + "/app.example/ann@example.com/b"
+        made = token("--audience", "https://app.example")
+        assert made.returncode == 0, made.stderr
+        assert requests.get(path, params={"auth": made.stdout.strip()}, timeout=10).status_code == 200
+        expired = token("--audience", "https://app.example", "--expires-in", "-1")
+        answer = requests.get(path, params={"auth": expired.stdout.strip()}, timeout=10)
+        assert (answer.status_code, answer.json()["message"]) == (401, "the token has expired: verify again")
+        other_app = token("--audience", "https://other.example").stdout.strip()
+        assert requests.get(path, params={"auth": other_app}, timeout=10).status_code == 401
+    not_an_origin = token("--audience", "app.example")
+    assert not_an_origin.returncode != 0 and "not an origin" in not_an_origin.stderr
+
+
 # ---------------------------------------------------------------- export and import
 
 
@@ -2317,3 +2337,86 @@ def test_a_server_that_others_can_reach_logs_in_no_app_served_over_http(tmp_path
         assert login("https://app.example").status_code == 200
         assert login("http://localhost:8000").status_code == 200
         assert login("http://127.0.0.1:8000").status_code == 200
+
+
+# ---------------------------------------------------------------- the conformance suite catches faults
+
+# Faults a porter could make, each planted alone in a copy of cutout.py: (name, the spec ids whose
+# tests must catch it, text of cutout.py, what it becomes). test_protocol.py, run on that copy
+# with the tests of those ids and SPEC.md's examples, must fail. A fault nothing catches is a
+# statement the suite does not check.
+PLANTED_FAULTS = [
+    ("an empty poll is answered 200 with no objects", "GET-3",
+     "    return (query.collection_id == state.collection_id and query.since is not None",
+     "    return False and (query.collection_id == state.collection_id and query.since is not None"),
+    ("a hello with since answers from the start", "GET-1",
+     "_introducing(snapshot, query, query.since or 0, limits, {})", "_introducing(snapshot, query, 0, limits, {})"),
+    ("collection_changed ignores filters and limit", "GET-4",
+     '_introducing(snapshot, query, 0, limits, {"collection_changed": True})',
+     '_introducing(snapshot, SyncQuery(), 0, limits, {"collection_changed": True})'),
+    ("garbage collection gives counters again", "GET-5",
+     "counter_floor=live.last_counter, purge_horizon=horizon,", "counter_floor=0, purge_horizon=horizon,"),
+    ("a short answer does not say incomplete", "GET-6",
+     '        members["incomplete"] = True', "        pass"),
+    ("a filtered answer has no until", "GET-7", '        members["until"] = until', "        pass"),
+    ("since may carry a sign", "GET-8",
+     "if not (text.isascii() and text.isdigit())", 'if not (text.isascii() and text.lstrip("+").isdigit())'),
+    ("?delete is taken for a read", "GET-9", '    if "delete" in values:', "    if False:"),
+    ("an object that cannot be written back is stored", "POST-1",
+     "ensure_ascii=False, allow_nan=False).encode()", 'ensure_ascii=False).encode("utf-8", "surrogatepass")'),
+    ("ids past 2^53 are stored", "POST-1", "-MAX_SAFE_INTEGER <= id_ <= MAX_SAFE_INTEGER", "True"),
+    ("the 2012 server's invalid_since", "POST-2", 'members = {"since_invalid": True}',
+     'members = {"invalid_since": True}'),
+    ("filters on a POST are ignored", "POST-4",
+     "ignore_newer=None if wanted is None else _other_types(wanted, limits.max_examined),", "ignore_newer=None,"),
+    ("a POST without collection_id is not told the id", "POST-7",
+     '        answer["collection_id"] = collection_id     # POST-7', "        pass"),
+    ("a delete starts the counters again", "DEL-1",
+     "counter_floor=live.last_counter, purge_horizon=0,", "counter_floor=0, purge_horizon=0,"),
+    ("a deleted collection does not say why", "DEL-2",
+     '        members["collection_deleted"] = snapshot.deleted["reason"]', "        pass"),
+    ("a since below the purge horizon is answered normally", "PURGE-1",
+     "    if 0 < since < snapshot.purge_horizon:", "    if False:"),
+    ("an expired token is accepted", "AUTH-3", "    if expires <= now:", "    if False:"),
+    ("a token opens every user's collections of its app", "AUTH-4",
+     "    if (email, token_domain) != (user, domain):", "    if token_domain != domain:"),
+    ("two origins in one Access-Control-Allow-Origin", "CORS-1",
+     '        headers += [("Access-Control-Allow-Origin", origin),',
+     '        headers += [("Access-Control-Allow-Origin", origin + " " + origin.replace("http", "https", 1)),'),
+    ("an object is measured in characters", "LIMIT-1",
+     "    if len(record) > limits.max_object_bytes:", "    if len(record.decode()) > limits.max_object_bytes:"),
+    ("the token is checked after the query", "ERR-3",
+     "    db, pairs = _collection(bottle.request.query_string, domain, user, bucket)\n"
+     "    query = parse_sync_query(pairs)\n",
+     "    query = parse_sync_query(_query_pairs(bottle.request.query_string))\n"
+     "    db, pairs = _collection(bottle.request.query_string, domain, user, bucket)\n"),
+    ("a 503 without Retry-After", "BACKOFF-1",
+     '("Retry-After", str(RETRY_AFTER))]', '("X-Retry", str(RETRY_AFTER))]'),
+    ("the library has the server's URL filled in", "JS-1",
+     'answer = _answer(200, script.read(), "application/javascript; charset=utf-8")',
+     'answer = _answer(200, script.read().replace(b"document.currentScript", b"{src: ' + "'/'" + '}"), '
+     '"application/javascript; charset=utf-8")'),
+    ("an old blob is kept when new data replaces it", "BLOB-4",
+     "before_write=blobs.commit, after_write=blobs.prune)", "before_write=blobs.commit)"),
+    ("a blob of another object is accepted", "BLOB-5",
+     "if match is None or match.group(1) != self.key(type_, id_):", "if match is None:"),
+    ("text/html is served as itself", "BLOB-6", "audio/.+|video/.+|text/plain)", "audio/.+|video/.+|text/.+)"),
+]
+
+
+@pytest.mark.parametrize("name, spec_ids, text, fault", PLANTED_FAULTS, ids=[fault[0] for fault in PLANTED_FAULTS])
+def test_the_conformance_suite_catches_a_planted_fault(tmp_path, name, spec_ids, text, fault):
+    with open(os.path.join(HERE, "cutout.py"), encoding="utf-8") as source:
+        code = source.read()
+    assert code.count(text) == 1, f"the fault {name!r} no longer fits cutout.py: update PLANTED_FAULTS"
+    for file in ("test_protocol.py", "SPEC.md", "syncclient.js"):
+        shutil.copy(os.path.join(HERE, file), tmp_path)
+    (tmp_path / "cutout.py").write_text(code.replace(text, fault), encoding="utf-8")
+    only = "|".join(f"^{spec_id}$" for spec_id in spec_ids.split())
+    run = subprocess.run([sys.executable, "test_protocol.py", "--only", only, "-q", "-p", "no:cacheprovider",
+                          "--rootdir", str(tmp_path)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={key: value for key, value in os.environ.items() if not key.startswith("CUTOUT_")})
+    summary = (run.stdout.strip().splitlines() or ["(no output)"])[-1]
+    assert run.returncode == 1 and " failed" in summary, (
+        f"the conformance suite ({spec_ids}) passed with the fault {name!r} planted: {summary}\n{run.stderr[-2000:]}")

@@ -10,7 +10,7 @@ Running it
 
     python test_protocol.py                               # starts cutout.py on a free port and checks it
     python test_protocol.py --url http://host:9000/       # checks your server instead
-    python test_protocol.py --url ... --only 'POST-'      # only tests whose spec ids match a regex
+    python test_protocol.py --url ... --only 'POST-'      # only tests (and examples) whose spec ids match a regex
     python test_protocol.py --list                        # every id, its statement and its tests
     CUTOUT_URL=http://host:9000/ pytest test_protocol.py  # the same through pytest (-k, -x, ... work)
 
@@ -33,13 +33,17 @@ one that is not. cutout.py does this when it listens on loopback without --verif
 
 Some statements can only be checked if the suite knows how your server is set up. Give the
 settings in the environment. When the suite starts cutout.py itself, it uses the values
-shown, and runs the purge itself:
+shown, and runs the purge and makes expired tokens itself:
 
     CUTOUT_POLL_TIME         the X-Sync-Poll-Time, in seconds, that your server sends     (cutout.py: 7)
     CUTOUT_MAX_CONCURRENT    how many requests it serves at once: one more gets 503      (cutout.py: 2)
     CUTOUT_MAX_COLLECTIONS   how many collections one user may have in one app           (cutout.py: 20)
     CUTOUT_PURGE_COMMAND     a shell command, run from this directory, that purges every tombstone now
                              (cutout.py: python cutout.py gc --data-dir DIR --purge-tombstones-days 0)
+    CUTOUT_EXPIRED_TOKEN_COMMAND  a shell command that prints a token for the user $CUTOUT_EMAIL and
+                             the app $CUTOUT_AUDIENCE that expired a minute ago (cutout.py: python
+                             cutout.py token --data-dir DIR --email "$CUTOUT_EMAIL"
+                             --audience "$CUTOUT_AUDIENCE" --expires-in -60)
     CUTOUT_MAX_BODY_BYTES    its request body limit        (default 1048576, cutout.py's default)
     CUTOUT_MAX_OBJECT_BYTES  its limit for one object      (default 262144, cutout.py's default)
     CUTOUT_MAX_BLOB_BYTES    its limit for one blob        (default 16777216, cutout.py's default)
@@ -55,6 +59,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import http.client as http_client
 import json
 import os
 import queue
@@ -209,11 +214,15 @@ class Server:
             self.max_collections = REFERENCE_MAX_COLLECTIONS
             self.purge_command = [sys.executable, "cutout.py", "gc", "--data-dir", reference.data_dir,
                                   "--purge-tombstones-days", "0"]
+            self.expired_token_command = [sys.executable, "cutout.py", "token", "--data-dir", reference.data_dir,
+                                          "--email", "$CUTOUT_EMAIL", "--audience", "$CUTOUT_AUDIENCE",
+                                          "--expires-in", "-60"]
         else:
             self.poll_time = env_int("CUTOUT_POLL_TIME")
             self.max_concurrent = env_int("CUTOUT_MAX_CONCURRENT")
             self.max_collections = env_int("CUTOUT_MAX_COLLECTIONS")
             self.purge_command = os.environ.get("CUTOUT_PURGE_COMMAND") or None
+            self.expired_token_command = os.environ.get("CUTOUT_EXPIRED_TOKEN_COMMAND") or None
 
     def require(self, value, setting, spec_id, meaning):
         """`value`, or fail the test naming the setting it needs."""
@@ -225,6 +234,21 @@ class Server:
     def require_purge(self, spec_id):
         return self.require(self.purge_command, "CUTOUT_PURGE_COMMAND", spec_id,
                             "a shell command that purges all tombstones now")
+
+    def expired_token(self, email, audience, spec_id):
+        """A token for email and audience that has expired, from the command that makes one."""
+        command = self.require(self.expired_token_command, "CUTOUT_EXPIRED_TOKEN_COMMAND", spec_id,
+                               "a shell command that prints a token for $CUTOUT_EMAIL and $CUTOUT_AUDIENCE "
+                               "that expired a minute ago")
+        environment = {**os.environ, "CUTOUT_EMAIL": email, "CUTOUT_AUDIENCE": audience}
+        if not isinstance(command, str):
+            command = [environment.get(part[1:], part) if part.startswith("$") else part for part in command]
+        result = subprocess.run(command, shell=isinstance(command, str), cwd=HERE, env=environment,
+                                capture_output=True, text=True, timeout=60)
+        if result.returncode != 0 or not result.stdout.strip():
+            pytest.fail(f"[{spec_id}] the expired-token command {command} exited with {result.returncode}:\n"
+                        f"{result.stdout}{result.stderr}", pytrace=False)
+        return result.stdout.strip()
 
     def purge_tombstones(self, spec_id):
         """Run the command that purges every tombstone now."""
@@ -706,6 +730,28 @@ def test_GET_3_an_empty_poll_is_204_without_body(server):
     expect_no_body(c.get(c.sync_params(limit=1)), 204, "GET-3")
 
 
+def test_GET_3_counters_given_to_records_that_are_gone_still_give_204(server):
+    """[GET-3] ... 204 No Content, with no body, even when counters above since were given to
+    records that are gone since (expired, 3.6): until (GET-7) is carried only by answers with
+    a body. (SPEC.md 2.2; the expired record goes when the purge command collects garbage,
+    which a server need not do: then the record is still answered.)"""
+    phone = Collection(server)
+    phone.write([note("a", 1)])
+    laptop = phone.another_device()
+    laptop.start()
+    phone.write([{"type": "note", "id": "gone", "data": 1, "expires": 1}])     # expired in 1970
+    server.purge_tombstones("GET-3")
+    response = laptop.get(laptop.sync_params())
+    if response.status_code == 200:
+        body = expect_json(response, 200, "GET-3")
+        check(any(obj.get("id") == "gone" for _, obj in entries(body, "GET-3", response)), "GET-3",
+              "no object is newer than since, so the answer must be 204, not one with until", response)
+        check(server.reference is None, "GET-3", "cutout.py's garbage collection removes expired records",
+              response)
+    else:
+        expect_no_body(response, 204, "GET-3")
+
+
 def test_GET_4_a_stale_collection_id_answers_collection_changed_from_the_start(server):
     """[GET-4] If collection_id is not the collection's current id, the server MUST answer 200
     with {"collection_changed": true, "collection_id": NEW, "objects": [...]}, the objects from
@@ -721,6 +767,24 @@ def test_GET_4_a_stale_collection_id_answers_collection_changed_from_the_start(s
               response)
         check(entries(body, "GET-4", response) == list(zip(counters, objects)), "GET-4",
               "collection_changed must carry every object from the start, whatever the since", response)
+
+
+def test_GET_4_collection_changed_honours_filters_and_limit(server):
+    """[GET-4] ... the objects from the start (of the types asked for, and paged, as GET-6
+    and GET-7 say for any GET). (SPEC.md 2.2)"""
+    c = Collection(server)
+    counters = c.write([note("a", 1), note("t", 2, "task"), note("b", 3), note("u", 4, "task")])
+    stale = {"since": counters[-1], "collection_id": f"stale-{secrets.token_hex(8)}"}
+    response = c.get({**stale, "include": "task"})
+    body = expect_json(response, 200, "GET-4")
+    check(body.get("collection_changed") is True
+          and [counter for counter, _ in entries(body, "GET-4", response)] == [counters[1], counters[3]], "GET-4",
+          "collection_changed with include=task must carry only the task objects", response)
+    response = c.get({**stale, "limit": 1})
+    body = expect_json(response, 200, "GET-4")
+    check(body.get("collection_changed") is True and body.get("incomplete") is True
+          and [counter for counter, _ in entries(body, "GET-4", response)] == counters[:1], "GET-4",
+          'collection_changed with limit=1 must carry the first object and "incomplete": true', response)
 
 
 def test_GET_5_counters_only_grow_and_are_never_given_twice(server):
@@ -942,8 +1006,8 @@ def test_GET_7_include_and_exclude_together_is_400_bad_filter(server):
 
 # "A decimal integer >= 0": no sign, point, exponent, hex, spaces or non-ASCII digits
 # (Python's int() accepts "١", the Arabic-Indic one, and " 1").
-BAD_SINCE = ["-1", "abc", "1.5", "", "1e3", "0x10", " 1", "١", "1 2"]
-BAD_LIMIT = ["0", "-1", "abc", "1.5", "", "1e3", " 2", "١"]
+BAD_SINCE = ["-1", "+1", "abc", "1.5", "", "1e3", "0x10", " 1", "١", "1 2", "1_0"]
+BAD_LIMIT = ["0", "-1", "+2", "abc", "1.5", "", "1e3", " 2", "١", "1_0"]
 
 
 @pytest.mark.parametrize("since", BAD_SINCE)
@@ -1088,6 +1152,43 @@ def test_POST_1_a_bad_object_is_400_bad_object_naming_its_position_and_nothing_i
     check(pairs == [], "POST-1", f"a refused POST stored {len(pairs)} objects")
 
 
+# Objects that only raw JSON can spell: values JSON reads but cannot write back, ids past 2^53 - 1.
+BAD_RAW_OBJECTS = [
+    pytest.param(rb'{"type": "note", "id": "x", "data": "\ud800"}', id="lone surrogate in data"),
+    pytest.param(rb'{"type": "\udfff", "id": "x", "data": 1}', id="lone surrogate in type"),
+    pytest.param(rb'{"type": "note", "id": "x\udc00", "data": 1}', id="lone surrogate in id"),
+    pytest.param(rb'{"type": "note", "id": "x", "data": 1e400}', id="number past a float"),
+    pytest.param(rb'{"type": "note", "id": "x", "data": [-1e999]}', id="negative number past a float"),
+    pytest.param(rb'{"type": "note", "id": 9007199254740992, "data": 1}', id="id 2^53"),
+    pytest.param(rb'{"type": "note", "id": -9007199254740992, "data": 1}', id="id -2^53"),
+    pytest.param(rb'{"type": "note", "id": 1' + b"0" * 30 + rb', "data": 1}', id="id of 31 digits"),
+]
+
+
+@pytest.mark.parametrize("raw", BAD_RAW_OBJECTS)
+def test_POST_1_an_object_that_cannot_be_written_back_or_an_id_past_2_53_is_400(server, raw):
+    """[POST-1] an object that could not be written back as JSON (a number beyond a 64-bit
+    float's range, a lone UTF-16 surrogate in a string), or with an integer id outside
+    -(2^53 - 1) to 2^53 - 1, is answered 400 (bad_object), naming its position, and nothing
+    is stored. (SPEC.md 2.3)"""
+    c = Collection(server)
+    c.start()
+    body = b"[" + json_bytes(note("good", 1)) + b"," + raw + b"]"
+    answer = expect_error(c.post(body, c.sync_params()), 400, "bad_object", "POST-1")
+    check(answer.get("object") == 1, "POST-1", 'the error must name the bad object: "object": 1')
+    _, pairs = c.hello()
+    check(pairs == [], "POST-1", f"a refused POST stored {len(pairs)} objects")
+
+
+def test_POST_1_integer_ids_up_to_2_53_minus_1_are_stored_as_sent(server):
+    """[POST-1] "id" (a string, or an integer from -(2^53 - 1) to 2^53 - 1). (SPEC.md 2.3)"""
+    c = Collection(server)
+    objects = [note(2 ** 53 - 1, "most"), note(-(2 ** 53 - 1), "least"), note(0, "zero")]
+    counters = c.write(objects, "POST-1")
+    _, pairs = c.hello()
+    check(pairs == list(zip(counters, objects)), "POST-1", f"the ids came back changed: {pairs}")
+
+
 @pytest.mark.parametrize("body", [{}, {"type": "note", "id": "a", "data": 1}, "objects", 3, None, True],
                          ids=["an object", "one bare object", "a string", "a number", "null", "true"])
 def test_POST_1_a_body_that_is_not_a_list_is_400_bad_object(server, body):
@@ -1144,7 +1245,9 @@ def test_POST_2_many_missed_objects_are_paged_with_incomplete(server):
     if server.reference is not None:
         check(len(pairs) <= 1000, "POST-2", f"cutout.py cuts answers at 1000 objects, this one had {len(pairs)}",
               response)
-    expect_no_body(phone.get(phone.sync_params()), 204, "POST-2")    # nothing was stored after them
+    stored, _ = read_through(phone, "POST-2")
+    check(len(stored) == len(objects) and all(obj["id"] != "late" for _, obj in stored), "POST-2",
+          "a POST answered since_invalid stored its object")
 
 
 def test_POST_3_stores_every_object_in_order_with_one_counter_each(server):
@@ -1365,6 +1468,19 @@ def test_DEL_2_hello_and_collection_changed_carry_the_reason_until_the_next_post
     check("collection_deleted" not in body, "DEL-2", "a successful POST must end collection_deleted", response)
 
 
+def test_DEL_2_an_empty_post_does_not_end_collection_deleted(server):
+    """[DEL-2] Until the next POST that stores at least one object (an empty list stores none),
+    every hello ... MUST carry "collection_deleted". (SPEC.md 2.4)"""
+    c = Collection(server)
+    c.write([note("a", 1)])
+    c.delete({"why": "moved"})
+    c.start()
+    object_counters(c.post([], c.sync_params()), 0, "DEL-2")
+    body, _ = c.hello()
+    check(body.get("collection_deleted") == {"why": "moved"}, "DEL-2",
+          f'after an empty POST a hello must still carry "collection_deleted", got {body}')
+
+
 def test_DEL_2_a_delete_without_reason_carries_null(server):
     """[DEL-2] Every hello until the next successful POST MUST carry "collection_deleted":
     REASON, null when no reason was sent. (SPEC.md 2.4)"""
@@ -1583,10 +1699,25 @@ def test_AUTH_2_a_token_expires_at_expires(server):
               f"cutout.py's tokens expire after 24 hours: expected about {before + 24 * 3600:.0f}, got {expires}")
 
 
+def test_AUTH_3_an_expired_token_is_401_unauthorized_and_changes_nothing(server):
+    """[AUTH-3] A request to a collection with ... an expired [token] MUST be answered 401
+    (unauthorized). The suite gets an expired token from CUTOUT_EXPIRED_TOKEN_COMMAND (this
+    server: python cutout.py token --expires-in -60). (SPEC.md 2.6)"""
+    c = Collection(server)
+    counters = c.write([note("a", 1)])
+    token = server.expired_token(c.email, c.origin, "AUTH-3")
+    expect_error(c.get({"auth": token}), 401, "unauthorized", "AUTH-3")
+    expect_error(c.get(c.sync_params(auth=token)), 401, "unauthorized", "AUTH-3")
+    expect_error(c.post([note("b", 2)], c.sync_params(auth=token)), 401, "unauthorized", "AUTH-3")
+    expect_error(c.delete({"why": "expired"}, {"auth": token}), 401, "unauthorized", "AUTH-3")
+    hello, pairs = c.hello()
+    check(hello["collection_id"] == c.collection_id and pairs == [(counters[0], note("a", 1))], "AUTH-3",
+          f"requests with an expired token changed the collection: {hello['collection_id']!r}, {pairs}")
+
+
 def test_AUTH_3_no_token_or_a_bad_one_is_401_unauthorized_and_changes_nothing(server):
     """[AUTH-3] A request to a collection with no token, a forged or altered token MUST be
-    answered 401 (unauthorized). (An expired token cannot be made from outside the server.)
-    (SPEC.md 2.6)"""
+    answered 401 (unauthorized). (SPEC.md 2.6)"""
     c = Collection(server)
     counters = c.write([note("a", 1)])
     for token in (None, "", "forged", "0" * len(c.token), altered(c.token, len(c.token) // 3)):
@@ -1837,6 +1968,71 @@ def test_ERR_2_a_delete_reason_that_is_not_json_is_400_bad_json(server):
           "a DELETE refused as bad_json deleted the collection")
 
 
+class HeadOnlyAnswer:
+    """What describe() and expect_error() need of an answer to a request sent without its body."""
+
+    def __init__(self, method, url, length, answer):
+        self.status_code, self.reason, self.content = answer.status, answer.reason, answer.read()
+        self.headers = requests.structures.CaseInsensitiveDict(answer.getheaders())
+        self.request = requests.Request(method, url, headers={"Content-Length": str(length)}).prepare()
+
+
+def head_only(server, method, target, length):
+    """Send only a request's head, announcing a body of length bytes; the answer, read at once."""
+    url = urllib.parse.urlsplit(server.url)
+    connection_type = http_client.HTTPSConnection if url.scheme == "https" else http_client.HTTPConnection
+    connection = connection_type(url.hostname, url.port, timeout=TIMEOUT)
+    try:
+        connection.putrequest(method, target)
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(length))
+        connection.endheaders()
+        return HeadOnlyAnswer(method, server.url + target, length, connection.getresponse())
+    finally:
+        connection.close()
+
+
+def test_ERR_3_a_request_that_breaks_several_rules_is_answered_for_the_first(server):
+    """[ERR-3] A request that breaks several rules MUST be answered for the first it breaks in
+    this order: a body whose Content-Length is over the limit; the path; the query's encoding;
+    the token; the rest of the query; the body; LIMIT-2; the collection_id; since past every
+    counter; since below the purge horizon. (SPEC.md 2.8)"""
+    c = Collection(server)
+    c.write([note("a", 1)])
+    sync, stale = c.sync_params(), {"since": c.since + 5, "collection_id": f"stale-{secrets.token_hex(8)}"}
+    bad_path = "/" + "/".join(("Not_A_Host!", quote_part(c.email), "notes"))
+    too_long = json_bytes([note("x", "x" * 100)]) + b" " * MAX_BODY_BYTES
+    cases = [   # (what it breaks, the answer expected: status and code), the request
+        (("Content-Length, path", 413, "too_large"), lambda: head_only(server, "POST", bad_path, 1 << 40)),
+        (("Content-Length, token", 413, "too_large"),
+         lambda: head_only(server, "POST", c.path + "?auth=forged&since=0", 1 << 40)),
+        (("body limit, stale since", 413, "too_large"), lambda: c.post(too_long, {**sync, "since": 0})),
+        (("path, token", 400, "bad_path"), lambda: c.request("GET", {"auth": "forged"}, path=bad_path)),
+        (("query encoding, token", 400, "bad_request"),
+         lambda: http("GET", f"{server.url}{c.path}?auth=forged&include=%ff")),
+        (("token, since", 401, "unauthorized"), lambda: c.get({**sync, "auth": "forged", "since": "-1"})),
+        (("token, body", 401, "unauthorized"), lambda: c.post(b"[{", {**sync, "auth": "forged"})),
+        (("since format, body", 400, "bad_since"), lambda: c.post(b"[{", {**sync, "since": "x"})),
+        (("filters, stale collection_id", 400, "bad_filter"),
+         lambda: c.get({**stale, "include": "a", "exclude": "b"})),
+        (("body, stale collection_id", 400, "bad_object"), lambda: c.post([{"type": "note"}], stale)),
+        (("body, stale since", 400, "bad_json"), lambda: c.post(b"[{", {**sync, "since": 0})),
+    ]
+    for (what, status, code), send in cases:
+        response = send()
+        check(response.status_code == status, "ERR-3", f"breaking {what}: expected {status} {code}", response)
+        expect_error(response, status, code, "ERR-3")
+    # A stale collection_id and a since past the new collection's end: collection_changed.
+    body = expect_json(c.get(stale), 200, "ERR-3")
+    check(body.get("collection_changed") is True, "ERR-3",
+          "a stale collection_id with a since past every counter must be answered collection_changed")
+    body = expect_json(c.post([note("b", 2)], stale), 200, "ERR-3")
+    check(body.get("collection_changed") is True, "ERR-3",
+          "a POST with a stale collection_id and a since past every counter must be collection_changed")
+    _, pairs = c.hello()
+    check(len(pairs) == 1, "ERR-3", f"refused requests stored something: {pairs}")
+
+
 def test_LIMIT_1_a_body_over_the_limit_is_413_too_large_and_stores_nothing(server):
     """[LIMIT-1] A server MUST refuse a request body larger than its limit with 413
     (too_large), storing nothing (this server: 1 MiB, or CUTOUT_MAX_BODY_BYTES). (SPEC.md 2.8)"""
@@ -1885,6 +2081,24 @@ def test_LIMIT_1_an_object_over_the_limit_is_413_too_large_and_stores_nothing(se
     check(pairs == [], "LIMIT-1", f"a POST refused for one large object stored {len(pairs)} objects")
     # One 1000 bytes under the limit is fine.
     c.write([note("fits", "x" * (MAX_OBJECT_BYTES - 1000))], "LIMIT-1")
+
+
+def test_LIMIT_1_an_object_is_measured_in_utf8_bytes_of_its_compact_json(server):
+    """[LIMIT-1] an object's size is that of its compact JSON as stored (no spaces, non-ASCII
+    characters as UTF-8): fewer characters than the limit can be more bytes, and escapes in
+    the request do not count as sent. (SPEC.md 2.8)"""
+    c = Collection(server)
+    c.start()
+    # Two bytes each in UTF-8: under the limit in characters, over it in bytes.
+    wide = note("wide", "\u00e9" * ((MAX_OBJECT_BYTES + 2000) // 2))
+    expect_error(c.post([wide], c.sync_params()), 413, "too_large", "LIMIT-1")
+    # Sent as \u00e9, six bytes each, and padded with spaces: over the limit as sent, under it as stored.
+    narrow = note("narrow", "\u00e9" * ((MAX_OBJECT_BYTES - 2000) // 2))
+    sent = json.dumps([narrow], ensure_ascii=True, indent=8).encode()
+    check(len(sent) < MAX_BODY_BYTES, "LIMIT-1", "the suite's own object does not fit the body limit")
+    c.since = object_counters(c.post(sent, c.sync_params()), 1, "LIMIT-1")[0]
+    _, pairs = c.hello()
+    check([obj for _, obj in pairs] == [narrow], "LIMIT-1", "the object came back changed")
 
 
 def test_LIMIT_2_a_write_past_the_users_collections_is_403_and_reads_make_none(server):
@@ -2006,6 +2220,18 @@ def test_JS_1_syncclient_js_is_the_same_bytes_whatever_the_host(server):
         other = http("GET", server.url + "/syncclient.js", headers=headers)
         check(other.status_code == 200 and other.content == response.content, "JS-1",
               f"asked with {headers}, the library came back different", other)
+
+
+def test_JS_1_syncclient_js_is_the_library_as_it_is(server):
+    """[JS-1] ... the file syncclient.js as it is, nothing filled in (the one beside this suite).
+    (SPEC.md 2.10)"""
+    library = os.path.join(HERE, "syncclient.js")
+    with open(library, "rb") as file:
+        expected = file.read()
+    response = http("GET", server.url + "/syncclient.js")
+    expect_status(response, 200, "JS-1")
+    check(response.content == expected, "JS-1", f"the answer is not {library} as it is ({len(expected)} bytes)",
+          response)
 
 
 ###############################################################################
@@ -2814,6 +3040,8 @@ def main(argv=None):
         if not names:
             print(f"no test names a spec id matching {args.only!r}", file=sys.stderr)
             return 4
+        names += [f"test_spec_example[{_example_name(i, example)}]" for i, example in enumerate(SPEC_EXAMPLES)
+                  if re.search(args.only, example["id"])]
         selection = [f"{__file__}::{name}" for name in dict.fromkeys(names)]
     return pytest.main(["-ra", *selection, *pytest_args])
 
