@@ -2654,7 +2654,7 @@ def test_BLOB_8_if_none_match_with_the_etag_is_304(server):
 
 STORY_APP, STORY_EMAIL = "app.example", "ann@example.com"
 # TOKEN, NAME, C0..C9 (see SPEC.md 2.2); "…" (U+2026) is a wildcard.
-PLACEHOLDER = re.compile(r"\b(TOKEN|NAME|C[0-9])\b")
+PLACEHOLDER = re.compile(r"\b(?:TOKEN|NAME|C[0-9])\b")
 WILDCARD = "\u2026"
 EXAMPLE_PRECONDITIONS = ("after-purge", "while-busy", "at-collection-limit")
 TWICE_THE_BODY_LIMIT = re.compile(r"\(a JSON list of objects of .*, twice the body limit\)")
@@ -2731,14 +2731,12 @@ class Story:
     def fill(self, text, quote=False):
         """text with the story's app, user and bound placeholders replaced; unbound ids made up."""
         def placeholder(match):
-            name = match.group(1)
+            name = match.group(0)
             if name not in self.bound:
                 check(name.startswith("C"), "SPEC", f"an example uses {name} before an answer gave it")
                 self.bound[name] = secrets.token_hex(16)      # an id the collection never had
             return urllib.parse.quote(self.bound[name], safe="") if quote else self.bound[name]
-        text = text.replace("ann%40example.com", quote_part(self.email)).replace(STORY_EMAIL, self.email)
-        text = text.replace(STORY_APP, self.domain)
-        return PLACEHOLDER.sub(placeholder, text)
+        return PLACEHOLDER.sub(placeholder, self.fill_names(text))
 
     def send(self, example):
         """The example's request, as the story has it now; returns the response."""
@@ -2749,8 +2747,8 @@ class Story:
             body = objects_body(2 * MAX_BODY_BYTES, MAX_OBJECT_BYTES // 2)[0]
         elif body is not None:
             body = self.fill(body).encode()
-            if request["method"] != "POST" or not request["target"].startswith("/verify"):
-                headers.setdefault("Content-Type", "application/json")
+        if body is not None:
+            headers.setdefault("Content-Type", "application/json")     # unless the example names one
         url = self.server.url + self.fill(request["target"], quote=True)
         return http(request["method"], url, data=body, headers=headers)
 
@@ -2759,7 +2757,7 @@ class Story:
         if not isinstance(actual, str):
             return False
         pattern, names = "", []
-        for piece in re.split(r"(\b(?:TOKEN|NAME|C[0-9])\b|\u2026)", self.fill_names(expected)):
+        for piece in re.split(f"({PLACEHOLDER.pattern}|{WILDCARD})", self.fill_names(expected)):
             if piece == WILDCARD:
                 pattern += ".*"
             elif PLACEHOLDER.fullmatch(piece):
@@ -2777,8 +2775,9 @@ class Story:
         return True
 
     def fill_names(self, text):
-        return text.replace("ann%40example.com", quote_part(self.email)).replace(
-            STORY_EMAIL, self.email).replace(STORY_APP, self.domain)
+        """text with the story's app and user in place of app.example and ann@example.com."""
+        text = text.replace("ann%40example.com", quote_part(self.email)).replace(STORY_EMAIL, self.email)
+        return text.replace(STORY_APP, self.domain)
 
 
 def _wildcards_as_strings(text):
