@@ -1894,7 +1894,7 @@ def test_ERR_1_every_error_is_json_with_a_named_code_and_a_message(server):
         c.get(c.sync_params(since="x")),
         c.get({"limit": "0"}),
         c.get({"include": "a", "exclude": "b"}),
-        c.get({"since": 0}),
+        c.get(c.sync_params(delete="")),
         c.post([{"id": 1}], c.sync_params()),
         c.post(b"[", c.sync_params()),
         c.get({"auth": "forged"}),
@@ -2459,7 +2459,8 @@ def test_BLOB_5_an_href_of_another_object_collection_or_user_is_400(server):
     [other_user_href] = post_blobs(other_user, [with_blob("mine", blob_bytes(100))])
     name = href.rpartition("/")[2]
     [replaced] = post_blobs(c, [with_blob("mine", blob_bytes(200))])     # "mine" has a new blob now
-    for foreign in (href,                                        # of another object here, and replaced
+    for foreign in (replaced,                                    # of another object here, still its blob
+                    href,                                        # of another object here, and replaced
                     other_bucket_href, other_user_href,          # of the same (type, id) elsewhere
                     other_bucket.path + "/+static/" + name,      # this blob's name under another path
                     c.path + "/+static/" + "0" * len(name),      # made up
