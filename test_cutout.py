@@ -2401,6 +2401,29 @@ PLANTED_FAULTS = [
     ("a blob of another object is accepted", "BLOB-5",
      "if match is None or match.group(1) != self.key(type_, id_):", "if match is None:"),
     ("text/html is served as itself", "BLOB-6", "audio/.+|video/.+|text/plain)", "audio/.+|video/.+|text/.+)"),
+    # Faults that tests passed before (issue "tests that pass without the behaviour they name").
+    ("every answer says incomplete", "GET-6", "    if incomplete:\n", "    if True:\n"),
+    ("a filtered answer says incomplete in place of until", "GET-7",
+     '        members["until"] = until', '        members["incomplete"] = True'),
+    ("a filtered answer never stops looking", "LIMIT-1", " or examined == limits.max_examined", ""),
+    ("a collection_id without since answers nothing", "GET-2",
+     "_objects_after(snapshot, query, query.since or 0, limits, members)",
+     "_objects_after(snapshot, query, snapshot.last_counter if query.since is None else query.since, limits, "
+     "members)"),
+    ("the purge command purges nothing", "GET-5",
+     "purge_before = time.time() - args.purge_tombstones_days * 86400", "purge_before = None"),
+    ("a domain that is no host is 404", "PATH-1",
+     'raise ProtocolError("bad_path", f"{domain!r} is not a host in lower case")',
+     'raise ProtocolError("not_found", f"{domain!r} is not a host in lower case")'),
+    ("a reason too long is bad_json", "DEL-1",
+     'raise ProtocolError("too_large", f"the reason is larger', 'raise ProtocolError("bad_json", f"the reason is larger'),
+    ("a busy server says internal_error", "BACKOFF-1",
+     'ProtocolError("overloaded", "too busy: try again later")', 'ProtocolError("internal_error", "too busy")'),
+    ("a preflight allows only Content-Type", "CORS-2",
+     '"Content-Type, Range, If-None-Match, If-Range"', '"Content-Type"'),
+    ("blobs expose no headers", "BLOB-6",
+     'EXPOSED_HEADERS = "X-Sync-Poll-Time, Retry-After, ETag, Content-Range, Content-Disposition, Accept-Ranges"',
+     'EXPOSED_HEADERS = "X-Sync-Poll-Time, Retry-After"'),
 ]
 
 
