@@ -14,6 +14,7 @@ another) and the Python package playwright; without them they are skipped, and
 import base64
 import functools
 import http.server
+import json
 import os
 import re
 import socket
@@ -257,12 +258,19 @@ def test_edits_made_offline_merge_through_since_invalid(browser, app_origin, ser
     laptop.edit("two", "two, edited meanwhile")
     laptop.add("four")
     laptop.page.wait_for_function("notesApp.list().then(ns => ns.every(n => n.version === n.savedVersion))")
+    # The phone reads before it posts, so on its own it would merge without a refusal: a third
+    # device writes between the phone's GET and its POST, which must then meet since_invalid.
+    between = {"type": "note", "id": "five", "data": {"text": "five, written in between", "updated": 1}}
+    exchanges = _record_exchanges(phone, "notes", lambda: _write(server, app_origin, [between], "notes",
+                                                                  "ann@example.com"))
     phone.context.set_offline(False)
-    expected = ["four", "one, edited offline", "three, written offline", "two, edited meanwhile"]
+    expected = ["five, written in between", "four", "one, edited offline", "three, written offline",
+                "two, edited meanwhile"]
     phone.wait_for(expected, "the phone back online")
     laptop.wait_for(expected, "the laptop after the phone's merge")
-    refused = [url for _, method, status, url in phone.responses if method == "POST" and status == 200]
-    assert refused, "the phone posted nothing"
+    posts = [answer for method, _, _, answer, _ in exchanges if method == "POST"]
+    assert posts and posts[0].get("since_invalid") is True, f"the phone's first POST was not refused: {posts[:1]}"
+    assert any("object_counters" in answer for answer in posts[1:]), "the phone never posted again after merging"
     assert sorted(obj["data"]["text"] for obj in server_objects(server, origin=app_origin).values()) == expected
 
 
@@ -407,6 +415,25 @@ window.memoryApp = (name) => {
 }"""
 
 
+def _record_exchanges(device, bucket, before_post=None):
+    """Route the device's requests to the collection through Python and keep each exchange:
+    a list of (method, the request's JSON body or None, status, the answer's JSON or None, URL).
+    before_post(), if given, runs once, just before the first POST reaches the server."""
+    exchanges = []
+
+    def handle(route):
+        request = route.request
+        if request.method == "POST" and before_post is not None and not any(m == "POST" for m, *_ in exchanges):
+            before_post()
+        answer = route.fetch()
+        sent = json.loads(request.post_data) if request.post_data else None
+        body = answer.json() if answer.headers.get("content-type", "").startswith("application/json") else None
+        exchanges.append((request.method, sent, answer.status, body, request.url))
+        route.fulfill(response=answer)
+    device.page.route(lambda url: f"/{bucket}?" in url and "/+static/" not in url, handle)
+    return exchanges
+
+
 def _page(browser, app_origin, server):
     device = Device(browser, app_origin, server, email=None)
     device.page.evaluate(MEMORY_APP)
@@ -422,11 +449,11 @@ def _new_sync(device, name, server, bucket, **options):
     }""", [name, server.url, bucket, options])
 
 
-def _write(server, app_origin, objects, bucket):
+def _write(server, app_origin, objects, bucket, email="bo@example.com"):
     """POST objects to the collection over HTTP, as another client would; the newest counter."""
-    token = requests.post(server.url + "verify", data={"assertion": "bo@example.com", "audience": app_origin}
+    token = requests.post(server.url + "verify", data={"assertion": email, "audience": app_origin}
                           ).json()["auth"]["query"]["auth"]
-    path = f"{server.url}{urllib.parse.urlsplit(app_origin).netloc}/bo%40example.com/{bucket}"
+    path = f"{server.url}{urllib.parse.urlsplit(app_origin).netloc}/{urllib.parse.quote(email)}/{bucket}"
     hello = requests.get(path, params={"auth": token}).json()
     since = hello["objects"][-1][0] if hello["objects"] else 0
     for first in range(0, len(objects), 500):
@@ -481,6 +508,7 @@ def test_pages_are_followed_and_only_the_newest_version_reaches_the_app(browser,
 def test_purged_tombstones_lead_to_a_full_read_that_says_what_is_gone(browser, app_origin, server):
     _write(server, app_origin, [{"type": "n", "id": i, "data": i} for i in range(5)], "purged")
     device = _page(browser, app_origin, server)
+    exchanges = _record_exchanges(device, "purged")
     _new_sync(device, "reader", server, "purged")
     device.page.evaluate("reader.sync.syncNow()")
     assert device.page.evaluate("reader.app.objects.size") == 5
@@ -491,12 +519,16 @@ def test_purged_tombstones_lead_to_a_full_read_that_says_what_is_gone(browser, a
     device.page.evaluate("reader.sync.syncNow()")
     held = device.page.evaluate("[...reader.app.objects.values()].map(o => [o.id, o.data]).sort()")
     assert held == [[0, 0], [2, "new"], [3, 3], [4, 4]], "the purged delete of id 1 was missed"
-    statuses = [url for _, method, _, url in device.responses if "/purged" in url]
-    assert len(statuses) >= 3
+    answers = [answer or {} for _, _, _, answer, _ in exchanges]
+    purged = [i for i, answer in enumerate(answers) if answer.get("since_purged") is True]
+    assert purged, f"the server never answered since_purged: {answers}"
+    reread = [url for _, _, _, _, url in exchanges[purged[0] + 1:]]
+    assert reread and "since=0" in reread[0], f"since_purged must be followed by a read from since=0, not {reread[:1]}"
 
 
 def test_objects_are_checked_before_upload_and_bad_ones_reported(browser, app_origin, server):
     device = _page(browser, app_origin, server)
+    exchanges = _record_exchanges(device, "checked")
     _new_sync(device, "app1", server, "checked")
     errors = device.page.evaluate("""async () => {
         app1.app.put({type: "note", id: "good", data: 1});
@@ -511,6 +543,8 @@ def test_objects_are_checked_before_upload_and_bad_ones_reported(browser, app_or
     assert all(message for _, message in errors)
     assert list(server_objects(server, "bo@example.com", app_origin, "checked")) == [("note", "good")]
     assert device.page.evaluate("app1.app.pending.size") == 4, "refused objects stay pending in the app"
+    posted = [obj["id"] for method, sent, _, _, _ in exchanges if method == "POST" for obj in sent]
+    assert posted == ["good"], f"the client sent objects it should have refused itself: {posted}"
 
 
 def test_polls_wait_for_x_sync_poll_time_and_changes_are_debounced(browser, app_origin, tmp_path):
@@ -538,25 +572,32 @@ def test_polls_wait_for_x_sync_poll_time_and_changes_are_debounced(browser, app_
 def test_polls_slow_down_while_the_page_is_hidden(browser, app_origin, server):
     device = _page(browser, app_origin, server)
     _new_sync(device, "hider", server, "hidden", pollInterval=200, hiddenPollInterval=600000)
-    device.page.wait_for_timeout(1500)
+    def gets_since(moment):     # moments and request starts both by the browser's clock
+        return [at for at, method, _, url in device.responses if method == "GET" and "/hidden" in url and at > moment]
+
+    def wait_for_gets(moment, count):
+        for _ in range(100):
+            if len(gets_since(moment)) >= count:
+                return
+            device.page.wait_for_timeout(100)
+    wait_for_gets(0, 3)
+    assert len(gets_since(0)) >= 3, "the shown page should poll every 200 ms"
     # The browser's own event, with the page reported hidden as a background tab is.
-    device.page.evaluate("""() => {
+    hidden_at = device.page.evaluate("""() => {
         Object.defineProperty(document, "hidden", {configurable: true, get: () => true});
         document.dispatchEvent(new Event("visibilitychange"));
+        return Date.now() / 1000;
     }""")
-    hidden_at = time.time()
     device.page.wait_for_timeout(2000)
-    gets = [at for at, method, _, url in device.responses if method == "GET" and "/hidden" in url]
-    assert len([at for at in gets if at < hidden_at]) >= 3, "the shown page should poll every 200 ms"
-    assert [at for at in gets if at > hidden_at + 0.5] == [], "the hidden page polled at the shown pace"
-    device.page.evaluate("""() => {
+    # One poll already on its way may still go; at the shown pace there would be ten.
+    assert len(gets_since(hidden_at)) <= 1, f"the hidden page polled at the shown pace: {gets_since(hidden_at)}"
+    shown_at = device.page.evaluate("""() => {
         Object.defineProperty(document, "hidden", {configurable: true, get: () => false});
         document.dispatchEvent(new Event("visibilitychange"));
+        return Date.now() / 1000;
     }""")
-    shown_at = time.time()
-    device.page.wait_for_timeout(1500)
-    gets = [at for at, method, _, url in device.responses if method == "GET" and "/hidden" in url]
-    assert len([at for at in gets if at > shown_at]) >= 3, "shown again, the page must poll at its pace again"
+    wait_for_gets(shown_at, 3)
+    assert len(gets_since(shown_at)) >= 3, "shown again, the page must poll at its pace again"
 
 
 def test_the_readme_example_works(browser, app_origin, server):
