@@ -17,9 +17,9 @@ the disk to the socket:
     The data directory  where each (domain, user, bucket) lives
     Protocol            chapter 2 on plain values: query and body in, (status, body) out
     HTTP                bottle routes: tokens, CORS, and the protocol's answers as HTTP
-    Balancer            (to come) collections spread over nodes by consistent hashing
+    Balancer            collections spread over nodes by rendezvous hashing, and the proxy
     Server              HTTP/1.1 on asyncio, in one worker process per core
-    Command line        python cutout.py [gc | token]
+    Command line        python cutout.py [gc | token | balancer]
 
 Each section uses only those above it; within one, a function comes before the
 helpers only it uses. So one POST reads: post_collection (HTTP) -> parse_objects
@@ -98,6 +98,7 @@ ERRORS = {
     "internal_error": 500, "storage_error": 500,
     "verifier_unavailable": 502,                # AUTH-1
     "overloaded": 503,                          # BACKOFF-1
+    "stale_cluster": 409, "misdirected": 421, "node_unavailable": 502,     # CLUSTER-2, -5, -4
 }
 
 
@@ -2440,6 +2441,7 @@ class ServerConfig:
     limits: Limits = dataclasses.field(default_factory=Limits)
     poll_time: int = 0            # seconds; sent as X-Sync-Poll-Time when > 0 (BACKOFF-1)
     http_apps: bool = True        # apps served over plain http may log in (AUTH-5)
+    cluster: object = None        # the node's NodeCluster (CLUSTER-5), when it may be in one
 
 
 def _config():
@@ -2474,12 +2476,13 @@ def _protocol(handler):
     return route
 
 
-def _collection(query_string, *raw_parts):
+def _collection(query_string, *raw_parts, write=False):
     """(the AppendOnlyDB the request may use, the query's pairs); raises ProtocolError.
 
     ERR-3's first rungs: the path (PATH-1), the query's encoding (GET-8), the
-    token (AUTH-3, AUTH-4). The parts arrive still percent-encoded (see Front),
-    so that a "/" inside a bucket's name stays inside it.
+    token (AUTH-3, AUTH-4), then whether this node is the one to ask (CLUSTER-5).
+    The parts arrive still percent-encoded (see Front), so that a "/" inside a
+    bucket's name stays inside it.
     """
     try:
         domain, user, bucket = (urllib.parse.unquote(part, errors="strict") for part in raw_parts)
@@ -2496,9 +2499,13 @@ def _collection(query_string, *raw_parts):
     if (email, token_domain) != (user, domain):
         raise ProtocolError("unauthorized", "this token is for another user or app")
     try:
-        return _config().data_dir.collection(domain, user, bucket), pairs
+        db = _config().data_dir.collection(domain, user, bucket)
     except ValueError as error:
         raise ProtocolError("bad_path", str(error)) from None
+    misdirected = _config().cluster and _config().cluster.misdirected(domain, user, db.exists, write)
+    if misdirected:
+        raise ProtocolError("misdirected", misdirected)
+    return db, pairs
 
 
 def _room_for(db):
@@ -2563,7 +2570,7 @@ def get_collection(domain, user, bucket):
 @app.post("/<domain>/<user>/<bucket>")
 @_protocol
 def post_collection(domain, user, bucket):
-    db, pairs = _collection(bottle.request.query_string, domain, user, bucket)
+    db, pairs = _collection(bottle.request.query_string, domain, user, bucket, write=True)
     query = parse_sync_query(pairs, post=True)
     limits = _config().limits
     objects = parse_objects(_body(limits.max_post_bytes), limits)
@@ -2578,7 +2585,7 @@ def post_collection(domain, user, bucket):
 @app.delete("/<domain>/<user>/<bucket>")
 @_protocol
 def delete_collection_route(domain, user, bucket):
-    db, _ = _collection(bottle.request.query_string, domain, user, bucket)
+    db, _ = _collection(bottle.request.query_string, domain, user, bucket, write=True)
     reason = parse_reason(bytes(_body()), _config().limits)
     _room_for(db)
     return _answer(*delete_collection(db, reason))
@@ -2861,26 +2868,333 @@ class Front:
         return self.application(environ, respond)
 
     def body_limit(self, environ):
-        """The most bytes the body of this request may have, known from its head (LIMIT-1, AUTH-1)."""
-        limits = _config().limits
-        path = _raw_path(environ)
-        if path == "/verify":
-            return MAX_VERIFY_BYTES
-        if environ["REQUEST_METHOD"] == "POST" and len(path[1:].split("/")) == 3:
-            return limits.max_post_bytes        # the objects, and the base64 of one largest blob
-        return limits.max_body_bytes
+        return _body_limit(environ)
 
     def overloaded(self, environ):
-        """(status, headers, body) of the 503 a busy server answers (BACKOFF-1).
+        return _overloaded(environ)
 
-        With the CORS headers of the path, so that a browser can read its Retry-After.
+
+def _body_limit(environ):
+    """The most bytes the body of this request may have, known from its head (LIMIT-1, AUTH-1)."""
+    limits = _config().limits
+    path = _raw_path(environ)
+    if path == "/verify":
+        return MAX_VERIFY_BYTES
+    if environ["REQUEST_METHOD"] == "POST" and len(path[1:].split("/")) == 3:
+        return limits.max_post_bytes        # the objects, and the base64 of one largest blob
+    return limits.max_body_bytes
+
+
+def _overloaded(environ):
+    """(status, headers, body) of the 503 a busy server answers (BACKOFF-1).
+
+    With the CORS headers of the path, so that a browser can read its Retry-After.
+    """
+    headers = _answer_headers(environ["REQUEST_METHOD"], _raw_path(environ), environ.get("HTTP_ORIGIN"))
+    headers.append(("Retry-After", str(RETRY_AFTER)))
+    return _error_answer_parts(ProtocolError("overloaded", "too busy: try again later"), headers)
+
+
+def _error_answer_parts(error, headers=()):
+    """(status, headers, body) of error as JSON, for answers made without bottle."""
+    return (f"{error.status} {http.HTTPStatus(error.status).phrase}",
+            [*headers, ("Content-Type", "application/json")],
+            json.dumps({"error": error.code, "message": error.message}).encode())
+
+
+###############################################################################
+# Balancer: collections spread over nodes, and the proxy in front of them
+###############################################################################
+# A cluster is a balancer in front of several cutout.py nodes that share one
+# secret file (SPEC.md chapter 4). The balancer sends each request to the
+# node that owns its collection; every node knows the membership, so it can
+# refuse a write that reached it by mistake. Which node owns a collection is
+# decided by rendezvous hashing (CLUSTER-1): every node's weight for the
+# collection is a hash of the two, and the heaviest node owns it. With no
+# virtual points to tune, the spread is as even as the hash, and a node that
+# joins takes over exactly the collections it now outweighs.
+#
+# Still to come: copies on backup nodes, and moving collections when nodes
+# join and leave (the membership already says how many backups there are).
+
+CLUSTER_FILE = ".cluster.json"    # in a node's data directory: the membership it was last given
+
+
+def placement(nodes, domain, user):
+    """The nodes of a user's collections of one app, heaviest first (CLUSTER-1): the owner first.
+
+    All of a user's collections of an app share their nodes, so that a node can
+    count them (LIMIT-2) and a user's data moves together.
+    """
+    def weight(node):
+        key = json.dumps([node, domain, user], ensure_ascii=False).encode()
+        return hashlib.sha256(key).digest()[:8]
+    return sorted(nodes, key=weight, reverse=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Membership:
+    """Which nodes the cluster has (CLUSTER-2); version grows with every change."""
+
+    version: int
+    nodes: tuple
+    backups: int = 0
+    own_url: str = None     # "self": the node's own URL, as the balancer reaches it; None at the balancer
+
+    @classmethod
+    def from_json(cls, value):
+        """A Membership from its JSON form; ValueError if it is not one."""
+        if not isinstance(value, dict) or set(value) - {"version", "nodes", "backups", "self"}:
+            raise ValueError("a membership is {\"version\", \"nodes\", \"backups\"[, \"self\"]}")
+        version, nodes, backups, self_url = (value.get(name) for name in ("version", "nodes", "backups", "self"))
+        if not (type(version) is int and version >= 1 and isinstance(nodes, list) and nodes
+                and all(isinstance(node, str) and _node_url(node) == node for node in nodes)
+                and len(set(nodes)) == len(nodes) and type(backups) is int and 0 <= backups < len(nodes)
+                and (self_url is None or self_url in nodes)):
+            raise ValueError("a membership needs a version >= 1, distinct node URLs, and fewer backups than nodes")
+        return cls(version, tuple(nodes), backups, self_url)
+
+    def to_json(self):
+        value = {"version": self.version, "nodes": list(self.nodes), "backups": self.backups}
+        return value if self.own_url is None else {**value, "self": self.own_url}
+
+    def replicas(self, domain, user):
+        """The owner and the backups of a user's collections of an app."""
+        return placement(self.nodes, domain, user)[:self.backups + 1]
+
+
+def _node_url(text):
+    """text as a node's base URL, http://host:port with no path; None if it is not one."""
+    parts = urllib.parse.urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class NodeCluster:
+    """A node's view of its cluster: the membership in its data directory, if it has one.
+
+    Every worker process reads the file, and reads it again when it changes, so
+    a membership given to one worker holds in all of them.
+    """
+
+    def __init__(self, data_dir):
+        self.path = os.path.join(data_dir, CLUSTER_FILE)
+        self._read = (None, None)       # (identity of the file, Membership)
+
+    def membership(self):
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        identity = status.st_ino, status.st_size, status.st_mtime_ns
+        if self._read[0] != identity:
+            with open(self.path, "rb") as file:
+                self._read = identity, Membership.from_json(json.loads(file.read()))
+        return self._read[1]
+
+    def store(self, membership):
+        """Keep membership, unless the one kept is newer (CLUSTER-2); the one kept after."""
+        with open(self.path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            kept = self.membership()
+            if kept is not None and kept.version > membership.version:
+                return kept
+            with open(self.path + ".new", "w") as file:
+                json.dump(membership.to_json(), file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.rename(self.path + ".new", self.path)
+            _fsync_dir(os.path.dirname(self.path))
+        return membership
+
+    def misdirected(self, domain, user, exists, write):
+        """Why this node must not answer a request to a collection (CLUSTER-5), or None.
+
+        A node answers a write only to a collection it owns, and a read only of one
+        it is a replica of or holds a copy of; a node outside any cluster, all.
         """
-        headers = _answer_headers(environ["REQUEST_METHOD"], _raw_path(environ),
-                                                    environ.get("HTTP_ORIGIN"))
-        headers += [("Content-Type", "application/json"), ("Retry-After", str(RETRY_AFTER))]
-        error = ProtocolError("overloaded", "too busy: try again later")
-        return (f"{error.status} {http.HTTPStatus(error.status).phrase}", headers,
-                json.dumps({"error": error.code, "message": error.message}).encode())
+        membership = self.membership()
+        if membership is None or membership.own_url is None:
+            return None
+        replicas = membership.replicas(domain, user)
+        if write and replicas[0] != membership.own_url:
+            return f"this collection's writes go to {replicas[0]}"
+        if not write and membership.own_url not in replicas and not exists():
+            return f"this node holds no copy of this collection: ask {replicas[0]}"
+        return None
+
+
+def _authorized(environ, secret):
+    """Whether a request carries the cluster's secret (CLUSTER-3); a client's token never does."""
+    scheme, _, given = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), secret)
+
+
+@app.route("/_node/cluster", method=["GET", "PUT"])
+@_protocol
+def node_cluster():
+    """[CLUSTER-2] The membership this node keeps: read, or given a newer one."""
+    if not _authorized(bottle.request.environ, _config().secret):
+        raise ProtocolError("unauthorized", "node routes need the cluster's secret")
+    cluster = _config().cluster
+    if bottle.request.method == "PUT":
+        try:
+            given = Membership.from_json(parse_json_body(bytes(_body()), _config().limits))
+        except ValueError as error:
+            raise ProtocolError("bad_request", str(error)) from None
+        if cluster.store(given) != given:
+            raise ProtocolError("stale_cluster", f"this node has version {cluster.membership().version}")
+    membership = cluster.membership()
+    if membership is None:
+        raise ProtocolError("not_found", "this node is in no cluster")
+    return _answer(200, json.dumps(membership.to_json()).encode())
+
+
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                        "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+NODE_TIMEOUT = 60           # seconds a node may take to answer the balancer
+PROXY_CHUNK = 64 << 10      # bytes of an answer passed on at a time
+
+
+class Balancer:
+    """The balancer's front for the HTTP server (as Front is a node's): proxies every request
+    to the node that owns its collection (CLUSTER-4) and answers the admin API (CLUSTER-6)."""
+
+    def __init__(self, membership, secret):
+        self.membership, self.secret = membership, secret
+        self._connections = threading.local()      # per thread: {node: http.client connection}
+
+    def empty_poll(self, environ):
+        return None             # every request goes to a node
+
+    def body_limit(self, environ):
+        return _body_limit(environ)
+
+    def overloaded(self, environ):
+        return _overloaded(environ)
+
+    def dispatch(self, environ, start_response):
+        path = _raw_path(environ)
+        if path == "/_cluster" or path.startswith("/_cluster/"):
+            status, headers, body = self.admin(environ, path)
+        else:
+            node = self.node_for(path)
+            try:
+                return self.proxy(node, environ, start_response)
+            except (OSError, http.client.HTTPException) as error:
+                log.warning("node %s did not answer %s %s: %s", node, environ["REQUEST_METHOD"], path, error)
+                status, headers, body = _error_answer_parts(
+                    ProtocolError("node_unavailable", "the node that holds this collection did not answer"),
+                    [("Retry-After", str(RETRY_AFTER))])
+        start_response(status, headers)
+        return [body]
+
+    def node_for(self, path):
+        """The node a request goes to: its collection's owner, else any node, chosen by its path."""
+        parts = path[1:].split("/")
+        if _is_collection_path(parts):
+            domain, user = (urllib.parse.unquote(part) for part in parts[:2])
+            return self.membership.replicas(domain, user)[0]
+        return placement(self.membership.nodes, path, "")[0]
+
+    def proxy(self, node, environ, start_response):
+        """Send the request to node and pass its answer back as it comes, naming the node."""
+        target = _raw_path(environ) + (f"?{environ['QUERY_STRING']}" if environ.get("QUERY_STRING") else "")
+        headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items()
+                   if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in HOP_BY_HOP}
+        if environ.get("CONTENT_TYPE"):
+            headers["Content-Type"] = environ["CONTENT_TYPE"]
+        body = environ.get("cutout.body")
+        for attempt in (1, 2):
+            connection = self._connection(node, fresh=attempt == 2)
+            try:
+                connection.request(environ["REQUEST_METHOD"], target, body=body, headers=headers)
+                answer = connection.getresponse()
+                break
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine,
+                    http.client.ImproperConnectionState):
+                connection.close()      # a kept connection the node had closed: once more on a new one
+                if attempt == 2:
+                    raise
+        passed = [(name, value) for name, value in answer.getheaders()
+                  if name.lower() not in HOP_BY_HOP and name.lower() != "date"]     # the server adds its own
+        if answer.length is not None and answer.status not in (204, 304):
+            passed.append(("Content-Length", str(answer.length)))
+        start_response(f"{answer.status} {answer.reason}", passed + [("X-Cutout-Node", node)])
+        if answer.status in (204, 304) or answer.length == 0:
+            answer.read()       # nothing to pass on, and the server may not ask for it
+            return []
+        return self._passed_on(connection, answer)
+
+    def _passed_on(self, connection, answer):
+        try:
+            while chunk := answer.read(PROXY_CHUNK):
+                yield chunk
+        except BaseException:
+            connection.close()      # an answer not read to its end spoils the connection
+            raise
+        if answer.will_close:
+            connection.close()
+
+    def _connection(self, node, fresh=False):
+        pool = self._connections.__dict__.setdefault("pool", {})
+        if fresh or node not in pool:
+            if node in pool:
+                pool[node].close()
+            url = urllib.parse.urlsplit(node)
+            kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+            pool[node] = kind(url.hostname, url.port, timeout=NODE_TIMEOUT)
+        return pool[node]
+
+    def admin(self, environ, path):
+        """[CLUSTER-6] The admin API: GET /_cluster. (Adding and removing nodes is still to come.)"""
+        if not _authorized(environ, self.secret):
+            return _error_answer_parts(ProtocolError("unauthorized", "the admin API needs the cluster's secret"))
+        if path != "/_cluster":
+            return _error_answer_parts(ProtocolError("not_found", f"no admin route {path}"))
+        if environ["REQUEST_METHOD"] != "GET":
+            return _error_answer_parts(ProtocolError("method_not_allowed", "GET /_cluster"), [("Allow", "GET")])
+        return "200 OK", [("Content-Type", "application/json")], json.dumps(self.membership.to_json()).encode()
+
+
+def start_cluster(nodes, backups, secret):
+    """The cluster's membership: the newest any node keeps, else a first one of nodes, given to all.
+
+    A restarted balancer so finds the membership the cluster last had (CLUSTER-2).
+    """
+    kept = []
+    for node in nodes:
+        try:
+            kept.append(Membership.from_json(_node_request(node, "GET", "/_node/cluster", secret)))
+        except LookupError:
+            pass        # in no cluster yet
+    newest = max(kept, key=lambda membership: membership.version, default=None)
+    membership = dataclasses.replace(newest, own_url=None) if newest else Membership(1, tuple(nodes), backups)
+    for node in membership.nodes:
+        _node_request(node, "PUT", "/_node/cluster", secret, {**membership.to_json(), "self": node})
+    return membership
+
+
+def _node_request(node, method, path, secret, value=None):
+    """The JSON answer of a node to one request of the cluster's own; LookupError for a 404,
+    RuntimeError for any other refusal, OSError when it cannot be reached."""
+    url = urllib.parse.urlsplit(node)
+    kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    connection = kind(url.hostname, url.port, timeout=NODE_TIMEOUT)
+    try:
+        body = None if value is None else json.dumps(value).encode()
+        connection.request(method, path, body=body, headers={"Authorization": f"Bearer {secret.decode()}",
+                                                             "Content-Type": "application/json"})
+        answer = connection.getresponse()
+        text = answer.read()
+    finally:
+        connection.close()
+    if answer.status == 404:
+        raise LookupError(f"{node}{path}: not found")
+    if answer.status != 200:
+        raise RuntimeError(f"{node} answered {method} {path} with {answer.status}: {text[:200]!r}")
+    return json.loads(text)
 
 
 ###############################################################################
@@ -3696,7 +4010,8 @@ def configure(args):
     app.config["cutout.server"] = ServerConfig(
         data_dir=DataDir(args.data_dir, id_key=hmac.new(secret, b"collection ids", "sha256").digest()),
         secret=secret, verifier=verifier, poll_time=args.poll_time, limits=limits,
-        http_apps=is_loopback(args.host) if args.http_apps is None else args.http_apps)
+        http_apps=is_loopback(args.host) if args.http_apps is None else args.http_apps,
+        cluster=NodeCluster(args.data_dir))
 
 
 def serve(args):
@@ -3709,6 +4024,29 @@ def serve(args):
               f"{args.workers} worker processes)", flush=True)
     serve_http(Front(app), args.host, args.port, args.workers, max_concurrent, announce)
     print("The Cut-Out stopped", flush=True)
+
+
+def balancer_command(args):
+    if not args.secret_file:
+        sys.exit("cutout.py balancer: --secret-file is needed: the nodes' secret, which node and admin requests carry")
+    nodes = [_node_url(node) for node in args.node]
+    if not nodes or None in nodes:
+        sys.exit("cutout.py balancer: each --node must be a URL such as http://127.0.0.1:9001")
+    with open(args.secret_file, "rb") as file:
+        secret = file.read().strip()
+    try:
+        membership = start_cluster(nodes, args.backups, secret)
+    except (OSError, RuntimeError, ValueError) as error:
+        sys.exit(f"cutout.py balancer: the nodes could not be given the cluster's membership: {error}")
+    app.config["cutout.server"] = ServerConfig(data_dir=None, secret=secret, verifier=None)
+    max_concurrent = args.max_concurrent or MAX_CONCURRENT_PER_WORKER * args.workers
+    host = f"[{args.host}]" if ":" in args.host else args.host
+
+    def announce(port):
+        print(f"The Cut-Out balancer serving http://{host}:{port}/ in front of {', '.join(membership.nodes)} "
+              f"({membership.backups} backups, membership version {membership.version})", flush=True)
+    serve_http(Balancer(membership, secret), args.host, args.port, args.workers, max_concurrent, announce)
+    print("The Cut-Out balancer stopped", flush=True)
 
 
 def _cores():
@@ -3794,6 +4132,18 @@ def parse_args(argv):
     token.add_argument("--expires-in", type=int, default=TOKEN_LIFETIME, metavar="SECONDS",
                        help="seconds until it expires; negative: one that has expired (default %(default)s)")
     token.set_defaults(run=token_command)
+    balancer = commands.add_parser("balancer", help="serve a cluster: pass each request to the node that owns "
+                                   "its collection (SPEC.md chapter 4)")
+    balancer.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    balancer.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one")
+    balancer.add_argument("--node", action="append", default=[], metavar="URL",
+                          help="a node, started with the same --secret-file (repeat for each); once the cluster "
+                          "has a membership, the one the nodes keep wins")
+    balancer.add_argument("--backups", type=int, default=0, help="copies of each collection besides its owner's")
+    balancer.add_argument("--secret-file", help="the secret file the nodes were started with")
+    balancer.add_argument("--workers", type=int, default=_cores(), help="worker processes (default: one per core)")
+    balancer.add_argument("--max-concurrent", type=int, help="requests in progress at once before answering 503")
+    balancer.set_defaults(run=balancer_command)
     return parser.parse_args(argv)
 
 

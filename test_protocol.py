@@ -103,6 +103,7 @@ CHAPTER_CODES = (
     "bad_filter", "bad_object", "unauthorized", "assertion_rejected", "verifier_unavailable",
     "bad_json", "too_large", "bad_blob", "range_not_satisfiable", "too_many_collections",
     "overloaded", "storage_error", "internal_error",
+    "misdirected", "node_unavailable", "stale_cluster",     # from a cluster (SPEC.md chapter 4)
 )
 
 
