@@ -69,6 +69,7 @@ import random
 import re
 import resource
 import select
+import secrets
 import shutil
 import signal
 import socket
@@ -931,13 +932,13 @@ def empty_polls(root, sizes):
           f"{'ok' if mine.rate >= aim else 'MISSED'}", flush=True)
 
 
-def empty_poll(server):
+def empty_poll(server, bucket="poll"):
     """The bytes of an empty poll on a collection of ten objects, made on server."""
     api, setup = Api(server), Client(server.port)
-    collection_id, since = api.hello(setup, "poll")
-    since = api.post(setup, "poll", collection_id, since, objects_body(0, 10))
+    collection_id, since = api.hello(setup, bucket)
+    since = api.post(setup, bucket, collection_id, since, objects_body(0, 10))
     setup.close()
-    return get_request(api.path("poll", since=since, collection_id=collection_id)).decode("latin-1")
+    return get_request(api.path(bucket, since=since, collection_id=collection_id)).decode("latin-1")
 
 
 def newest_and_posts(root, sizes):
@@ -1150,6 +1151,56 @@ def many_devices(root, sizes):
                 http_results.setdefault(server, {})["failed"] = str(error)
                 continue
             http_results.setdefault(server, {})[f"devices-{kind}"] = done
+
+
+def through_the_balancer(root, sizes):
+    n = sizes.http_connections
+    section("10. HTTP: through the balancer, vs straight to the node behind it")
+    log_dir, data_dir = os.path.join(root, "logs"), os.path.join(root, "http-10")
+    os.makedirs(log_dir, exist_ok=True)
+    secret_file = os.path.join(root, "cluster-secret")
+    with open(secret_file, "w") as file:
+        file.write(secrets.token_hex(32) + "\n")
+    node_port, balancer_port = unused_port(), unused_port()
+    with contextlib.ExitStack() as stack:
+        node = stack.enter_context(contextlib.closing(ServerProcess(
+            "a node", [sys.executable, cutout.__file__, "--host", HOST, "--port", str(node_port), "--data-dir",
+                       data_dir, "--secret-file", secret_file], node_port, os.path.join(log_dir, "node.log"))))
+        balancer = stack.enter_context(contextlib.closing(ServerProcess(
+            "the balancer", [sys.executable, cutout.__file__, "balancer", "--host", HOST, "--port", str(balancer_port),
+                             "--node", f"http://{HOST}:{node_port}", "--secret-file", secret_file],
+            balancer_port, os.path.join(log_dir, "balancer.log"))))
+        polls = interleaved([LoadSide("balancer", balancer, [{"request": empty_poll(balancer, "poll-b")}] * n, 204),
+                             LoadSide("node", node, [{"request": empty_poll(node, "poll-n")}] * n, 204)], sizes)
+        sides = []
+        for server, name in ((balancer, "balancer"), (node, "node")):
+            api, setup, posts = Api(server), Client(server.port), []
+            for i in range(n):
+                collection_id, since = api.hello(setup, f"posts-{name}-{i}")
+                target = api.path(f"posts-{name}-{i}", since="SINCE", collection_id=collection_id)
+                posts.append({"post": {"target": target.replace("SINCE", "{since}"), "since": since,
+                                       "body": objects_body(0, 10).decode()}})
+            setup.close()
+            sides.append(LoadSide(name, server, posts, 200))
+        posted = interleaved(sides, sizes)
+        print(f"  empty polls ({n} keep-alive connections, as in 5; CPU/req: the balancer's, or the node's):")
+        print(polls[0].line("balancer"))
+        print(polls[1].line("node"))
+        result("balancer/node req/s", polls[0].rate / polls[1].rate)
+        print("  POST of 10 objects (as in 6):")
+        print(posted[0].line("balancer", 10, "obj/s"))
+        print(posted[1].line("node", 10, "obj/s"))
+        result("balancer/node objects/s", posted[0].rate / posted[1].rate)
+        setup, device_polls = Client(balancer.port), []
+        for i in range(sizes.device_users):
+            api = Api(balancer, f"device-{i}@example.com")
+            collection_id, since = api.hello(setup, "notes")
+            since = api.post(setup, "notes", collection_id, since, objects_body(0, 1))
+            device_polls.append(get_request(api.path("notes", since=since, collection_id=collection_id)))
+        setup.close()
+        report_devices("through the balancer (as in 9; server CPU: the balancer's)",
+                       devices_run(balancer, device_polls, 204, "cutout", sizes), sizes)
+    print("  The balancer, the node and the clients share this machine's cores.", flush=True)
 
 
 SLOWLORIS_TRICKLE = 3.0     # seconds between the bytes a slowloris socket sends
@@ -1586,7 +1637,7 @@ def main(argv=None):
     parser.add_argument("--dir", default="./bench-data", help="where the collections go (default ./bench-data)")
     parser.add_argument("--quick", action="store_true", help="sizes 10x smaller and shorter runs, for a smoke run")
     parser.add_argument("--keep", action="store_true", help="leave DIR in place at the end")
-    parser.add_argument("--only", type=int, choices=range(1, 10), action="append",
+    parser.add_argument("--only", type=int, choices=range(1, 11), action="append",
                         help="run only workload N (repeatable)")
     parser.add_argument("--load", metavar="SPEC", help=argparse.SUPPRESS)      # the children that are clients
     parser.add_argument("--devices", metavar="SPEC", help=argparse.SUPPRESS)
@@ -1608,7 +1659,7 @@ def main(argv=None):
     started = time.perf_counter()
     try:
         workloads = (newest_of_big_vs_small, durable_appends, read_all, garbage_collection,
-                     empty_polls, newest_and_posts, catch_up, blobs, many_devices)
+                     empty_polls, newest_and_posts, catch_up, blobs, many_devices, through_the_balancer)
         for number, workload in enumerate(workloads, 1):
             if not args.only or number in args.only:
                 workload(root, sizes)

@@ -3054,7 +3054,8 @@ def node_cluster():
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                         "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
 NODE_TIMEOUT = 60           # seconds a node may take to answer the balancer
-PROXY_CHUNK = 64 << 10      # bytes of an answer passed on at a time
+PROXY_CHUNK = 64 << 10      # bytes of a large answer passed on at a time
+PROXY_READ_WHOLE = 4 << 20  # bytes: an answer up to this long is read whole before it is passed on
 
 
 class Balancer:
@@ -3063,7 +3064,8 @@ class Balancer:
 
     def __init__(self, membership, secret):
         self.membership, self.secret = membership, secret
-        self._connections = threading.local()      # per thread: {node: http.client connection}
+        self._idle = collections.defaultdict(list)      # node -> connections to it with no request going
+        self._idle_lock = threading.Lock()
 
     def empty_poll(self, environ):
         return None             # every request goes to a node
@@ -3099,7 +3101,7 @@ class Balancer:
         return placement(self.membership.nodes, path, "")[0]
 
     def proxy(self, node, environ, start_response):
-        """Send the request to node and pass its answer back as it comes, naming the node."""
+        """Send the request to node and pass its answer back, naming the node."""
         target = _raw_path(environ) + (f"?{environ['QUERY_STRING']}" if environ.get("QUERY_STRING") else "")
         headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items()
                    if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in HOP_BY_HOP}
@@ -3107,13 +3109,12 @@ class Balancer:
             headers["Content-Type"] = environ["CONTENT_TYPE"]
         body = environ.get("cutout.body")
         for attempt in (1, 2):
-            connection = self._connection(node, fresh=attempt == 2)
+            connection = self._take(node) if attempt == 1 else self._connect(node)
             try:
                 connection.request(environ["REQUEST_METHOD"], target, body=body, headers=headers)
                 answer = connection.getresponse()
                 break
-            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine,
-                    http.client.ImproperConnectionState):
+            except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
                 connection.close()      # a kept connection the node had closed: once more on a new one
                 if attempt == 2:
                     raise
@@ -3122,30 +3123,42 @@ class Balancer:
         if answer.length is not None and answer.status not in (204, 304):
             passed.append(("Content-Length", str(answer.length)))
         start_response(f"{answer.status} {answer.reason}", passed + [("X-Cutout-Node", node)])
-        if answer.status in (204, 304) or answer.length == 0:
-            answer.read()       # nothing to pass on, and the server may not ask for it
-            return []
-        return self._passed_on(connection, answer)
+        if answer.length is not None and answer.length <= PROXY_READ_WHOLE:
+            # Read here, on the request's thread: the server writes the answer from its event
+            # loop, which must not wait on a node. Every answer but a large blob's is this small.
+            whole = answer.read()
+            self._put_back(node, connection, answer)
+            return [whole]
+        return self._passed_on(node, connection, answer)
 
-    def _passed_on(self, connection, answer):
+    def _passed_on(self, node, connection, answer):
+        """A large answer, chunk by chunk as the client takes it (read on the server's loop)."""
         try:
             while chunk := answer.read(PROXY_CHUNK):
                 yield chunk
         except BaseException:
             connection.close()      # an answer not read to its end spoils the connection
             raise
+        self._put_back(node, connection, answer)
+
+    def _take(self, node):
+        """A connection to node that no request is using: a kept one, else a new one."""
+        with self._idle_lock:
+            if self._idle[node]:
+                return self._idle[node].pop()
+        return self._connect(node)
+
+    def _connect(self, node):
+        url = urllib.parse.urlsplit(node)
+        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        return kind(url.hostname, url.port, timeout=NODE_TIMEOUT)
+
+    def _put_back(self, node, connection, answer):
         if answer.will_close:
             connection.close()
-
-    def _connection(self, node, fresh=False):
-        pool = self._connections.__dict__.setdefault("pool", {})
-        if fresh or node not in pool:
-            if node in pool:
-                pool[node].close()
-            url = urllib.parse.urlsplit(node)
-            kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-            pool[node] = kind(url.hostname, url.port, timeout=NODE_TIMEOUT)
-        return pool[node]
+            return
+        with self._idle_lock:
+            self._idle[node].append(connection)
 
     def admin(self, environ, path):
         """[CLUSTER-6] The admin API: GET /_cluster. (Adding and removing nodes is still to come.)"""
