@@ -2706,3 +2706,43 @@ def test_a_restarted_balancer_serves_the_membership_the_nodes_keep(tmp_path):
             down = requests.get(again + "/app.example/ann@example.com/notes", params={"auth": token}, timeout=10)
             assert (down.status_code, down.json()["error"]) == (502, "node_unavailable")
             assert down.headers["Retry-After"] == "1"
+
+
+def test_the_balancer_passes_concurrent_writes_and_large_blobs(tmp_path):
+    """[CLUSTER-4] Eight clients posting at once through the balancer each get every answer
+    (its connections to a node are used by one request at a time), and a blob larger than
+    the answers the balancer reads whole comes back through it byte for byte."""
+    with _cluster(tmp_path, nodes=2) as (balancer, nodes, secret, _):
+        token = _token_for(balancer)
+        failures = []
+
+        def client(n):
+            with requests.Session() as session:
+                path = f"{balancer}/app.example/ann@example.com/b{n}"
+                since = 0
+                for i in range(25):
+                    try:
+                        answer = session.post(path, params={"auth": token, "since": since},
+                                              json=[{"type": "n", "id": i, "data": "x" * 200}], timeout=10)
+                    except requests.RequestException as error:
+                        failures.append(repr(error))
+                        return
+                    if answer.status_code != 200:
+                        failures.append(answer.text)
+                        return
+                    since = answer.json()["object_counters"][-1]
+        clients = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        assert failures == []
+        content = random.Random(7).randbytes(6 << 20)
+        path = f"{balancer}/app.example/ann@example.com/photos"
+        posted = requests.post(path, params={"auth": token, "since": 0}, timeout=60, json=[
+            {"type": "p", "id": 1, "data": 1,
+             "blob": {"content_type": "image/png", "data": base64.b64encode(content).decode()}}])
+        href = posted.json()["blob_hrefs"][0]
+        fetched = requests.get(balancer + href, params={"auth": token}, timeout=60)
+        assert fetched.status_code == 200 and fetched.content == content
+        assert fetched.headers["X-Cutout-Node"] == cutout.placement(nodes, "app.example", "ann@example.com")[0]
