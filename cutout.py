@@ -3080,6 +3080,9 @@ class Balancer:
         path = _raw_path(environ)
         if path == "/_cluster" or path.startswith("/_cluster/"):
             status, headers, body = self.admin(environ, path)
+        elif path.startswith("/_node/"):
+            # Node routes are for the balancer and the nodes themselves, never passed on.
+            status, headers, body = _error_answer_parts(ProtocolError("not_found", "no such route here"))
         else:
             node = self.node_for(path)
             try:

@@ -2670,6 +2670,8 @@ def test_nodes_answer_only_for_their_collections_and_cluster_routes_need_the_sec
                 assert (refused.status_code, refused.json()["error"]) == (401, "unauthorized"), url
             allowed = requests.get(url, headers={"Authorization": f"Bearer {secret}"}, timeout=10)
             assert allowed.status_code == 200 and allowed.json()["nodes"] == nodes
+        through = requests.get(f"{balancer}/_node/cluster", headers={"Authorization": f"Bearer {secret}"}, timeout=10)
+        assert through.status_code == 404, "node routes must not be passed on by the balancer"
         stale = requests.put(f"{nodes[0]}/_node/cluster", headers={"Authorization": f"Bearer {secret}"},
                              json={"version": 0, "nodes": nodes, "backups": 0}, timeout=10)
         assert stale.status_code == 400
