@@ -58,6 +58,7 @@ import socket
 import struct
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import unicodedata
@@ -2111,9 +2112,10 @@ def nothing_new(state, query):
     server MUST answer 204 No Content." The rungs above it are tested here
     too, so that an empty poll can be answered from the remembered state alone.
     """
-    return (query.collection_id == state.collection_id and query.since is not None
-            and state.last_record_counter <= query.since <= state.last_counter      # GET-5
-            and not 0 < query.since < state.purge_horizon)                          # PURGE-1
+    since = query.since or 0     # a collection_id without since means since=0 (GET-2)
+    return (query.collection_id == state.collection_id
+            and state.last_record_counter <= since <= state.last_counter      # GET-5
+            and not 0 < since < state.purge_horizon)                          # PURGE-1
 
 
 def write_collection(db, query, objects, limits, blob_base="/"):
@@ -2998,7 +3000,10 @@ class NodeCluster:
         with open(self.path + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             kept = self.membership()
-            if kept is not None and kept.version > membership.version:
+            # An older membership, or another one under the same version (two balancers that
+            # started at once), is refused: nodes must never disagree about a version.
+            if kept is not None and (kept.version > membership.version or kept.version == membership.version
+                                     and (kept.nodes, kept.backups) != (membership.nodes, membership.backups)):
                 return kept
             with open(self.path + ".new", "w") as file:
                 json.dump(membership.to_json(), file)
@@ -3051,11 +3056,16 @@ def node_cluster():
     return _answer(200, json.dumps(membership.to_json()).encode())
 
 
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                        "trailer", "transfer-encoding", "upgrade", "host", "content-length"})
+# Headers that belong to one connection (RFC 9110, 7.6.1), never passed on; and those the
+# balancer sets itself on a request (Host, and the length of the body it sends).
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+                        "te", "trailer", "transfer-encoding", "upgrade"})
+SET_BY_THE_BALANCER = HOP_BY_HOP | {"host", "content-length", "date"}
 NODE_TIMEOUT = 60           # seconds a node may take to answer the balancer
+NODE_IDLE_REUSE = 30        # seconds an idle node connection is reused for; nodes close theirs after IDLE_TIMEOUT
 PROXY_CHUNK = 64 << 10      # bytes of a large answer passed on at a time
-PROXY_READ_WHOLE = 4 << 20  # bytes: an answer up to this long is read whole before it is passed on
+PROXY_READ_WHOLE = 4 << 20  # bytes: a longer answer is spooled to a file before it is passed on
+SAFE_TO_SEND_AGAIN = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class Balancer:
@@ -3064,7 +3074,7 @@ class Balancer:
 
     def __init__(self, membership, secret):
         self.membership, self.secret = membership, secret
-        self._idle = collections.defaultdict(list)      # node -> connections to it with no request going
+        self._idle = collections.defaultdict(list)      # node -> [(connection, idle since)], none in use
         self._idle_lock = threading.Lock()
 
     def empty_poll(self, environ):
@@ -3082,18 +3092,22 @@ class Balancer:
             status, headers, body = self.admin(environ, path)
         elif path.startswith("/_node/"):
             # Node routes are for the balancer and the nodes themselves, never passed on.
-            status, headers, body = _error_answer_parts(ProtocolError("not_found", "no such route here"))
+            status, headers, body = self._error(environ, ProtocolError("not_found", "no such route here"))
         else:
             node = self.node_for(path)
             try:
                 return self.proxy(node, environ, start_response)
             except (OSError, http.client.HTTPException) as error:
                 log.warning("node %s did not answer %s %s: %s", node, environ["REQUEST_METHOD"], path, error)
-                status, headers, body = _error_answer_parts(
-                    ProtocolError("node_unavailable", "the node that holds this collection did not answer"),
-                    [("Retry-After", str(RETRY_AFTER))])
+                error = ProtocolError("node_unavailable", "the node that holds this collection did not answer")
+                status, headers, body = self._error(environ, error, [("Retry-After", str(RETRY_AFTER))])
         start_response(status, headers)
         return [body]
+
+    def _error(self, environ, error, headers=()):
+        """An error the balancer answers itself, with the headers a node's would have (CORS, nosniff)."""
+        return _error_answer_parts(error, [*_answer_headers(environ["REQUEST_METHOD"], _raw_path(environ),
+                                                            environ.get("HTTP_ORIGIN")), *headers])
 
     def node_for(self, path):
         """The node a request goes to: its collection's owner, else any node, chosen by its path."""
@@ -3105,50 +3119,58 @@ class Balancer:
 
     def proxy(self, node, environ, start_response):
         """Send the request to node and pass its answer back, naming the node."""
+        method = environ["REQUEST_METHOD"]
         target = _raw_path(environ) + (f"?{environ['QUERY_STRING']}" if environ.get("QUERY_STRING") else "")
         headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items()
-                   if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in HOP_BY_HOP}
+                   if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in SET_BY_THE_BALANCER}
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]
         body = environ.get("cutout.body")
+        if isinstance(body, mmap.mmap):
+            body = memoryview(body)     # sent with its length, from its start every time, not as a stream
         for attempt in (1, 2):
             connection = self._take(node) if attempt == 1 else self._connect(node)
             try:
-                connection.request(environ["REQUEST_METHOD"], target, body=body, headers=headers)
+                connection.request(method, target, body=body, headers=headers)
                 answer = connection.getresponse()
                 break
             except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
-                connection.close()      # a kept connection the node had closed: once more on a new one
-                if attempt == 2:
+                connection.close()
+                # A kept connection the node had closed: sent again on a new one, but only a
+                # request that may be sent twice (a POST may have been stored).
+                if attempt == 2 or method not in SAFE_TO_SEND_AGAIN:
                     raise
-        passed = [(name, value) for name, value in answer.getheaders()
-                  if name.lower() not in HOP_BY_HOP and name.lower() != "date"]     # the server adds its own
-        if answer.length is not None and answer.status not in (204, 304):
-            passed.append(("Content-Length", str(answer.length)))
-        start_response(f"{answer.status} {answer.reason}", passed + [("X-Cutout-Node", node)])
-        if answer.length is not None and answer.length <= PROXY_READ_WHOLE:
+        passed = [(name, value) for name, value in answer.getheaders() if name.lower() not in SET_BY_THE_BALANCER]
+        length = answer.getheader("Content-Length")
+        if length is not None and answer.status not in (204, 304):
+            passed.append(("Content-Length", length))
+        if method == "HEAD" or answer.status in (204, 304) or (answer.length or 0) <= PROXY_READ_WHOLE:
             # Read here, on the request's thread: the server writes the answer from its event
-            # loop, which must not wait on a node. Every answer but a large blob's is this small.
+            # loop, which must never wait on a node. Every answer but a large blob's is this small.
             whole = answer.read()
             self._put_back(node, connection, answer)
+            start_response(f"{answer.status} {answer.reason}", passed + [("X-Cutout-Node", node)])
             return [whole]
-        return self._passed_on(node, connection, answer)
-
-    def _passed_on(self, node, connection, answer):
-        """A large answer, chunk by chunk as the client takes it (read on the server's loop)."""
+        spool = tempfile.TemporaryFile()        # a large blob: to a local file first, for the same reason
         try:
-            while chunk := answer.read(PROXY_CHUNK):
-                yield chunk
+            shutil.copyfileobj(answer, spool, PROXY_CHUNK)
         except BaseException:
-            connection.close()      # an answer not read to its end spoils the connection
+            spool.close()
+            connection.close()
             raise
         self._put_back(node, connection, answer)
+        spool.seek(0)
+        start_response(f"{answer.status} {answer.reason}", passed + [("X-Cutout-Node", node)])
+        return _file_chunks(spool)
 
     def _take(self, node):
         """A connection to node that no request is using: a kept one, else a new one."""
         with self._idle_lock:
-            if self._idle[node]:
-                return self._idle[node].pop()
+            while self._idle[node]:
+                connection, idle_since = self._idle[node].pop()
+                if time.monotonic() - idle_since < NODE_IDLE_REUSE:
+                    return connection
+                connection.close()
         return self._connect(node)
 
     def _connect(self, node):
@@ -3161,17 +3183,27 @@ class Balancer:
             connection.close()
             return
         with self._idle_lock:
-            self._idle[node].append(connection)
+            self._idle[node].append((connection, time.monotonic()))
 
     def admin(self, environ, path):
         """[CLUSTER-6] The admin API: GET /_cluster. (Adding and removing nodes is still to come.)"""
         if not _authorized(environ, self.secret):
-            return _error_answer_parts(ProtocolError("unauthorized", "the admin API needs the cluster's secret"))
+            return self._error(environ, ProtocolError("unauthorized", "the admin API needs the cluster's secret"))
         if path != "/_cluster":
-            return _error_answer_parts(ProtocolError("not_found", f"no admin route {path}"))
+            return self._error(environ, ProtocolError("not_found", f"no admin route {path}"))
         if environ["REQUEST_METHOD"] != "GET":
-            return _error_answer_parts(ProtocolError("method_not_allowed", "GET /_cluster"), [("Allow", "GET")])
-        return "200 OK", [("Content-Type", "application/json")], json.dumps(self.membership.to_json()).encode()
+            return self._error(environ, ProtocolError("method_not_allowed", "GET /_cluster"), [("Allow", "GET")])
+        return ("200 OK", [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")],
+                json.dumps(self.membership.to_json()).encode())
+
+
+def _file_chunks(file):
+    """The bytes of file, chunk by chunk; the file is closed at the end, or when the answer is given up."""
+    try:
+        while chunk := file.read(PROXY_CHUNK):
+            yield chunk
+    finally:
+        file.close()
 
 
 def start_cluster(nodes, backups, secret):
@@ -3179,16 +3211,24 @@ def start_cluster(nodes, backups, secret):
 
     A restarted balancer so finds the membership the cluster last had (CLUSTER-2).
     """
-    kept = []
+    kept, reached = [], []
     for node in nodes:
         try:
             kept.append(Membership.from_json(_node_request(node, "GET", "/_node/cluster", secret)))
+            reached.append(node)
         except LookupError:
-            pass        # in no cluster yet
+            reached.append(node)        # in no cluster yet
+        except OSError as error:        # down: the cluster is served without it
+            log.warning("node %s cannot be reached: %s", node, error)
+    if not reached:
+        raise OSError("no node could be reached")
     newest = max(kept, key=lambda membership: membership.version, default=None)
     membership = dataclasses.replace(newest, own_url=None) if newest else Membership(1, tuple(nodes), backups)
     for node in membership.nodes:
-        _node_request(node, "PUT", "/_node/cluster", secret, {**membership.to_json(), "self": node})
+        try:
+            _node_request(node, "PUT", "/_node/cluster", secret, {**membership.to_json(), "self": node})
+        except OSError as error:
+            log.warning("node %s was not given the membership: %s", node, error)
     return membership
 
 
@@ -4054,7 +4094,8 @@ def balancer_command(args):
         membership = start_cluster(nodes, args.backups, secret)
     except (OSError, RuntimeError, ValueError) as error:
         sys.exit(f"cutout.py balancer: the nodes could not be given the cluster's membership: {error}")
-    app.config["cutout.server"] = ServerConfig(data_dir=None, secret=secret, verifier=None)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_blob_bytes=args.max_blob_bytes)
+    app.config["cutout.server"] = ServerConfig(data_dir=None, secret=secret, verifier=None, limits=limits)
     max_concurrent = args.max_concurrent or MAX_CONCURRENT_PER_WORKER * args.workers
     host = f"[{args.host}]" if ":" in args.host else args.host
 
@@ -4159,6 +4200,10 @@ def parse_args(argv):
     balancer.add_argument("--secret-file", help="the secret file the nodes were started with")
     balancer.add_argument("--workers", type=int, default=_cores(), help="worker processes (default: one per core)")
     balancer.add_argument("--max-concurrent", type=int, help="requests in progress at once before answering 503")
+    balancer.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+                          help="largest request body passed on: give it the nodes' --max-body-bytes")
+    balancer.add_argument("--max-blob-bytes", type=int, default=Limits.max_blob_bytes,
+                          help="largest blob passed on: give it the nodes' --max-blob-bytes")
     balancer.set_defaults(run=balancer_command)
     return parser.parse_args(argv)
 

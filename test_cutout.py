@@ -2682,6 +2682,9 @@ def test_nodes_answer_only_for_their_collections_and_cluster_routes_need_the_sec
         older = requests.put(f"{nodes[0]}/_node/cluster", headers={"Authorization": f"Bearer {secret}"},
                              json={**newer, "version": 2}, timeout=10)
         assert (older.status_code, older.json()["error"]) == (409, "stale_cluster")
+        other = requests.put(f"{nodes[0]}/_node/cluster", headers={"Authorization": f"Bearer {secret}"},
+                             json={**newer, "nodes": nodes[:2], "self": nodes[0]}, timeout=10)
+        assert (other.status_code, other.json()["error"]) == (409, "stale_cluster"), "two memberships, one version"
 
 
 def test_a_restarted_balancer_serves_the_membership_the_nodes_keep(tmp_path):
@@ -2705,9 +2708,14 @@ def test_a_restarted_balancer_serves_the_membership_the_nodes_keep(tmp_path):
                     if probe.connect_ex(("127.0.0.1", port)) != 0:
                         break
                 time.sleep(0.1)
-            down = requests.get(again + "/app.example/ann@example.com/notes", params={"auth": token}, timeout=10)
+            down = requests.get(again + "/app.example/ann@example.com/notes", params={"auth": token},
+                                headers={"Origin": "https://app.example"}, timeout=10)
             assert (down.status_code, down.json()["error"]) == (502, "node_unavailable")
             assert down.headers["Retry-After"] == "1"
+            assert down.headers["Access-Control-Allow-Origin"] == "https://app.example", "CORS-1 on the 502 too"
+        with _balancer_process(nodes, tmp_path / "secret") as while_down:     # it starts with a node down
+            served = requests.get(while_down + "/_cluster", headers={"Authorization": f"Bearer {secret}"}, timeout=10)
+            assert served.json() == first.json()
 
 
 def test_the_balancer_passes_concurrent_writes_and_large_blobs(tmp_path):
@@ -2747,4 +2755,6 @@ def test_the_balancer_passes_concurrent_writes_and_large_blobs(tmp_path):
         href = posted.json()["blob_hrefs"][0]
         fetched = requests.get(balancer + href, params={"auth": token}, timeout=60)
         assert fetched.status_code == 200 and fetched.content == content
+        head = requests.head(balancer + href, params={"auth": token}, timeout=60)
+        assert head.status_code == 200 and head.headers["Content-Length"] == str(len(content))
         assert fetched.headers["X-Cutout-Node"] == cutout.placement(nodes, "app.example", "ann@example.com")[0]

@@ -700,6 +700,9 @@ def test_GET_1_hello_answers_every_object_oldest_first_and_keeps_the_id(server):
 
 def test_GET_2_a_collection_id_without_since_means_since_0(server):
     """[GET-2] A collection_id without a since means since=0. (SPEC.md 2.2)"""
+    empty = Collection(server)
+    empty.start()
+    expect_no_body(empty.get({"collection_id": empty.collection_id}), 204, "GET-2")    # as since=0: GET-3
     c = Collection(server)
     objects = [note("a", 1), note("b", 2)]
     counters = c.write(objects)
