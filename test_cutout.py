@@ -2464,8 +2464,8 @@ def test_a_server_that_others_can_reach_logs_in_no_app_served_over_http(tmp_path
 # statement the suite does not check.
 PLANTED_FAULTS = [
     ("an empty poll is answered 200 with no objects", "GET-3",
-     "    return (query.collection_id == state.collection_id and query.since is not None",
-     "    return False and (query.collection_id == state.collection_id and query.since is not None"),
+     "    return (query.collection_id == state.collection_id\n",
+     "    return False and (query.collection_id == state.collection_id\n"),
     ("a hello with since answers from the start", "GET-1",
      "_introducing(snapshot, query, query.since or 0, limits, {})", "_introducing(snapshot, query, 0, limits, {})"),
     ("collection_changed ignores filters and limit", "GET-4",
