@@ -3928,6 +3928,12 @@ def _listening_sockets(host, port, workers):
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
     spread = sys.platform == "linux" and hasattr(socket, "SO_REUSEPORT")
+    if spread and port:
+        # With SO_REUSEPORT this server could bind a port another one already serves, and the
+        # kernel would split the connections between the two: a socket without it finds that out.
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
     sockets = []
     for _ in range(workers if spread else 1):
         sock = socket.socket(family, kind, proto)
@@ -3966,7 +3972,12 @@ def serve_http(front, host, port, workers, max_concurrent, announce):
         sys.exit(f"cutout.py: this process may open only {allowed} files (ulimit -n), too few for "
                  f"{MIN_CONNECTIONS} connections and {max_concurrent} requests at once; raise the limit "
                  f"to at least {FILES_PER_CONNECTION * MIN_CONNECTIONS + reserve}")
-    sockets = _listening_sockets(host, port, workers)
+    try:
+        sockets = _listening_sockets(host, port, workers)
+    except OSError as error:
+        sys.exit(f"cutout.py: cannot listen on {host} port {port}: {error.strerror or error}"
+                 + (" (is another server running there? pick another --port)" if error.errno == errno.EADDRINUSE
+                    else ""))
     in_progress = memoryview(mmap.mmap(-1, 8 * workers)).cast("q")     # shared with the workers
     children, stopping = {}, []
 
@@ -4050,13 +4061,17 @@ def _server_secret(path):
 
 def configure(args):
     """Set up app for the command line's options. Exits on options that cannot serve."""
-    os.makedirs(args.data_dir, exist_ok=True)
+    try:
+        os.makedirs(args.data_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.data_dir):
+            pass
+    except OSError as error:
+        sys.exit(f"cutout.py: cannot write in the data directory {args.data_dir}: {error.strerror or error} "
+                 "(pick another with --data-dir)")
     if args.verifier_url:
         verifier = remote_verifier(args.verifier_url)
     elif is_loopback(args.host):
-        verifier = development_verifier
-        log.warning("DEVELOPMENT VERIFIER: any assertion that is an email address logs in as that "
-                    "address. Fine on your own machine; pass --verifier-url for anything else.")
+        verifier = development_verifier     # said loudly once the server's URL is known (serve)
     else:
         sys.exit(f"cutout.py: refusing to listen on {args.host} without --verifier-url: "
                  "the development verifier lets anyone log in as anyone")
@@ -4078,6 +4093,11 @@ def serve(args):
     def announce(port):     # once listening, so that whoever reads this can connect
         print(f"The Cut-Out serving http://{host}:{port}/ (data in {args.data_dir}, "
               f"{args.workers} worker processes)", flush=True)
+        if _config().verifier is development_verifier:
+            rule = "*" * 78
+            print(f"{rule}\n*  DEVELOPMENT VERIFIER at http://{host}:{port}/: anyone can log in as anyone.\n"
+                  f"*  An assertion that is an email address logs in as that address. Fine on your\n"
+                  f"*  own machine; start with --verifier-url for anything else.\n{rule}", file=sys.stderr, flush=True)
     serve_http(Front(app), args.host, args.port, args.workers, max_concurrent, announce)
     print("The Cut-Out stopped", flush=True)
 
@@ -4115,6 +4135,8 @@ def gc_command(args):
     purge_before = None
     if args.purge_tombstones_days is not None:
         purge_before = time.time() - args.purge_tombstones_days * 86400
+    if not os.path.isdir(args.data_dir):
+        sys.exit(f"cutout.py gc: {args.data_dir} is not a directory: no data directory to collect garbage in")
     data_dir = DataDir(args.data_dir)
     total = GarbageReport(data_dir.root)
     for db in data_dir.collections():
@@ -4145,39 +4167,63 @@ def token_command(args):
     print(make_token(secret, args.email, args.audience, time.time() + args.expires_in - TOKEN_LIFETIME))
 
 
+def _number(least, most=None, kind=int):
+    """An argparse type: a number from least to most, or one line saying why not."""
+    def number(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < least or most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{text} is not from {least} to {most}" if most is not None
+                                             else f"{text} is less than {least}")
+        return value
+    return number
+
+
+def _http_url(text):
+    """An argparse type: an http or https URL with a host."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
 def parse_args(argv):
+    port, count, size = _number(0, 65535), _number(1), _number(1)
     parser = argparse.ArgumentParser(prog="cutout.py", description="The Cut-Out sync server.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8088, help="port to listen on; 0 picks a free one")
-    parser.add_argument("--data-dir", default="./cutout-data", help="where collections live")
+    parser.add_argument("--port", type=port, default=8088, help="port to listen on; 0 picks a free one "
+                        "(default %(default)s)")
+    parser.add_argument("--data-dir", default="./cutout-data", help="where collections live (default %(default)s)")
     parser.add_argument("--secret-file", help="the secret that signs tokens (default DATA_DIR/.secret, "
                         "made at first start)")
-    parser.add_argument("--verifier-url", help="a BrowserID-style verifier to check assertions with "
+    parser.add_argument("--verifier-url", type=_http_url, help="a BrowserID-style verifier to check assertions with "
                         "(without one: the development verifier, on loopback only)")
     parser.add_argument("--http-apps", action=argparse.BooleanOptionalAction,
                         help="log in apps served over plain http, whose pages anyone on the way can change "
                         "(default: only when listening on loopback)")
-    parser.add_argument("--poll-time", type=int, default=0, metavar="SECONDS",
+    parser.add_argument("--poll-time", type=_number(0), default=0, metavar="SECONDS",
                         help="ask clients to poll no sooner than this (X-Sync-Poll-Time)")
-    parser.add_argument("--workers", type=int, default=_cores(),
+    parser.add_argument("--workers", type=count, default=_cores(),
                         help="worker processes (default: one per core, here %(default)s)")
-    parser.add_argument("--max-concurrent", type=int,
+    parser.add_argument("--max-concurrent", type=count,
                         help=f"requests in progress at once in the whole server before answering 503 "
                         f"(default {MAX_CONCURRENT_PER_WORKER} per worker)")
-    parser.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+    parser.add_argument("--max-body-bytes", type=size, default=Limits.max_body_bytes,
                         help=f"largest request body (default {Limits.max_body_bytes})")
-    parser.add_argument("--max-object-bytes", type=int, default=Limits.max_object_bytes,
+    parser.add_argument("--max-object-bytes", type=size, default=Limits.max_object_bytes,
                         help=f"largest object, as JSON (default {Limits.max_object_bytes})")
-    parser.add_argument("--max-blob-bytes", type=int, default=Limits.max_blob_bytes,
+    parser.add_argument("--max-blob-bytes", type=size, default=Limits.max_blob_bytes,
                         help=f"largest blob (default {Limits.max_blob_bytes})")
-    parser.add_argument("--max-collections-per-user", type=int, default=Limits.max_collections_per_user,
+    parser.add_argument("--max-collections-per-user", type=count, default=Limits.max_collections_per_user,
                         help=f"collections one user may have in one app (default {Limits.max_collections_per_user})")
     parser.add_argument("--debug", action="store_true", help="log every request")
     parser.set_defaults(run=serve)
     commands = parser.add_subparsers(title="commands")
     gc = commands.add_parser("gc", help="collect garbage in every collection once")
     gc.add_argument("--data-dir", default="./cutout-data", help="where collections live")
-    gc.add_argument("--purge-tombstones-days", type=float, metavar="DAYS",
+    gc.add_argument("--purge-tombstones-days", type=_number(0, kind=float), metavar="DAYS",
                     help="also purge tombstones appended more than DAYS days ago")
     gc.set_defaults(run=gc_command)
     token = commands.add_parser("token", help="print a token for a user and an app, as /verify gives "
@@ -4192,17 +4238,18 @@ def parse_args(argv):
     balancer = commands.add_parser("balancer", help="serve a cluster: pass each request to the node that owns "
                                    "its collection (SPEC.md chapter 4)")
     balancer.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    balancer.add_argument("--port", type=int, default=8080, help="port to listen on; 0 picks a free one")
+    balancer.add_argument("--port", type=port, default=8080, help="port to listen on; 0 picks a free one "
+                          "(default %(default)s)")
     balancer.add_argument("--node", action="append", default=[], metavar="URL",
                           help="a node, started with the same --secret-file (repeat for each); once the cluster "
                           "has a membership, the one the nodes keep wins")
-    balancer.add_argument("--backups", type=int, default=0, help="copies of each collection besides its owner's")
+    balancer.add_argument("--backups", type=_number(0), default=0, help="copies of each collection besides its owner's")
     balancer.add_argument("--secret-file", help="the secret file the nodes were started with")
-    balancer.add_argument("--workers", type=int, default=_cores(), help="worker processes (default: one per core)")
-    balancer.add_argument("--max-concurrent", type=int, help="requests in progress at once before answering 503")
-    balancer.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
+    balancer.add_argument("--workers", type=count, default=_cores(), help="worker processes (default: one per core)")
+    balancer.add_argument("--max-concurrent", type=count, help="requests in progress at once before answering 503")
+    balancer.add_argument("--max-body-bytes", type=size, default=Limits.max_body_bytes,
                           help="largest request body passed on: give it the nodes' --max-body-bytes")
-    balancer.add_argument("--max-blob-bytes", type=int, default=Limits.max_blob_bytes,
+    balancer.add_argument("--max-blob-bytes", type=size, default=Limits.max_blob_bytes,
                           help="largest blob passed on: give it the nodes' --max-blob-bytes")
     balancer.set_defaults(run=balancer_command)
     return parser.parse_args(argv)

@@ -2758,3 +2758,47 @@ def test_the_balancer_passes_concurrent_writes_and_large_blobs(tmp_path):
         head = requests.head(balancer + href, params={"auth": token}, timeout=60)
         assert head.status_code == 200 and head.headers["Content-Length"] == str(len(content))
         assert fetched.headers["X-Cutout-Node"] == cutout.placement(nodes, "app.example", "ann@example.com")[0]
+
+
+# ---------------------------------------------------------------- the command line refuses what cannot be right
+
+@pytest.mark.parametrize("arguments, says", [
+    (["--port", "70000"], "70000 is not from 0 to 65535"),     # it used to serve on port 4464
+    (["--port", "-5"], "-5 is not from 0 to 65535"),
+    (["--port", "http"], "'http' is not a number"),
+    (["--max-concurrent", "0"], "0 is less than 1"),          # it used to answer every request 503
+    (["--workers", "0"], "0 is less than 1"),
+    (["--max-body-bytes", "0"], "0 is less than 1"),
+    (["--verifier-url", "notaurl"], "'notaurl' is not an http:// or https:// URL"),
+    (["gc", "--purge-tombstones-days", "-3"], "-3 is less than 0"),
+    (["balancer", "--port", "99999", "--node", "http://127.0.0.1:1"], "99999 is not from 0 to 65535"),
+])
+def test_impossible_options_are_refused_in_one_line(tmp_path, arguments, says):
+    done = subprocess.run([sys.executable, os.path.join(HERE, "cutout.py"), *arguments], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_what_stops_the_server_from_starting_is_said_in_one_line(tmp_path):
+    def start(*arguments):
+        return subprocess.run([sys.executable, os.path.join(HERE, "cutout.py"), *arguments], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+    (tmp_path / "a-file").write_text("")
+    unwritable = start("--port", "0", "--data-dir", str(tmp_path / "a-file" / "data"))
+    assert unwritable.returncode == 1 and "cannot write in the data directory" in unwritable.stderr
+    nowhere = start("gc", "--data-dir", str(tmp_path / "nowhere"))
+    assert nowhere.returncode == 1 and "is not a directory" in nowhere.stderr
+    with _cutout_process(tmp_path) as first:
+        port = _announced_port(first)
+        # SO_REUSEPORT would have let this one share the port, the kernel splitting the clients.
+        second = start("--port", str(port), "--data-dir", str(tmp_path / "other"))
+        assert second.returncode == 1 and "another server running there" in second.stderr
+    for done in (unwritable, nowhere, second):
+        assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_the_development_verifier_is_announced_with_the_url_it_serves(tmp_path):
+    with _cutout_process(tmp_path) as process:
+        port = _announced_port(process)
+        banner = "".join(process.stderr.readline() for _ in range(5))
+    assert f"DEVELOPMENT VERIFIER at http://127.0.0.1:{port}/: anyone can log in as anyone" in banner
