@@ -885,6 +885,16 @@ def http_section(title, sizes, root, each_server):
             http_results.setdefault(server, {})["failed"] = str(error)
 
 
+def post_plans(api, setup, buckets, body):
+    """A load plan per bucket: POST body to it, each carrying on from the counter the last one got."""
+    plans = []
+    for bucket in buckets:
+        collection_id, since = api.hello(setup, bucket)
+        target = api.path(bucket, since="SINCE", collection_id=collection_id).replace("SINCE", "{since}")
+        plans.append({"post": {"target": target, "since": since, "body": body}})
+    return plans
+
+
 def get_request(path):
     return f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
 
@@ -957,11 +967,7 @@ def newest_and_posts(root, sizes):
             # Each connection posts to a collection of its own, as each user's device does:
             # posts to one collection from 8 clients at once would refuse each other (POST-2).
             post_body = objects_body(0, 10).decode()
-            posts = []
-            for i in range(n):
-                collection_id, since = api.hello(setup, f"posts-{i}")
-                target = api.path(f"posts-{i}", since="SINCE", collection_id=collection_id).replace("SINCE", "{since}")
-                posts.append({"post": {"target": target, "since": since, "body": post_body}})
+            posts = post_plans(api, setup, [f"posts-{i}" for i in range(n)], post_body)
             setup.close()
             bare = stack.enter_context(contextlib.closing(start_bare(server, log_dir, newest_body)))
             bare_post = (f"POST /json HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
@@ -1133,15 +1139,7 @@ def many_devices(root, sizes):
             try:
                 if kind == "ours":
                     with contextlib.closing(start_ours(server, data_dir, log_dir)) as running:
-                        polls = []
-                        setup = Client(running.port)
-                        for n in range(sizes.device_users):
-                            api = Api(running, f"device-{n}@example.com")
-                            collection_id, since = api.hello(setup, "notes")
-                            since = api.post(setup, "notes", collection_id, since, objects_body(0, 1))
-                            polls.append(get_request(api.path("notes", since=since, collection_id=collection_id)))
-                        setup.close()
-                        done = devices_run(running, polls, 204, "cutout", sizes)
+                        done = devices_run(running, device_polls(running, sizes), 204, "cutout", sizes)
                 else:
                     with contextlib.closing(start_bare(server, log_dir)) as running:
                         done = devices_run(running, [get_request("/empty")], 204, "bare", sizes)
@@ -1174,12 +1172,9 @@ def through_the_balancer(root, sizes):
                              LoadSide("node", node, [{"request": empty_poll(node, "poll-n")}] * n, 204)], sizes)
         sides = []
         for server, name in ((balancer, "balancer"), (node, "node")):
-            api, setup, posts = Api(server), Client(server.port), []
-            for i in range(n):
-                collection_id, since = api.hello(setup, f"posts-{name}-{i}")
-                target = api.path(f"posts-{name}-{i}", since="SINCE", collection_id=collection_id)
-                posts.append({"post": {"target": target.replace("SINCE", "{since}"), "since": since,
-                                       "body": objects_body(0, 10).decode()}})
+            setup = Client(server.port)
+            buckets = [f"posts-{name}-{i}" for i in range(n)]
+            posts = post_plans(Api(server), setup, buckets, objects_body(0, 10).decode())
             setup.close()
             sides.append(LoadSide(name, server, posts, 200))
         posted = interleaved(sides, sizes)
@@ -1191,16 +1186,21 @@ def through_the_balancer(root, sizes):
         print(posted[0].line("balancer", 10, "obj/s"))
         print(posted[1].line("node", 10, "obj/s"))
         result("balancer/node objects/s", posted[0].rate / posted[1].rate)
-        setup, device_polls = Client(balancer.port), []
-        for i in range(sizes.device_users):
-            api = Api(balancer, f"device-{i}@example.com")
-            collection_id, since = api.hello(setup, "notes")
-            since = api.post(setup, "notes", collection_id, since, objects_body(0, 1))
-            device_polls.append(get_request(api.path("notes", since=since, collection_id=collection_id)))
-        setup.close()
         report_devices("through the balancer (as in 9; server CPU: the balancer's)",
-                       devices_run(balancer, device_polls, 204, "cutout", sizes), sizes)
+                       devices_run(balancer, device_polls(balancer, sizes), 204, "cutout", sizes), sizes)
     print("  The balancer, the node and the clients share this machine's cores.", flush=True)
+
+
+def device_polls(server, sizes):
+    """The empty poll each user's devices repeat: one collection of one object per user, made on server."""
+    setup, polls = Client(server.port), []
+    for n in range(sizes.device_users):
+        api = Api(server, f"device-{n}@example.com")
+        collection_id, since = api.hello(setup, "notes")
+        since = api.post(setup, "notes", collection_id, since, objects_body(0, 1))
+        polls.append(get_request(api.path("notes", since=since, collection_id=collection_id)))
+    setup.close()
+    return polls
 
 
 SLOWLORIS_TRICKLE = 3.0     # seconds between the bytes a slowloris socket sends

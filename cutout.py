@@ -3068,6 +3068,13 @@ PROXY_READ_WHOLE = 4 << 20  # bytes: a longer answer is spooled to a file before
 SAFE_TO_SEND_AGAIN = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
+def _node_connection(node):
+    """A new connection to node (not yet open)."""
+    url = urllib.parse.urlsplit(node)
+    kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    return kind(url.hostname, url.port, timeout=NODE_TIMEOUT)
+
+
 class Balancer:
     """The balancer's front for the HTTP server (as Front is a node's): proxies every request
     to the node that owns its collection (CLUSTER-4) and answers the admin API (CLUSTER-6)."""
@@ -3174,9 +3181,7 @@ class Balancer:
         return self._connect(node)
 
     def _connect(self, node):
-        url = urllib.parse.urlsplit(node)
-        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        return kind(url.hostname, url.port, timeout=NODE_TIMEOUT)
+        return _node_connection(node)
 
     def _put_back(self, node, connection, answer):
         if answer.will_close:
@@ -3235,9 +3240,7 @@ def start_cluster(nodes, backups, secret):
 def _node_request(node, method, path, secret, value=None):
     """The JSON answer of a node to one request of the cluster's own; LookupError for a 404,
     RuntimeError for any other refusal, OSError when it cannot be reached."""
-    url = urllib.parse.urlsplit(node)
-    kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-    connection = kind(url.hostname, url.port, timeout=NODE_TIMEOUT)
+    connection = _node_connection(node)
     try:
         body = None if value is None else json.dumps(value).encode()
         connection.request(method, path, body=body, headers={"Authorization": f"Bearer {secret.decode()}",

@@ -2637,17 +2637,12 @@ def test_a_cluster_passes_the_conformance_suite_through_its_balancer(tmp_path):
     print(f"the conformance suite through the balancer: {summary}")
 
 
-def _token_for(base, email="ann@example.com", audience="https://app.example"):
-    answer = requests.post(base + "/verify", data={"assertion": email, "audience": audience}, timeout=10)
-    return answer.json()["auth"]["query"]["auth"]
-
-
 def test_nodes_answer_only_for_their_collections_and_cluster_routes_need_the_secret(tmp_path):
     """[CLUSTER-3] [CLUSTER-5] A node refuses a write to a collection it does not own, and a
     read of one it holds no copy of, with 421; the balancer sends each to its owner and says
     which (X-Cutout-Node); node and admin routes refuse a client's token."""
     with _cluster(tmp_path) as (balancer, nodes, secret, _):
-        token = _token_for(balancer)
+        token = _token(balancer)
         path = "/app.example/ann@example.com/notes"
         written = requests.post(balancer + path, params={"auth": token, "since": 0}, json=[{"type": "n", "id": 1,
                                                                                                "data": 1}], timeout=10)
@@ -2696,7 +2691,7 @@ def test_a_restarted_balancer_serves_the_membership_the_nodes_keep(tmp_path):
         with _balancer_process(nodes[:1], tmp_path / "secret", "--backups", "0") as again:
             served = requests.get(again + "/_cluster", headers={"Authorization": f"Bearer {secret}"}, timeout=10)
             assert served.json() == first.json()
-            token = _token_for(again)
+            token = _token(again)
             answer = requests.get(again + "/app.example/ann@example.com/notes", params={"auth": token}, timeout=10)
             assert answer.status_code == 200 and answer.headers["X-Cutout-Node"] in nodes
             owner = nodes.index(answer.headers["X-Cutout-Node"])
@@ -2723,7 +2718,7 @@ def test_the_balancer_passes_concurrent_writes_and_large_blobs(tmp_path):
     (its connections to a node are used by one request at a time), and a blob larger than
     the answers the balancer reads whole comes back through it byte for byte."""
     with _cluster(tmp_path, nodes=2) as (balancer, nodes, secret, _):
-        token = _token_for(balancer)
+        token = _token(balancer)
         failures = []
 
         def client(n):
