@@ -100,6 +100,7 @@ ERRORS = {
     "verifier_unavailable": 502,                # AUTH-1
     "overloaded": 503,                          # BACKOFF-1
     "stale_cluster": 409, "misdirected": 421, "node_unavailable": 502,     # CLUSTER-2, -5, -4
+    "backup_unavailable": 503, "in_transit": 503, "change_in_progress": 409,      # CLUSTER-8, -10
 }
 
 
@@ -1020,51 +1021,60 @@ class AppendOnlyDB:
                 return []
             if before_write is not None and not before_write(files.header.secret):
                 raise AppendConflict(files.last_counter, files.header.collection_id)
-            first, count = files.last_counter + 1, len(records)
-            batch, entries = bytearray(), array("Q")
-            for i, record in enumerate(records):
-                batch += _pack_frame(first + i, record, appended_at, i, count)
-                entries.extend((first + i, files.data_end + len(batch), len(record)))
-                batch += record
-            position = files.data_end + len(batch)
-            if position > _file_size(files.data_fd):
-                batch += bytes(_allocation_ahead(position))
-            if sys.byteorder == "big":
-                entries.byteswap()
-            # [DISK-7] The commit point: once the frames are synced the batch is
-            # durable, and only then may the index point at it.
-            _pwrite_all(files.data_fd, batch, files.data_end)
-            os.fdatasync(files.data_fd)
-            try:
-                _pwrite_all(files.index_fd, entries.tobytes(), _entry_position(files.entry_count))
-            except OSError:
-                # The batch is durable and the next open will index it, but it
-                # is not acknowledged: an acknowledged append always grows the
-                # index (poll_state relies on it). A retry stores a newer copy
-                # of the same objects, which the model allows.
-                log.warning("%s: counters %d..%d are stored but not yet indexed",
-                            self.index_path, first, first + count - 1)
-                raise
+            counters = range(files.last_counter + 1, files.last_counter + 1 + len(records))
+            _write_batch(files, zip(counters, records), appended_at, self.index_path)
             if after_write is not None:
                 after_write(files.header.secret)
-            return list(range(first, first + count))
+            return list(counters)
         finally:
             view.close()
 
-    def delete(self, reason=None):
+    def append_copied(self, numbered, after, collection_id, before_write=None, after_write=None):
+        """Store records another copy numbered, [(counter, bytes)], the counters above `after` (CLUSTER-8).
+
+        This copy must be of collection_id and hold it up to `after` at
+        least, else AppendConflict (it is behind, or holds another state).
+        Records it already holds are skipped: every copy of a collection is
+        a prefix of its owner's, so one it holds is the same record. Returns
+        the copy's last counter; before_write and after_write as for append.
+        """
+        if not self.exists():
+            raise AppendConflict(0, None)
+        files = _OpenCollection(self, exclusive=True)
+        view = Snapshot(files)
+        try:
+            if files.header.collection_id != collection_id or files.last_counter < after:
+                raise AppendConflict(files.last_counter, files.header.collection_id)
+            fresh = [(counter, record) for counter, record in numbered if counter > files.last_counter]
+            if not fresh:
+                return files.last_counter
+            if before_write is not None and not before_write(files.header.secret):
+                raise AppendConflict(files.last_counter, files.header.collection_id)
+            _write_batch(files, fresh, int(time.time()), self.index_path)
+            if after_write is not None:
+                after_write(files.header.secret)
+            return fresh[-1][0]
+        finally:
+            view.close()
+
+    def delete(self, reason=None, before_write=None):
         """Replace the collection by an empty one with a new collection_id; return that id.
 
-        Counters go on from where they were. The new header remembers the
-        reason until the collection is written again.
+        Counters go on from where they were, one higher, so that the deleted
+        state is newer than the one before it by its last counter, as every
+        later state of a collection is (copies are compared so, CLUSTER-8).
+        The new header remembers the reason until the collection is written again.
         """
         self.create()                   # a delete is a write: the collection exists from now on
         with self.maintenance():
             writer = _ReplacementWriter(self)
             try:
                 with _OpenCollection(self, exclusive=True) as live:
+                    if before_write is not None:
+                        before_write()
                     header = dataclasses.replace(
                         DataHeader.new(), generation=live.header.generation + 1,
-                        counter_floor=live.last_counter, purge_horizon=0, deleted={"reason": reason})
+                        counter_floor=live.last_counter + 1, purge_horizon=0, deleted={"reason": reason})
                     writer.install(header)
                     # An upload racing this may leave a file behind; its append
                     # is refused (the id changed) and gc removes the file.
@@ -1084,6 +1094,35 @@ class AppendOnlyDB:
         finally:
             os.close(fd)
 
+
+
+def _write_batch(files, numbered, appended_at, index_path):
+    """Append [(counter, record)] to the open collection as one batch, durably (DISK-7)."""
+    numbered = list(numbered)
+    batch, entries, count = bytearray(), array("Q"), len(numbered)
+    for i, (counter, record) in enumerate(numbered):
+        batch += _pack_frame(counter, record, appended_at, i, count)
+        entries.extend((counter, files.data_end + len(batch), len(record)))
+        batch += record
+    position = files.data_end + len(batch)
+    if position > _file_size(files.data_fd):
+        batch += bytes(_allocation_ahead(position))
+    if sys.byteorder == "big":
+        entries.byteswap()
+    # [DISK-7] The commit point: once the frames are synced the batch is
+    # durable, and only then may the index point at it.
+    _pwrite_all(files.data_fd, batch, files.data_end)
+    os.fdatasync(files.data_fd)
+    try:
+        _pwrite_all(files.index_fd, entries.tobytes(), _entry_position(files.entry_count))
+    except OSError:
+        # The batch is durable and the next open will index it, but it is
+        # not acknowledged: an acknowledged append always grows the index
+        # (poll_state relies on it). A retry stores a newer copy of the same
+        # objects, which the model allows.
+        log.warning("%s: counters %d..%d are stored but not yet indexed", index_path,
+                    numbered[0][0], numbered[-1][0])
+        raise
 
 ###############################################################################
 # Blobs: attachments kept beside the stream
@@ -1519,7 +1558,7 @@ def export_collection(db, out):
                 tar.addfile(info, member)
 
 
-def import_collection(db, stream):
+def import_collection(db, stream, copy=False):
     """Replace the collection by the one exported to stream; all at once or not at all (DISK-12).
 
     Every frame is verified and the index must match the data. The old copy
@@ -1528,6 +1567,9 @@ def import_collection(db, stream):
     unless the collection here has that id and is newer or unreadable: then
     the import restores an older state, so it gets a new collection_id (and
     counters above the old ones) and clients read it again from the start.
+    With copy (a node receiving another node's copy, CLUSTER-9), the header
+    is kept as it is, and the import is made only if it is newer than the
+    collection here, by its last counter. Returns whether it was made.
     Raises StorageError if the stream is not a whole, intact export.
     """
     _make_dirs_durably(db.path)
@@ -1544,10 +1586,14 @@ def import_collection(db, stream):
                     # Missing or damaged: restoring a damaged copy is what import is for.
                     lock.enter_context(db.locked())
                     live_header, live_last = _readable_header(db), None
+                if copy and live_last is not None and live_last >= imported_last:
+                    writer.abandon()
+                    _discard_partials(blobs)
+                    return False
                 if live_header is not None:
                     header = dataclasses.replace(header, generation=max(header.generation,
                                                                         live_header.generation) + 1)
-                    if live_header.collection_id == header.collection_id and (
+                    if not copy and live_header.collection_id == header.collection_id and (
                             live_last is None or live_last > imported_last):
                         header = dataclasses.replace(
                             header, collection_id=DataHeader.new().collection_id,
@@ -1559,12 +1605,17 @@ def import_collection(db, stream):
                     _fsync_dir(directory)
                 writer.install(header)
                 _sweep_blobs(db, {"-".join(final.split(os.sep)[-2:]) for _, final in blobs})
+                return True
         except BaseException:
             writer.abandon()
-            for partial, _ in blobs:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(partial)
+            _discard_partials(blobs)
             raise
+
+
+def _discard_partials(blobs):
+    for partial, _ in blobs:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
 
 
 def _receive_blob(db, member, source):
@@ -2118,11 +2169,13 @@ def nothing_new(state, query):
             and not 0 < since < state.purge_horizon)                          # PURGE-1
 
 
-def write_collection(db, query, objects, limits, blob_base="/"):
+def write_collection(db, query, objects, limits, blob_base="/", still_here=None, stored=None):
     """Answer a POST (SPEC.md 2.3): (status, body bytes). Stores all objects or none, with their blobs.
 
     query is parse_sync_query(..., post=True)'s, so it has a since (POST-1). blob_base is
-    the path under which the collection's blobs are served (BLOB-2).
+    the path under which the collection's blobs are served (BLOB-2). still_here(db), if
+    given, is called under the writer lock and may raise to refuse the write; stored(counters)
+    once it is durable.
     """
     # [POST-7] Without a collection_id (as in the 2012 protocol) the objects go to the current
     # collection, and every answer says which that is.
@@ -2135,9 +2188,13 @@ def write_collection(db, query, objects, limits, blob_base="/"):
     try:
         records, hrefs = _records(objects, blobs, limits, blob_base)
         # [POST-2], [POST-4], [POST-5], [PURGE-1] are checked again under the writer lock.
+        def before_write(secret):
+            if still_here is not None:
+                still_here(db)
+            return blobs.commit(secret)
         counters = db.append(records, if_last_counter=query.since, if_collection_id=collection_id,
                              ignore_newer=None if wanted is None else _other_types(wanted, limits.max_examined),
-                             before_write=blobs.commit, after_write=blobs.prune)
+                             before_write=before_write, after_write=blobs.prune)
     except AppendConflict:
         # Refused whole: say why from a fresh view, the rungs a GET would climb first, then
         # [POST-2] "... MUST answer 200 with {"since_invalid": true, "objects": [...]}: the
@@ -2153,6 +2210,8 @@ def write_collection(db, query, objects, limits, blob_base="/"):
             return 200, _json_with_objects(members, fragments)
     finally:
         blobs.discard()     # uploads of a refused POST
+    if stored is not None and counters:
+        stored(counters)
     # [POST-3] Stored, in order: one counter per object.
     answer = {"object_counters": counters}
     if query.collection_id is None:
@@ -2250,9 +2309,13 @@ def parse_reason(body, limits):
     return reason
 
 
-def delete_collection(db, reason):
-    """Answer a DELETE (SPEC.md 2.4): empty the collection under a new collection_id."""
-    return 200, json.dumps({"collection_id": db.delete(reason)}).encode()
+def delete_collection(db, reason, still_here=None):
+    """Answer a DELETE (SPEC.md 2.4): empty the collection under a new collection_id.
+
+    still_here(db), if given, is called under the writer lock and may raise to refuse.
+    """
+    return 200, json.dumps({"collection_id": db.delete(reason, still_here and functools.partial(still_here, db))
+                            }).encode()
 
 
 # origin = scheme "://" host [ ":" port ], with scheme http or https (RFC 6454, 6.2), and
@@ -2504,10 +2567,21 @@ def _collection(query_string, *raw_parts, write=False):
         db = _config().data_dir.collection(domain, user, bucket)
     except ValueError as error:
         raise ProtocolError("bad_path", str(error)) from None
-    misdirected = _config().cluster and _config().cluster.misdirected(domain, user, db.exists, write)
+    _check_node_holds(db, write)
+    return db, pairs
+
+
+def _check_node_holds(db, write):
+    """[CLUSTER-5] Refuse a request this node must not answer, [CLUSTER-10] or not yet."""
+    cluster = _config().cluster
+    if cluster is None:
+        return
+    misdirected = cluster.misdirected(db, write)
     if misdirected:
         raise ProtocolError("misdirected", misdirected)
-    return db, pairs
+    if cluster.in_transit(db):
+        raise ProtocolError("in_transit", "this collection is moving between nodes: try again soon",
+                            headers={"Retry-After": str(RETRY_AFTER)})
 
 
 def _room_for(db):
@@ -2581,7 +2655,16 @@ def post_collection(domain, user, bucket):
     # host or proxy a client reaches the server by.
     names = (urllib.parse.unquote(part) for part in (domain, user, bucket))
     blob_base = "/" + "/".join(urllib.parse.quote(name, safe="") for name in names) + "/+static/"
-    return _answer(*write_collection(db, query, objects, limits, blob_base))
+    stored = []
+    answer = write_collection(db, query, objects, limits, blob_base, still_here=_still_owner, stored=stored.extend)
+    if stored:
+        replicate(db, after=stored[0] - 1)      # CLUSTER-8
+    return _answer(*answer)
+
+
+def _still_owner(db):
+    """Checked again under the writer lock: a write that began before a move must not land after it."""
+    _check_node_holds(db, write=True)
 
 
 @app.delete("/<domain>/<user>/<bucket>")
@@ -2590,7 +2673,9 @@ def delete_collection_route(domain, user, bucket):
     db, _ = _collection(bottle.request.query_string, domain, user, bucket, write=True)
     reason = parse_reason(bytes(_body()), _config().limits)
     _room_for(db)
-    return _answer(*delete_collection(db, reason))
+    answer = delete_collection(db, reason, still_here=_still_owner)
+    replicate(db)       # CLUSTER-8
+    return _answer(*answer)
 
 
 @app.get("/<domain>/<user>/<bucket>/+static/<name>")
@@ -2916,8 +3001,9 @@ def _error_answer_parts(error, headers=()):
 # virtual points to tune, the spread is as even as the hash, and a node that
 # joins takes over exactly the collections it now outweighs.
 #
-# Still to come: copies on backup nodes, and moving collections when nodes
-# join and leave (the membership already says how many backups there are).
+# Each collection has B backups besides its owner, which store every write
+# before the owner answers it (CLUSTER-8); a node joins or leaves by handing
+# the collections that change nodes to their new owners (CLUSTER-10).
 
 CLUSTER_FILE = ".cluster.json"    # in a node's data directory: the membership it was last given
 
@@ -2925,8 +3011,10 @@ CLUSTER_FILE = ".cluster.json"    # in a node's data directory: the membership i
 def placement(nodes, domain, user):
     """The nodes of a user's collections of one app, heaviest first (CLUSTER-1): the owner first.
 
-    All of a user's collections of an app share their nodes, so that a node can
-    count them (LIMIT-2) and a user's data moves together.
+    domain and user are the collection's directory names (escape_name, DISK-1), which
+    every node can read from its data directory. All of a user's collections of an
+    app share their nodes, so that a node can count them (LIMIT-2) and a user's data
+    moves together.
     """
     def weight(node):
         key = json.dumps([node, domain, user], ensure_ascii=False).encode()
@@ -2936,33 +3024,57 @@ def placement(nodes, domain, user):
 
 @dataclasses.dataclass(frozen=True)
 class Membership:
-    """Which nodes the cluster has (CLUSTER-2); version grows with every change."""
+    """Which nodes the cluster has (CLUSTER-2); version grows with every change.
+
+    While nodes join or leave, previous holds the nodes before the change and
+    gone those that left without handing anything over (CLUSTER-10).
+    """
 
     version: int
     nodes: tuple
     backups: int = 0
     own_url: str = None     # "self": the node's own URL, as the balancer reaches it; None at the balancer
+    previous: tuple = None
+    gone: tuple = ()
 
     @classmethod
     def from_json(cls, value):
         """A Membership from its JSON form; ValueError if it is not one."""
-        if not isinstance(value, dict) or set(value) - {"version", "nodes", "backups", "self"}:
-            raise ValueError("a membership is {\"version\", \"nodes\", \"backups\"[, \"self\"]}")
-        version, nodes, backups, self_url = (value.get(name) for name in ("version", "nodes", "backups", "self"))
-        if not (type(version) is int and version >= 1 and isinstance(nodes, list) and nodes
-                and all(isinstance(node, str) and _node_url(node) == node for node in nodes)
-                and len(set(nodes)) == len(nodes) and type(backups) is int and 0 <= backups < len(nodes)
-                and (self_url is None or self_url in nodes)):
+        names = ("version", "nodes", "backups", "self", "previous", "gone")
+        if not isinstance(value, dict) or set(value) - set(names):
+            raise ValueError("a membership is {\"version\", \"nodes\", \"backups\"[, \"self\", \"previous\", \"gone\"]}")
+        version, nodes, backups, self_url, previous, gone = (value.get(name) for name in names)
+        gone = [] if gone is None else gone
+
+        def node_list(urls):
+            return (isinstance(urls, list) and urls and len(set(urls)) == len(urls)
+                    and all(isinstance(url, str) and _node_url(url) == url for url in urls))
+        if not (type(version) is int and version >= 1 and node_list(nodes)
+                and type(backups) is int and 0 <= backups < len(nodes)
+                and (previous is None or node_list(previous) and backups < len(previous))
+                and isinstance(gone, list) and set(gone) <= set(previous or []) - set(nodes)
+                and (self_url is None or self_url in nodes or self_url in (previous or []))):
             raise ValueError("a membership needs a version >= 1, distinct node URLs, and fewer backups than nodes")
-        return cls(version, tuple(nodes), backups, self_url)
+        return cls(version, tuple(nodes), backups, self_url, previous and tuple(previous), tuple(gone))
 
     def to_json(self):
         value = {"version": self.version, "nodes": list(self.nodes), "backups": self.backups}
+        if self.previous is not None:
+            value.update(previous=list(self.previous), gone=list(self.gone))
         return value if self.own_url is None else {**value, "self": self.own_url}
 
     def replicas(self, domain, user):
-        """The owner and the backups of a user's collections of an app."""
+        """The owner and the backups of a user's collections of an app (names as escape_name gives them)."""
         return placement(self.nodes, domain, user)[:self.backups + 1]
+
+    def previous_replicas(self, domain, user):
+        """While nodes join or leave, the owner and backups before the change."""
+        return placement(self.previous, domain, user)[:self.backups + 1]
+
+    def source(self, domain, user):
+        """While nodes join or leave, the node that hands a user's collections over (CLUSTER-10):
+        the owner before the change, or if it is gone, the first backup that is not."""
+        return next((node for node in self.previous_replicas(domain, user) if node not in self.gone), None)
 
 
 def _node_url(text):
@@ -2971,6 +3083,9 @@ def _node_url(text):
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or parts.query:
         return None
     return f"{parts.scheme}://{parts.netloc}"
+
+
+HANDED_OVER_FILE = "handed-over"    # in a collection directory: the membership version it was handed over in
 
 
 class NodeCluster:
@@ -3003,7 +3118,8 @@ class NodeCluster:
             # An older membership, or another one under the same version (two balancers that
             # started at once), is refused: nodes must never disagree about a version.
             if kept is not None and (kept.version > membership.version or kept.version == membership.version
-                                     and (kept.nodes, kept.backups) != (membership.nodes, membership.backups)):
+                                     and dataclasses.replace(kept, own_url=None)
+                                     != dataclasses.replace(membership, own_url=None)):
                 return kept
             with open(self.path + ".new", "w") as file:
                 json.dump(membership.to_json(), file)
@@ -3013,21 +3129,46 @@ class NodeCluster:
             _fsync_dir(os.path.dirname(self.path))
         return membership
 
-    def misdirected(self, domain, user, exists, write):
-        """Why this node must not answer a request to a collection (CLUSTER-5), or None.
+    def leave(self):
+        """Forget the membership: this node is in no cluster any more."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
-        A node answers a write only to a collection it owns, and a read only of one
-        it is a replica of or holds a copy of; a node outside any cluster, all.
+    def misdirected(self, db, write):
+        """Why this node must not answer a client's request to db's collection (CLUSTER-5), or None.
+
+        A node answers a write only to a collection it owns, and a read only of
+        one it owns or backs up; a node outside any cluster, all.
         """
         membership = self.membership()
         if membership is None or membership.own_url is None:
             return None
+        domain, user, _ = _escaped_names(db)
         replicas = membership.replicas(domain, user)
         if write and replicas[0] != membership.own_url:
             return f"this collection's writes go to {replicas[0]}"
-        if not write and membership.own_url not in replicas and not exists():
+        if not write and membership.own_url not in replicas:
             return f"this node holds no copy of this collection: ask {replicas[0]}"
         return None
+
+    def in_transit(self, db):
+        """Whether db's collection is being handed to this node, and not yet here (CLUSTER-10)."""
+        membership = self.membership()
+        if membership is None or membership.previous is None:
+            return False
+        domain, user, _ = _escaped_names(db)
+        if membership.source(domain, user) == membership.own_url == membership.previous_replicas(domain, user)[0]:
+            return False        # the owner before the change, and after it: nothing moves
+        try:
+            with open(os.path.join(db.path, HANDED_OVER_FILE)) as marker:
+                return marker.read().strip() != str(membership.version)
+        except FileNotFoundError:
+            return True
+
+
+def _escaped_names(db):
+    """(domain, user, bucket) of a collection directory, as escape_name gave them (DISK-1)."""
+    return tuple(db.path.rsplit(os.sep, 3)[1:])
 
 
 def _authorized(environ, secret):
@@ -3036,24 +3177,347 @@ def _authorized(environ, secret):
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), secret)
 
 
+def _node_route(handler):
+    """A node route: only with the cluster's secret (CLUSTER-3), errors as JSON."""
+    @_protocol
+    @functools.wraps(handler)
+    def route(**url_parts):
+        if not _authorized(bottle.request.environ, _config().secret):
+            raise ProtocolError("unauthorized", "node routes need the cluster's secret")
+        return handler(**url_parts)
+    return route
+
+
 @app.route("/_node/cluster", method=["GET", "PUT"])
-@_protocol
+@_node_route
 def node_cluster():
     """[CLUSTER-2] The membership this node keeps: read, or given a newer one."""
-    if not _authorized(bottle.request.environ, _config().secret):
-        raise ProtocolError("unauthorized", "node routes need the cluster's secret")
     cluster = _config().cluster
     if bottle.request.method == "PUT":
         try:
             given = Membership.from_json(parse_json_body(bytes(_body()), _config().limits))
         except ValueError as error:
             raise ProtocolError("bad_request", str(error)) from None
+        if given.own_url is None:
+            raise ProtocolError("bad_request", "a node is given its membership with \"self\", its own URL")
         if cluster.store(given) != given:
             raise ProtocolError("stale_cluster", f"this node has version {cluster.membership().version}")
     membership = cluster.membership()
     if membership is None:
         raise ProtocolError("not_found", "this node is in no cluster")
     return _answer(200, json.dumps(membership.to_json()).encode())
+
+
+# Copies on other nodes. The owner of a collection sends every write to its
+# backups before it answers (CLUSTER-8), and a copy that is behind fetches
+# the owner's whole collection (CLUSTER-9). Every copy of a collection is so
+# a prefix of its owner's, and of two copies the one with the higher last
+# counter is the newer: every write, a delete included, raises it. Copies
+# are only ever replaced by newer ones, so every step below may be repeated.
+
+# A name as escape_name() makes it (DISK-1), in node routes' paths.
+ESCAPED_NAME = re.compile(r"(?!\.)[A-Za-z0-9._@+%~-]{1,200}\Z")
+REPLICATE_TIMEOUT = 10          # seconds a backup may take to store a write's copy
+REPLICATE_MAX_BYTES = 8 << 20   # of records sent at once; a backup further behind fetches the whole collection
+COPY_TIMEOUT = 600              # seconds a node may take to send or fetch a whole collection
+NUMBERED_RECORD = struct.Struct(">QI")      # counter, length; then the record's bytes
+
+
+def _copy_db(domain, user, bucket):
+    """The collection a node route names by its escaped names; ProtocolError if they are not such names."""
+    names = [urllib.parse.unquote(part) for part in (domain, user, bucket)]
+    if not all(ESCAPED_NAME.match(name) for name in names):
+        raise ProtocolError("bad_path", "node routes name a collection by its directory names (DISK-1)")
+    return AppendOnlyDB(os.path.join(_config().data_dir.root, *names))
+
+
+def _node_path(route, db):
+    return f"/_node/{route}/" + "/".join(urllib.parse.quote(name, safe="") for name in _escaped_names(db))
+
+
+def replicate(db, after=None):
+    """[CLUSTER-8] Bring every backup of db's collection up to this copy, or raise 503.
+
+    after: the counter the write that calls this came after (None for a
+    delete): the backups get the records after it, or fetch the whole.
+    """
+    cluster = _config().cluster
+    membership = cluster and cluster.membership()
+    if membership is None or membership.own_url is None:
+        return
+    backups = membership.replicas(*_escaped_names(db)[:2])[1:]
+    try:
+        for backup in backups:
+            _bring_up_to_date(backup, membership.own_url, db, after)
+    except (OSError, http.client.HTTPException, RuntimeError) as error:
+        log.warning("%s: a backup did not store a write: %s", db.path, error)
+        raise ProtocolError("backup_unavailable", "a backup of this collection did not store it: try again",
+                            headers={"Retry-After": str(RETRY_AFTER)}) from None
+
+
+def _bring_up_to_date(backup, own_url, db, after):
+    """Send backup the records after `after`, and the blobs they name that it lacks; or have it fetch all."""
+    secret = _config().secret
+    for _ in range(3):
+        if after is None:
+            break
+        with db.snapshot() as snapshot:
+            collection_id, numbered, size = snapshot.collection_id, [], 0
+            for counter, record in snapshot.records_after(after):
+                numbered.append((counter, bytes(record)))
+                size += len(record)
+                if size > REPLICATE_MAX_BYTES:
+                    break
+        if size > REPLICATE_MAX_BYTES:
+            break
+        names = [name for name in map(_blob_name_of, (record for _, record in numbered))
+                 if name and blob_info(db, name) is not None]
+        head = json.dumps({"after": after, "collection_id": collection_id, "blobs": names}).encode()
+        body = b"".join([head, b"\n", *(NUMBERED_RECORD.pack(counter, len(record)) + record
+                                         for counter, record in numbered)])
+        status, answer = _node_call(backup, "POST", _node_path("replicate", db), secret, body,
+                                    timeout=REPLICATE_TIMEOUT)
+        if status == 200:
+            return
+        if status == 409 and answer.get("error") == "blobs_missing":
+            for name in answer["blobs"]:
+                _send_blob(backup, db, name)
+            continue
+        if status == 409 and answer.get("error") == "behind":
+            break
+        raise RuntimeError(f"{backup} answered a copy of a write with {status}: {answer}")
+    with db.snapshot() as snapshot:
+        last_counter = snapshot.last_counter
+    status, answer = _node_call(backup, "POST", _node_path("fetch", db) + "?" + urllib.parse.urlencode(
+        {"from": own_url, "last_counter": last_counter}), secret, timeout=COPY_TIMEOUT)
+    if status != 200 or answer["last_counter"] < last_counter:
+        raise RuntimeError(f"{backup} did not fetch the collection: {status} {answer}")
+
+
+def _send_blob(backup, db, name):
+    """PUT one blob's file to backup; a blob deleted here meanwhile is not sent (no record needs it)."""
+    found = open_blob(db, name)
+    if found is None:
+        return
+    info, blob = found
+    with blob:
+        blob.seek(0)
+        status, answer = _node_call(backup, "PUT", _node_path("blob", db) + "/" + name, _config().secret, blob,
+                                    timeout=REPLICATE_TIMEOUT, length=BLOB_HEADER_SIZE + info.length)
+    if status != 200:
+        raise RuntimeError(f"{backup} did not store blob {name}: {status} {answer}")
+
+
+@app.post("/_node/replicate/<domain>/<user>/<bucket>")
+@_node_route
+def node_replicate(domain, user, bucket):
+    """[CLUSTER-8] A backup stores the records its owner sends, with their counters."""
+    db = _copy_db(domain, user, bucket)
+    head, _, packed = bytes(_body(REPLICATE_MAX_BYTES + _config().limits.max_object_bytes + 65536)).partition(b"\n")
+    try:
+        head = json.loads(head)
+        after, collection_id, names = head["after"], head["collection_id"], head["blobs"]
+        numbered, offset = [], 0
+        while offset < len(packed):
+            counter, length = NUMBERED_RECORD.unpack_from(packed, offset)
+            offset += NUMBERED_RECORD.size + length
+            numbered.append((counter, packed[offset - length:offset]))
+        assert offset == len(packed) and all(map(BLOB_NAME.match, names))
+    except (ValueError, KeyError, TypeError, struct.error, AssertionError):
+        raise ProtocolError("bad_request", "not a copy of a write") from None
+    paths = [os.path.join(db.blobs_path, *BLOB_NAME.match(name).groups()) for name in names]
+    missing = [name for name, path in zip(names, paths)
+               if not os.path.exists(path) and not os.path.exists(path + ".partial")]
+    if missing:
+        return _answer(409, json.dumps({"error": "blobs_missing", "message": "send these blobs first",
+                                        "blobs": missing}).encode())
+
+    def place_blobs(secret):        # under the writer lock, as an upload's (see BlobBatch)
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path + ".partial", path)
+        for directory in {os.path.dirname(path) for path in paths}:
+            _fsync_dir(directory)
+        return all(map(os.path.exists, paths))
+
+    def prune_blobs(secret):
+        ended = BlobBatch(db)
+        for _, record in numbered:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                obj = json.loads(record)
+                ended.owner(obj["type"], obj["id"], (_named_blob(obj) or "").partition("-")[2] or None)
+        ended.prune(secret)
+    try:
+        last_counter = db.append_copied(numbered, after, collection_id, place_blobs, prune_blobs)
+    except AppendConflict as behind:
+        return _answer(409, json.dumps({"error": "behind", "message": "fetch the whole collection",
+                                        "last_counter": behind.last_counter}).encode())
+    return _answer(200, json.dumps({"last_counter": last_counter}).encode())
+
+
+@app.put("/_node/blob/<domain>/<user>/<bucket>/<name>")
+@_node_route
+def node_blob(domain, user, bucket, name):
+    """[CLUSTER-8] A backup stores a blob's file before the record that names it."""
+    db, match = _copy_db(domain, user, bucket), BLOB_NAME.match(name)
+    if match is None:
+        raise ProtocolError("bad_path", "not a blob's name")
+    body = _body(BLOB_HEADER_SIZE + _config().limits.max_blob_bytes)
+    path = os.path.join(db.blobs_path, *match.groups())
+    try:
+        sent = BlobInfo.decode(bytes(body[:BLOB_HEADER_SIZE]), path)
+    except StorageError:
+        raise ProtocolError("bad_blob", "not a blob file") from None
+    receiving = f"{path}.{secrets.token_hex(8)}.partial"
+    written = _write_blob_file(receiving, sent.content_type, [memoryview(body)[BLOB_HEADER_SIZE:]])
+    if written != sent:
+        os.unlink(receiving)
+        raise ProtocolError("bad_blob", "the blob's bytes do not match its header")
+    os.rename(receiving, path + ".partial")     # whole: its record's append puts it in place
+    return _answer(200, b"{}")
+
+
+@app.get("/_node/copy/<domain>/<user>/<bucket>")
+@_node_route
+def node_copy(domain, user, bucket):
+    """[CLUSTER-9] The whole collection, exported (DISK-12), for a node that fetches it."""
+    db = _copy_db(domain, user, bucket)
+    if not db.exists():
+        raise ProtocolError("not_found", "this node holds no copy of this collection")
+    export = tempfile.TemporaryFile()
+    try:
+        export_collection(db, export)
+        size = export.tell()
+    except BaseException:
+        export.close()
+        raise
+    return bottle.HTTPResponse(body=_blob_bytes(export, -BLOB_HEADER_SIZE, size - BLOB_HEADER_SIZE),
+                               headers={"Content-Type": "application/x-tar", "Content-Length": str(size)})
+
+
+@app.get("/_node/state/<domain>/<user>/<bucket>")
+@_node_route
+def node_state(domain, user, bucket):
+    """[CLUSTER-9] Which state of the collection this node's copy holds: its collection_id and last counter."""
+    db = _copy_db(domain, user, bucket)
+    if not db.exists():
+        raise ProtocolError("not_found", "this node holds no copy of this collection")
+    return _state_answer(db)
+
+
+def _state_answer(db):
+    with db.snapshot(create=False) as snapshot:
+        state = {"collection_id": snapshot.collection_id, "last_counter": snapshot.last_counter}
+    return _answer(200, json.dumps(state).encode())
+
+
+@app.post("/_node/fetch/<domain>/<user>/<bucket>")
+@_node_route
+def node_fetch(domain, user, bucket):
+    """[CLUSTER-9] Fetch the collection from another node, if that copy is newer than this one's."""
+    db = _copy_db(domain, user, bucket)
+    pairs = dict(_query_pairs(bottle.request.query_string))
+    source, last_counter = _node_url(pairs.get("from", "")), pairs.get("last_counter", "")
+    if source is None or not last_counter.isdigit():
+        raise ProtocolError("bad_request", "fetch needs from=NODE and last_counter=N")
+    fetch_copy(db, source, int(last_counter))
+    if "version" in pairs:      # [CLUSTER-10] the last step of handing it to this node
+        _mark_handed_over(db, pairs["version"])
+    return _state_answer(db) if db.exists() else _answer(200, b'{"collection_id": null, "last_counter": 0}')
+
+
+def fetch_copy(db, source, last_counter):
+    """Make db a copy of source's collection, if source's (at last_counter) is newer than db's."""
+    if db.exists():
+        with db.snapshot(create=False) as snapshot:
+            if snapshot.last_counter >= last_counter:
+                return
+    connection = _node_connection(source, COPY_TIMEOUT)
+    try:
+        connection.request("GET", _node_path("copy", db), headers=_secret_header(_config().secret))
+        answer = connection.getresponse()
+        if answer.status == 404:
+            return      # nothing there to copy: the collection was never written
+        if answer.status != 200:
+            raise ProtocolError("node_unavailable", f"{source} did not send the collection: {answer.status}")
+        import_collection(db, answer, copy=True)
+    except (OSError, http.client.HTTPException) as error:
+        raise ProtocolError("node_unavailable", f"{source} did not send the collection: {error}") from None
+    finally:
+        connection.close()
+
+
+def _mark_handed_over(db, version):
+    _make_dirs_durably(db.path)
+    with open(os.path.join(db.path, HANDED_OVER_FILE + ".new"), "w") as marker:
+        marker.write(version)
+        marker.flush()
+        os.fsync(marker.fileno())
+    os.rename(os.path.join(db.path, HANDED_OVER_FILE + ".new"), os.path.join(db.path, HANDED_OVER_FILE))
+    _fsync_dir(db.path)
+
+
+@app.post("/_node/hand-over")
+@_node_route
+def node_hand_over():
+    """[CLUSTER-10] Hand over every collection this node is the source of in the change going on."""
+    membership, secret = _config().cluster.membership(), _config().secret
+    if membership is None or membership.previous is None:
+        raise ProtocolError("bad_request", "no change of the membership is going on")
+    own, handed = membership.own_url, 0
+    for db in _config().data_dir.collections():
+        domain, user, _ = _escaped_names(db)
+        before, after = membership.previous_replicas(domain, user), membership.replicas(domain, user)
+        if membership.source(domain, user) != own or (before == after and not membership.gone):
+            continue
+        if before[0] in membership.gone:
+            # The owner left without handing over: the newest of the copies left goes on (CLUSTER-11).
+            for other in before:
+                if other not in membership.gone and other != own:
+                    status, state = _node_call(other, "GET", _node_path("state", db), secret)
+                    if status == 200:
+                        fetch_copy(db, other, state["last_counter"])
+        with db.snapshot(create=False) as snapshot:
+            last_counter = snapshot.last_counter
+        for target in [*after[1:], after[0]]:       # the new owner last: it is served from then on
+            query = {"from": own, "last_counter": last_counter}
+            if target == after[0]:
+                query["version"] = membership.version
+            if target == own:
+                _mark_handed_over(db, str(membership.version))
+                continue
+            status, answer = _node_call(target, "POST", _node_path("fetch", db) + "?" + urllib.parse.urlencode(query),
+                                        secret, timeout=COPY_TIMEOUT)
+            if status != 200:
+                raise ProtocolError("node_unavailable", f"{target} did not take {db.path}: {status} {answer}")
+        handed += 1
+    return _answer(200, json.dumps({"handed_over": handed}).encode())
+
+
+@app.post("/_node/clean")
+@_node_route
+def node_clean():
+    """[CLUSTER-10] Delete the copies this node neither owns nor backs up any more."""
+    membership, removed = _config().cluster.membership(), 0
+    if membership is None or membership.previous is not None:
+        raise ProtocolError("bad_request", "a change of the membership is going on, or there is none")
+    for db in list(_config().data_dir.collections()):
+        if membership.own_url not in membership.replicas(*_escaped_names(db)[:2]):
+            shutil.rmtree(db.path)
+            removed += 1
+    return _answer(200, json.dumps({"removed": removed}).encode())
+
+
+@app.post("/_node/leave")
+@_node_route
+def node_leave():
+    """[CLUSTER-10] Leave the cluster: forget the membership and delete every collection."""
+    _config().cluster.leave()
+    removed = 0
+    for db in list(_config().data_dir.collections()):
+        shutil.rmtree(db.path)
+        removed += 1
+    return _answer(200, json.dumps({"removed": removed}).encode())
 
 
 # Headers that belong to one connection (RFC 9110, 7.6.1), never passed on; and those the
@@ -3066,13 +3530,39 @@ NODE_IDLE_REUSE = 30        # seconds an idle node connection is reused for; nod
 PROXY_CHUNK = 64 << 10      # bytes of a large answer passed on at a time
 PROXY_READ_WHOLE = 4 << 20  # bytes: a longer answer is spooled to a file before it is passed on
 SAFE_TO_SEND_AGAIN = frozenset({"GET", "HEAD", "OPTIONS"})
+HAND_OVER_TIMEOUT = 3600    # seconds a node may take for one step of a change of the membership
 
 
-def _node_connection(node):
+def _node_connection(node, timeout=NODE_TIMEOUT):
     """A new connection to node (not yet open)."""
     url = urllib.parse.urlsplit(node)
     kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-    return kind(url.hostname, url.port, timeout=NODE_TIMEOUT)
+    return kind(url.hostname, url.port, timeout=timeout)
+
+
+def _secret_header(secret):
+    return {"Authorization": f"Bearer {secret.decode()}"}
+
+
+def _node_call(node, method, path, secret, body=None, timeout=NODE_TIMEOUT, length=None):
+    """(status, JSON answer) of a node to one request of the cluster's own; OSError when it cannot be reached.
+
+    body: bytes, or a file of length bytes.
+    """
+    connection = _node_connection(node, timeout)
+    headers = _secret_header(secret)
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        answer = connection.getresponse()
+        text = answer.read()
+    finally:
+        connection.close()
+    try:
+        return answer.status, json.loads(text)
+    except ValueError:
+        raise http.client.HTTPException(f"{node} answered {method} {path} with {answer.status}, not JSON") from None
 
 
 class Balancer:
@@ -3083,6 +3573,7 @@ class Balancer:
         self.membership, self.secret = membership, secret
         self._idle = collections.defaultdict(list)      # node -> [(connection, idle since)], none in use
         self._idle_lock = threading.Lock()
+        self._admin_lock = threading.Lock()
 
     def empty_poll(self, environ):
         return None             # every request goes to a node
@@ -3097,17 +3588,31 @@ class Balancer:
         path = _raw_path(environ)
         if path == "/_cluster" or path.startswith("/_cluster/"):
             status, headers, body = self.admin(environ, path)
-        elif path.startswith("/_node/"):
+            start_response(status, headers)
+            return [body]
+        if path.startswith("/_node/"):
             # Node routes are for the balancer and the nodes themselves, never passed on.
             status, headers, body = self._error(environ, ProtocolError("not_found", "no such route here"))
-        else:
-            node = self.node_for(path)
+            start_response(status, headers)
+            return [body]
+        method, version = environ["REQUEST_METHOD"], self.membership.version
+        nodes = self.nodes_for(path)
+        for node in nodes if method in SAFE_TO_SEND_AGAIN else nodes[:1]:
             try:
-                return self.proxy(node, environ, start_response)
+                connection, answer = self.send(node, environ)
             except (OSError, http.client.HTTPException) as error:
-                log.warning("node %s did not answer %s %s: %s", node, environ["REQUEST_METHOD"], path, error)
-                error = ProtocolError("node_unavailable", "the node that holds this collection did not answer")
-                status, headers, body = self._error(environ, error, [("Retry-After", str(RETRY_AFTER))])
+                # [CLUSTER-7] A read goes on to the collection's backups while its owner is down.
+                log.warning("node %s did not answer %s %s: %s", node, method, path, error)
+                continue
+            if answer.status == 421 and self.refresh() != version:
+                # A node with a newer membership than this balancer's (another balancer, or another
+                # worker of this one, changed it): asked again where the newer one says.
+                answer.read()
+                self._put_back(node, connection, answer)
+                return self.dispatch(environ, start_response)
+            return self.pass_back(node, connection, answer, method, start_response)
+        error = ProtocolError("node_unavailable", "the node that holds this collection did not answer")
+        status, headers, body = self._error(environ, error, [("Retry-After", str(RETRY_AFTER))])
         start_response(status, headers)
         return [body]
 
@@ -3116,16 +3621,30 @@ class Balancer:
         return _error_answer_parts(error, [*_answer_headers(environ["REQUEST_METHOD"], _raw_path(environ),
                                                             environ.get("HTTP_ORIGIN")), *headers])
 
-    def node_for(self, path):
-        """The node a request goes to: its collection's owner, else any node, chosen by its path."""
+    def nodes_for(self, path):
+        """The nodes a request may go to: its collection's owner, then its backups; else one node,
+        chosen by the request's path."""
         parts = path[1:].split("/")
         if _is_collection_path(parts):
-            domain, user = (urllib.parse.unquote(part) for part in parts[:2])
-            return self.membership.replicas(domain, user)[0]
-        return placement(self.membership.nodes, path, "")[0]
+            try:
+                return self.membership.replicas(*(escape_name(urllib.parse.unquote(part)) for part in parts[:2]))
+            except ValueError:
+                pass        # not a name any node takes: one of them says why
+        return placement(self.membership.nodes, path, "")[:1]
 
-    def proxy(self, node, environ, start_response):
-        """Send the request to node and pass its answer back, naming the node."""
+    def refresh(self):
+        """Take the newest membership the nodes keep; its version."""
+        newest = self.membership
+        for node in _members(self.membership):
+            with contextlib.suppress(OSError, LookupError, RuntimeError, ValueError, http.client.HTTPException):
+                kept = Membership.from_json(_node_request(node, "GET", "/_node/cluster", self.secret))
+                if kept.version > newest.version:
+                    newest = dataclasses.replace(kept, own_url=None)
+        self.membership = newest
+        return newest.version
+
+    def send(self, node, environ):
+        """Send the request to node: (the connection, the node's answer, its head read)."""
         method = environ["REQUEST_METHOD"]
         target = _raw_path(environ) + (f"?{environ['QUERY_STRING']}" if environ.get("QUERY_STRING") else "")
         headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items()
@@ -3139,14 +3658,19 @@ class Balancer:
             connection = self._take(node) if attempt == 1 else self._connect(node)
             try:
                 connection.request(method, target, body=body, headers=headers)
-                answer = connection.getresponse()
-                break
+                return connection, connection.getresponse()
             except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
                 connection.close()
                 # A kept connection the node had closed: sent again on a new one, but only a
                 # request that may be sent twice (a POST may have been stored).
                 if attempt == 2 or method not in SAFE_TO_SEND_AGAIN:
                     raise
+            except BaseException:
+                connection.close()
+                raise
+
+    def pass_back(self, node, connection, answer, method, start_response):
+        """Pass the node's answer back, naming the node (CLUSTER-4)."""
         passed = [(name, value) for name, value in answer.getheaders() if name.lower() not in SET_BY_THE_BALANCER]
         length = answer.getheader("Content-Length")
         if length is not None and answer.status not in (204, 304):
@@ -3154,7 +3678,11 @@ class Balancer:
         if method == "HEAD" or answer.status in (204, 304) or (answer.length or 0) <= PROXY_READ_WHOLE:
             # Read here, on the request's thread: the server writes the answer from its event
             # loop, which must never wait on a node. Every answer but a large blob's is this small.
-            whole = answer.read()
+            try:
+                whole = answer.read()
+            except BaseException:
+                connection.close()
+                raise
             self._put_back(node, connection, answer)
             start_response(f"{answer.status} {answer.reason}", passed + [("X-Cutout-Node", node)])
             return [whole]
@@ -3191,15 +3719,102 @@ class Balancer:
             self._idle[node].append((connection, time.monotonic()))
 
     def admin(self, environ, path):
-        """[CLUSTER-6] The admin API: GET /_cluster. (Adding and removing nodes is still to come.)"""
+        """[CLUSTER-6] The admin API: GET /_cluster, POST /_cluster/nodes, POST /_cluster/remove."""
         if not _authorized(environ, self.secret):
             return self._error(environ, ProtocolError("unauthorized", "the admin API needs the cluster's secret"))
-        if path != "/_cluster":
+        method = {"/_cluster": "GET", "/_cluster/nodes": "POST", "/_cluster/remove": "POST"}.get(path)
+        if method is None:
             return self._error(environ, ProtocolError("not_found", f"no admin route {path}"))
-        if environ["REQUEST_METHOD"] != "GET":
-            return self._error(environ, ProtocolError("method_not_allowed", "GET /_cluster"), [("Allow", "GET")])
+        if environ["REQUEST_METHOD"] != method:
+            return self._error(environ, ProtocolError("method_not_allowed", f"{method} {path}"), [("Allow", method)])
+        answer = {}
+        try:
+            if path == "/_cluster":
+                self.refresh()
+            else:
+                url, force = _admin_change(environ.get("cutout.body") or b"", path == "/_cluster/remove")
+                with self._admin_lock:
+                    answer["handed_over"] = self.change(url, path == "/_cluster/nodes", force)
+        except ProtocolError as error:
+            return self._error(environ, error)
         return ("200 OK", [("Content-Type", "application/json"), ("X-Content-Type-Options", "nosniff")],
-                json.dumps(self.membership.to_json()).encode())
+                json.dumps({**self.membership.to_json(), **answer}).encode())
+
+    def change(self, url, add, force):
+        """[CLUSTER-10] Add url to the cluster or remove it, and move the collections that change nodes.
+
+        Every step may be repeated: called again after a balancer or a node
+        died half-way, it finishes the same change. Returns how many
+        collections each node handed over.
+        """
+        self.refresh()
+        membership = self.membership
+        if membership.previous is not None:
+            changing = set(membership.nodes) ^ set(membership.previous)
+            if changing != {url} or add != (url in membership.nodes):
+                raise ProtocolError("change_in_progress", f"the cluster is changing from {list(membership.previous)} "
+                                    f"to {list(membership.nodes)}: ask for that change again to finish it first")
+            if not add and force and url not in membership.gone:
+                membership = dataclasses.replace(membership, version=membership.version + 1, gone=(url,))
+                self._give(membership)
+        elif add == (url in membership.nodes):
+            membership = None       # done before: only the old copies may be left to delete
+        elif add:
+            self._ask(url, "POST", "/_node/leave")      # a node that joins holds nothing from an earlier time
+            membership = Membership(membership.version + 1, (*membership.nodes, url), membership.backups,
+                                    previous=membership.nodes)
+            self._give(membership)
+        else:
+            if len(membership.nodes) <= membership.backups + 1:
+                raise ProtocolError("bad_request", f"a cluster with {membership.backups} backups needs "
+                                    f"{membership.backups + 1} nodes at least")
+            membership = Membership(membership.version + 1, tuple(node for node in membership.nodes if node != url),
+                                    membership.backups, previous=membership.nodes, gone=(url,) if force else ())
+            self._give(membership)
+        handed = {}
+        if membership is not None:
+            for node in _members(membership):
+                handed[node] = self._ask(node, "POST", "/_node/hand-over")["handed_over"]
+            final = Membership(membership.version + 1, membership.nodes, membership.backups)
+            self._give(final)
+            for node in _members(membership):
+                if node not in final.nodes:
+                    self._ask(node, "POST", "/_node/leave")
+        for node in self.membership.nodes:
+            self._ask(node, "POST", "/_node/clean")
+        return handed
+
+    def _give(self, membership):
+        """Give every node of membership the membership; then the balancer serves it."""
+        for node in _members(membership):
+            self._ask(node, "PUT", "/_node/cluster", {**membership.to_json(), "self": node})
+        self.membership = dataclasses.replace(membership, own_url=None)
+
+    def _ask(self, node, method, path, value=None):
+        try:
+            return _node_request(node, method, path, self.secret, value, timeout=HAND_OVER_TIMEOUT)
+        except (OSError, LookupError, RuntimeError, http.client.HTTPException) as error:
+            raise ProtocolError("node_unavailable", f"{node} did not answer {method} {path} ({error}): ask again "
+                                "once it is back, or remove it by force") from None
+
+
+def _admin_change(body, removing):
+    """(url, force) of an admin request's body, {"url": U[, "force": bool]}; ProtocolError if it is not one."""
+    try:
+        given = json.loads(bytes(body))
+        url, force = _node_url(given["url"]), given.get("force", False) if removing else False
+        if url is None or type(force) is not bool or set(given) - {"url", "force"}:
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ProtocolError("bad_request", '{"url": "http://host:port"} (and "force": true or false to remove)'
+                            ) from None
+    return url, force
+
+
+def _members(membership):
+    """Every node that takes part in membership: its nodes, and while they change, those leaving but not gone."""
+    return [node for node in dict.fromkeys((*membership.nodes, *(membership.previous or ())))
+            if node not in membership.gone]
 
 
 def _file_chunks(file):
@@ -3229,7 +3844,7 @@ def start_cluster(nodes, backups, secret):
         raise OSError("no node could be reached")
     newest = max(kept, key=lambda membership: membership.version, default=None)
     membership = dataclasses.replace(newest, own_url=None) if newest else Membership(1, tuple(nodes), backups)
-    for node in membership.nodes:
+    for node in _members(membership):
         try:
             _node_request(node, "PUT", "/_node/cluster", secret, {**membership.to_json(), "self": node})
         except OSError as error:
@@ -3237,23 +3852,16 @@ def start_cluster(nodes, backups, secret):
     return membership
 
 
-def _node_request(node, method, path, secret, value=None):
+def _node_request(node, method, path, secret, value=None, timeout=NODE_TIMEOUT):
     """The JSON answer of a node to one request of the cluster's own; LookupError for a 404,
     RuntimeError for any other refusal, OSError when it cannot be reached."""
-    connection = _node_connection(node)
-    try:
-        body = None if value is None else json.dumps(value).encode()
-        connection.request(method, path, body=body, headers={"Authorization": f"Bearer {secret.decode()}",
-                                                             "Content-Type": "application/json"})
-        answer = connection.getresponse()
-        text = answer.read()
-    finally:
-        connection.close()
-    if answer.status == 404:
+    status, answer = _node_call(node, method, path, secret, None if value is None else json.dumps(value).encode(),
+                                timeout)
+    if status == 404:
         raise LookupError(f"{node}{path}: not found")
-    if answer.status != 200:
-        raise RuntimeError(f"{node} answered {method} {path} with {answer.status}: {text[:200]!r}")
-    return json.loads(text)
+    if status != 200:
+        raise RuntimeError(f"{node} answered {method} {path} with {status}: {answer}")
+    return answer
 
 
 ###############################################################################
