@@ -101,6 +101,7 @@ ERRORS = {
     "overloaded": 503,                          # BACKOFF-1
     "stale_cluster": 409, "misdirected": 421, "node_unavailable": 502,     # CLUSTER-2, -5, -4
     "backup_unavailable": 503, "in_transit": 503, "change_in_progress": 409,      # CLUSTER-8, -10
+    "behind": 409, "blobs_missing": 409,        # between nodes (CLUSTER-8)
 }
 
 
@@ -3329,8 +3330,8 @@ def node_replicate(domain, user, bucket):
     missing = [name for name, path in zip(names, paths)
                if not os.path.exists(path) and not os.path.exists(path + ".partial")]
     if missing:
-        return _answer(409, json.dumps({"error": "blobs_missing", "message": "send these blobs first",
-                                        "blobs": missing}).encode())
+        return _answer(ERRORS["blobs_missing"], json.dumps({"error": "blobs_missing", "blobs": missing,
+                                                            "message": "send these blobs first"}).encode())
 
     def place_blobs(secret):        # under the writer lock, as an upload's (see BlobBatch)
         for path in paths:
@@ -3350,8 +3351,8 @@ def node_replicate(domain, user, bucket):
     try:
         last_counter = db.append_copied(numbered, after, collection_id, place_blobs, prune_blobs)
     except AppendConflict as behind:
-        return _answer(409, json.dumps({"error": "behind", "message": "fetch the whole collection",
-                                        "last_counter": behind.last_counter}).encode())
+        return _answer(ERRORS["behind"], json.dumps({"error": "behind", "last_counter": behind.last_counter,
+                                                     "message": "fetch the whole collection"}).encode())
     return _answer(200, json.dumps({"last_counter": last_counter}).encode())
 
 
@@ -3531,6 +3532,7 @@ PROXY_CHUNK = 64 << 10      # bytes of a large answer passed on at a time
 PROXY_READ_WHOLE = 4 << 20  # bytes: a longer answer is spooled to a file before it is passed on
 SAFE_TO_SEND_AGAIN = frozenset({"GET", "HEAD", "OPTIONS"})
 HAND_OVER_TIMEOUT = 3600    # seconds a node may take for one step of a change of the membership
+REFRESH_TIMEOUT = 2         # seconds a node may take to say which membership it keeps
 
 
 def _node_connection(node, timeout=NODE_TIMEOUT):
@@ -3637,7 +3639,8 @@ class Balancer:
         newest = self.membership
         for node in _members(self.membership):
             with contextlib.suppress(OSError, LookupError, RuntimeError, ValueError, http.client.HTTPException):
-                kept = Membership.from_json(_node_request(node, "GET", "/_node/cluster", self.secret))
+                kept = Membership.from_json(_node_request(node, "GET", "/_node/cluster", self.secret,
+                                                          timeout=REFRESH_TIMEOUT))
                 if kept.version > newest.version:
                     newest = dataclasses.replace(kept, own_url=None)
         self.membership = newest

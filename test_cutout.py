@@ -2489,7 +2489,7 @@ PLANTED_FAULTS = [
     ("a POST without collection_id is not told the id", "POST-7",
      '        answer["collection_id"] = collection_id     # POST-7', "        pass"),
     ("a delete starts the counters again", "DEL-1",
-     "counter_floor=live.last_counter, purge_horizon=0,", "counter_floor=0, purge_horizon=0,"),
+     "counter_floor=live.last_counter + 1, purge_horizon=0,", "counter_floor=0, purge_horizon=0,"),
     ("a deleted collection does not say why", "DEL-2",
      '        members["collection_deleted"] = snapshot.deleted["reason"]', "        pass"),
     ("a since below the purge horizon is answered normally", "PURGE-1",
@@ -2514,7 +2514,7 @@ PLANTED_FAULTS = [
      'answer = _answer(200, script.read().replace(b"document.currentScript", b"{src: ' + "'/'" + '}"), '
      '"application/javascript; charset=utf-8")'),
     ("an old blob is kept when new data replaces it", "BLOB-4",
-     "before_write=blobs.commit, after_write=blobs.prune)", "before_write=blobs.commit)"),
+     "before_write=before_write, after_write=blobs.prune)", "before_write=before_write)"),
     ("a blob of another object is accepted", "BLOB-5",
      "if match is None or match.group(1) != self.key(type_, id_):", "if match is None:"),
     ("text/html is served as itself", "BLOB-6", "audio/.+|video/.+|text/plain)", "audio/.+|video/.+|text/.+)"),
@@ -2753,6 +2753,413 @@ def test_the_balancer_passes_concurrent_writes_and_large_blobs(tmp_path):
         head = requests.head(balancer + href, params={"auth": token}, timeout=60)
         assert head.status_code == 200 and head.headers["Content-Length"] == str(len(content))
         assert fetched.headers["X-Cutout-Node"] == cutout.placement(nodes, "app.example", "ann@example.com")[0]
+
+
+class _Nodes:
+    """A cluster as a user runs it: cutout.py nodes and a balancer, real processes on loopback.
+    Each node keeps its port when it is started again, so that the membership still names it."""
+
+    def __init__(self, tmp_path, nodes, backups):
+        self.tmp_path, self.backups = tmp_path, backups
+        self.secret_file = tmp_path / "secret"
+        self.secret_file.write_text(secrets.token_hex(32) + "\n")
+        self.secret = self.secret_file.read_text().strip()
+        self.processes, self.data = {}, {}      # node URL -> its process, its data directory
+        self.balancer_process = None
+        self.urls = [self.start_node() for _ in range(nodes)]
+        self.balancer = self.start_balancer(self.urls)
+
+    def start_node(self, url=None):
+        url = url or f"http://127.0.0.1:{_free_port()}"
+        self.data.setdefault(url, self.tmp_path / f"node{len(self.data)}")
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "cutout.py"), "--port", url.rsplit(":", 1)[1], "--workers", "1",
+             "--data-dir", str(self.data[url]), "--secret-file", str(self.secret_file)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        line = process.stdout.readline()
+        assert line.startswith(f"The Cut-Out serving {url}/"), f"a node did not start: {line!r}"
+        self.processes[url] = process
+        return url
+
+    def start_balancer(self, nodes):
+        self.balancer_process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "cutout.py"), "balancer", "--port", "0", "--workers", "1",
+             "--secret-file", str(self.secret_file), "--backups", str(self.backups),
+             *itertools.chain.from_iterable(("--node", node) for node in nodes)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        served = re.match(r"The Cut-Out balancer serving (http://127\.0\.0\.1:\d+)/",
+                          self.balancer_process.stdout.readline())
+        assert served, "the balancer did not start"
+        return served.group(1)
+
+    def signal(self, url, number):
+        """Send a signal to the node's every process (its supervisor and its workers)."""
+        os.killpg(self.processes[url].pid, number)
+
+    def kill(self, url):
+        """kill -9 the node, and wait until its port is closed (its worker stops within a second)."""
+        self.processes[url].kill()
+        self.processes[url].wait()
+        for _ in range(100):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", int(url.rsplit(":", 1)[1]))) != 0:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"{url} still answers after kill -9")
+
+    def admin(self, path, value=None):
+        headers = {"Authorization": f"Bearer {self.secret}"}
+        if value is None:
+            return requests.get(self.balancer + path, headers=headers, timeout=600)
+        return requests.post(self.balancer + path, headers=headers, json=value, timeout=600)
+
+    def membership(self):
+        return self.admin("/_cluster").json()
+
+    def copies(self, path, token):
+        """{node: (collection_id, [(counter, object)...])} of every node that should hold path."""
+        domain, user, _ = (urllib.parse.unquote(part) for part in path[1:].split("/"))
+        membership = self.membership()
+        replicas = cutout.placement(membership["nodes"], domain, user)[:membership["backups"] + 1]
+        found = {}
+        for node in replicas:
+            objects, since, collection_id = [], 0, None
+            while True:
+                answer = requests.get(node + path, params={"auth": token, "since": since}, timeout=30)
+                assert answer.status_code == 200, (node, answer.text)
+                body = answer.json()
+                collection_id = body.get("collection_id", collection_id)
+                objects += [tuple(pair) for pair in body["objects"]]
+                since = objects[-1][0] if objects else since
+                if not body.get("incomplete"):
+                    break
+            found[node] = collection_id, objects
+        return found
+
+    def close(self):
+        for process in self.processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)      # a stopped worker would not notice its supervisor go
+        for process in [*self.processes.values(), self.balancer_process]:
+            if process is not None and process.poll() is None:
+                process.kill()
+            if process is not None:
+                process.wait()
+                process.stdout.close()
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    made = []
+
+    def make(count, backups):
+        made.append(_Nodes(tmp_path, count, backups))
+        return made[-1]
+    yield make
+    for cluster in made:
+        cluster.close()
+
+
+class _Traffic:
+    """Writers and pollers going through the balancer while the cluster changes.
+
+    Each writer appends to its own collection, one new object at a time; what is
+    acknowledged is kept, with its counter. A write that fails may still have
+    been stored (SPEC allows it): the writer sees it as missed and goes on.
+    Pollers read some of the collections as a device does, from their since.
+    """
+
+    def __init__(self, balancer, users, pollers=4, blob_every=5):
+        self.balancer, self.blob_every = balancer, blob_every
+        self.paths = [f"/app.example/user{n}@example.com/notes" for n in range(users)]
+        self.tokens = {path: _token(balancer, path.split("/")[2]) for path in self.paths}
+        self.acked = {path: [] for path in self.paths}          # [(counter, object)]
+        self.seen = {path: [] for path in self.paths[:pollers]}
+        self.problems, self.refusals = [], collections.Counter()
+        self.running, self.stopping, self.writers_done = threading.Event(), threading.Event(), threading.Event()
+        self.idle = {path: threading.Event() for path in self.paths + [f"poll{p}" for p in self.seen]}
+        self.running.set()
+        self.threads = [threading.Thread(target=self.write, args=(path,)) for path in self.paths]
+        self.threads += [threading.Thread(target=self.poll, args=(path,)) for path in self.seen]
+        for thread in self.threads:
+            thread.start()
+
+    def _wait_if_paused(self, name):
+        if not self.running.is_set():
+            self.idle[name].set()
+            self.running.wait()
+            self.idle[name].clear()
+
+    def write(self, path):
+        token, since, collection_id, n = self.tokens[path], 0, None, 0
+        with requests.Session() as session:
+            while not self.stopping.is_set():
+                self._wait_if_paused(path)
+                obj = {"type": "note", "id": f"{path}-{n}", "data": n}
+                if n % self.blob_every == 0:
+                    obj["blob"] = {"content_type": "text/plain", "data": base64.b64encode(f"blob {n}".encode()).decode()}
+                params = {"auth": token, "since": since, **({"collection_id": collection_id} if collection_id else {})}
+                try:
+                    answer = session.post(self.balancer + path, params=params, json=[obj], timeout=30)
+                except requests.RequestException as error:
+                    self.refusals[type(error).__name__] += 1
+                    n += 1
+                    time.sleep(0.05)
+                    continue
+                n += 1
+                body = answer.json() if answer.headers.get("Content-Type") == "application/json" else {}
+                if answer.status_code != 200:
+                    self.refusals[f"{answer.status_code} {body.get('error')}"] += 1
+                    time.sleep(0.05)
+                elif "object_counters" in body:
+                    counter = body["object_counters"][0]
+                    if "blob" in obj:
+                        obj["blob"] = {"content_type": "text/plain", "href": body["blob_hrefs"][0]}
+                    self.acked[path].append((counter, obj))
+                    since, collection_id = counter, body.get("collection_id", collection_id)
+                elif body.get("since_invalid"):         # a write that failed but was stored
+                    since = max([since] + [counter for counter, _ in body["objects"]] + [body.get("until", 0)])
+                else:
+                    self.problems.append(f"{path}: {answer.text}")
+
+    def poll(self, path):
+        token, since, collection_id = self.tokens[path], 0, None
+        with requests.Session() as session:
+            while True:     # until nothing is new once the writers have stopped
+                self._wait_if_paused(f"poll{path}")
+                params = {"auth": token, "since": since, **({"collection_id": collection_id} if collection_id else {})}
+                try:
+                    answer = session.get(self.balancer + path, params=params, timeout=30)
+                except requests.RequestException:
+                    continue
+                if answer.status_code == 204:
+                    if self.writers_done.is_set():
+                        return
+                    time.sleep(0.02)
+                    continue
+                if answer.status_code != 200:
+                    time.sleep(0.05)
+                    continue
+                body = answer.json()
+                if body.get("collection_changed") or body.get("since_purged"):
+                    self.problems.append(f"{path}: a poller was told to start again: {answer.text}")
+                    return
+                collection_id = body.get("collection_id", collection_id)
+                self.seen[path] += [tuple(pair) for pair in body["objects"]]
+                since = max([since] + [counter for counter, _ in body["objects"]] + [body.get("until", 0)])
+
+    def pause(self):
+        self.running.clear()
+        for event in self.idle.values():
+            assert event.wait(60), "a writer or poller did not pause"
+
+    def resume(self):
+        self.running.set()
+
+    def stop(self):
+        self.stopping.set()
+        self.running.set()
+        writers, pollers = self.threads[:len(self.paths)], self.threads[len(self.paths):]
+        for thread in writers:
+            thread.join(120)
+        self.writers_done.set()
+        for thread in pollers:
+            thread.join(120)
+        assert not any(thread.is_alive() for thread in self.threads)
+
+
+def _check_copies(cluster, traffic, pollers_done=True):
+    """Every acknowledged object is on the owner and each backup, once, with its counter; the
+    copies agree; pollers saw every object once, in order, and all of them once they are done
+    (until then, the first ones). Returns how many acknowledged writes were checked."""
+    checked = 0
+    for path in traffic.paths:
+        copies = cluster.copies(path, traffic.tokens[path])
+        assert len(copies) == cluster.membership()["backups"] + 1
+        ids = {collection_id for collection_id, _ in copies.values()}
+        assert len(ids) == 1, f"{path}: the copies have different collection ids: {copies}"
+        stored = list(copies.values())[0][1]
+        for node, (_, objects) in copies.items():
+            assert objects == stored, f"{path}: the copy on {node} differs from the others"
+        counters = [counter for counter, _ in stored]
+        assert counters == sorted(set(counters)), f"{path}: a counter repeats or goes back"
+        by_id = collections.Counter(obj["id"] for _, obj in stored)
+        for counter, obj in traffic.acked[path]:
+            assert (counter, obj) in stored, f"{path}: the acknowledged {obj['id']} at {counter} is missing"
+            assert by_id[obj["id"]] == 1, f"{path}: {obj['id']} is stored {by_id[obj['id']]} times"
+            checked += 1
+        if path in traffic.seen:
+            seen = traffic.seen[path]
+            assert seen == (stored if pollers_done else stored[:len(seen)]), f"{path}: a poller saw a gap or a repeat"
+    return checked
+
+
+def _check_blobs(cluster, traffic):
+    for path in traffic.paths:
+        for counter, obj in traffic.acked[path][-6:]:
+            if "blob" in obj:
+                answer = requests.get(cluster.balancer + obj["blob"]["href"], params={"auth": traffic.tokens[path]},
+                                      timeout=30)
+                assert answer.status_code == 200 and answer.content == f"blob {obj['data']}".encode(), path
+
+
+def test_every_write_is_on_the_owner_and_its_backups_and_a_backup_answers_reads_while_the_owner_is_down(nodes):
+    """[CLUSTER-7] [CLUSTER-8] [CLUSTER-9] A POST, a blob and a DELETE are acknowledged once they
+    are on the owner and its backup, with the same counters and collection_id; a backup that
+    was down is a 503 for writes, then catches up; while the owner is down, reads go to the backup."""
+    cluster = nodes(3, backups=1)
+    token = _token(cluster.balancer)
+    path = "/app.example/ann@example.com/notes"
+    owner, backup = cutout.placement(cluster.urls, "app.example", "ann@example.com")[:2]
+    posted = requests.post(cluster.balancer + path, params={"auth": token, "since": 0}, timeout=30, json=[
+        {"type": "note", "id": 1, "data": "tea"},
+        {"type": "photo", "id": 2, "data": 1, "blob": {"content_type": "text/plain", "data": "aGVsbG8="}}])
+    assert posted.status_code == 200 and posted.headers["X-Cutout-Node"] == owner, posted.text
+    href = posted.json()["blob_hrefs"][1]
+    copies = cluster.copies(path, token)
+    assert set(copies) == {owner, backup} and copies[owner] == copies[backup]
+    assert [counter for counter, _ in copies[backup][1]] == [1, 2]
+    assert requests.get(backup + href, params={"auth": token}, timeout=30).content == b"hello"
+    replaced = requests.post(cluster.balancer + path, params={"auth": token, "since": 2}, timeout=30,
+                             json=[{"type": "photo", "id": 2, "data": 2}])
+    assert replaced.status_code == 200
+    assert requests.get(backup + href, params={"auth": token}, timeout=30).status_code == 404, \
+        "a blob its object no longer names is deleted on the backup too (BLOB-4)"
+
+    cluster.kill(backup)
+    refused = requests.post(cluster.balancer + path, params={"auth": token, "since": 3}, timeout=30,
+                            json=[{"type": "note", "id": 3, "data": "not acknowledged"}])
+    assert (refused.status_code, refused.json()["error"]) == (503, "backup_unavailable")
+    assert refused.headers["Retry-After"] == "1"
+    cluster.start_node(backup)
+    caught_up = requests.post(cluster.balancer + path, params={"auth": token, "since": 4}, timeout=30,
+                              json=[{"type": "note", "id": 4, "data": "after"}])
+    assert caught_up.status_code == 200, caught_up.text
+    copies = cluster.copies(path, token)
+    assert copies[owner] == copies[backup] and [c for c, _ in copies[backup][1]] == [1, 2, 3, 4, 5], \
+        "the backup fetched what it missed, the write it refused included (it may appear later)"
+
+    deleted = requests.delete(cluster.balancer + path, params={"auth": token}, json={"why": "test"}, timeout=30)
+    assert deleted.status_code == 200
+    copies = cluster.copies(path, token)
+    assert copies[owner] == copies[backup] == (deleted.json()["collection_id"], [])
+
+    cluster.kill(owner)
+    read = requests.get(cluster.balancer + path, params={"auth": token}, timeout=30)
+    assert read.status_code == 200 and read.headers["X-Cutout-Node"] == backup
+    assert read.json()["collection_id"] == deleted.json()["collection_id"]
+    write = requests.post(cluster.balancer + path, params={"auth": token, "since": 6}, json=[], timeout=30)
+    assert (write.status_code, write.json()["error"]) == (502, "node_unavailable"), "writes wait for the owner"
+
+
+def test_no_acknowledged_write_is_lost_while_nodes_join_leave_and_die(nodes):
+    """[CLUSTER-10] [CLUSTER-11] Four nodes with one backup, writers and pollers going through the
+    balancer: a node is added, one removed gracefully, one killed and removed by force, and the
+    owner of a collection killed in the middle of its writes and removed by force. After each:
+    every acknowledged object is on the owner and its backup, once, with its counter; pollers
+    saw no gap and no repeat; blobs are served."""
+    cluster = nodes(4, backups=1)
+    traffic = _Traffic(cluster.balancer, users=12)
+    steps = []
+    try:
+        time.sleep(1)
+        added = cluster.start_node()
+        answer = cluster.admin("/_cluster/nodes", {"url": added})
+        assert answer.status_code == 200 and added in answer.json()["nodes"], answer.text
+        steps.append(("added", answer.json()["handed_over"]))
+        time.sleep(1)
+        leaving = cluster.urls[1]
+        answer = cluster.admin("/_cluster/remove", {"url": leaving, "force": False})
+        assert answer.status_code == 200 and leaving not in answer.json()["nodes"], answer.text
+        steps.append(("removed", answer.json()["handed_over"]))
+        assert cluster.processes[leaving].poll() is None
+        assert not any(path.is_dir() for path in cluster.data[leaving].glob("*/*/*")), "the node left empty"
+        time.sleep(1)
+        dead = cluster.urls[2]
+        cluster.kill(dead)
+        time.sleep(1)
+        answer = cluster.admin("/_cluster/remove", {"url": dead, "force": True})
+        assert answer.status_code == 200 and dead not in answer.json()["nodes"], answer.text
+        steps.append(("killed and removed", answer.json()["handed_over"]))
+        time.sleep(1)
+        victim = cutout.placement(cluster.membership()["nodes"], "app.example", "user0@example.com")[0]
+        cluster.kill(victim)         # in the middle of its writes: they go on all the time
+        time.sleep(1)
+        answer = cluster.admin("/_cluster/remove", {"url": victim, "force": True})
+        assert answer.status_code == 200, answer.text
+        steps.append(("owner killed and removed", answer.json()["handed_over"]))
+        time.sleep(1)
+        traffic.pause()
+        _check_copies(cluster, traffic, pollers_done=False)
+        traffic.resume()
+    finally:
+        traffic.stop()
+    checked = _check_copies(cluster, traffic)
+    _check_blobs(cluster, traffic)
+    assert traffic.problems == []
+    assert all(len(acked) > 20 for acked in traffic.acked.values()), "every writer went on writing"
+    print(f"{checked} acknowledged writes checked on every copy after {steps}; refused on the way: "
+          f"{dict(traffic.refusals)}")
+
+
+def _quietly(call, *arguments):
+    with contextlib.suppress(requests.RequestException):
+        call(*arguments)
+
+
+def test_a_change_the_balancer_died_in_is_finished_by_asking_again(nodes):
+    """[CLUSTER-2] [CLUSTER-10] kill -9 of the balancer in the middle of adding a node: a balancer
+    started again serves the change in progress (the collections that move are 503 in_transit
+    meanwhile) and finishes it when the admin call is made again."""
+    cluster = nodes(3, backups=1)
+    traffic = _Traffic(cluster.balancer, users=16, pollers=4)
+    time.sleep(1)
+    traffic.pause()
+    for path in traffic.paths:          # 2.5 MB a collection, so that there is something to move
+        for batch in range(3):
+            big = [{"type": "bulk", "id": f"{batch}-{n}", "data": "x" * 4000} for n in range(200)]
+            since = traffic.acked[path][-1][0] if traffic.acked[path] else 0
+            answer = requests.post(cluster.balancer + path, params={"auth": traffic.tokens[path], "since": since},
+                                   json=big, timeout=60)
+            assert answer.status_code == 200, answer.text
+            traffic.acked[path] += list(zip(answer.json()["object_counters"], big))
+    traffic.resume()
+    added = cluster.start_node()
+    # Stopped, the third node holds the change up where the balancer gives the nodes the new
+    # membership: the first two have it, and the balancer is killed there.
+    held_up = cluster.urls[2]
+    cluster.signal(held_up, signal.SIGSTOP)
+    adding = threading.Thread(target=_quietly, args=(cluster.admin, "/_cluster/nodes", {"url": added}))
+    adding.start()
+    headers = {"Authorization": f"Bearer {cluster.secret}"}
+    for _ in range(500):
+        if "previous" in requests.get(cluster.urls[1] + "/_node/cluster", headers=headers, timeout=10).json():
+            break
+        time.sleep(0.01)
+    cluster.balancer_process.kill()
+    cluster.balancer_process.wait()
+    adding.join()
+    cluster.signal(held_up, signal.SIGCONT)
+    try:
+        cluster.balancer = traffic.balancer = cluster.start_balancer(cluster.urls[:1])
+        in_progress = cluster.membership()
+        assert in_progress["previous"] == cluster.urls and added in in_progress["nodes"], in_progress
+        moving = [path for path in traffic.paths
+                  if cutout.placement(in_progress["nodes"], "app.example", path.split("/")[2])[0] == added]
+        assert moving, "the new node takes some of the users"
+        waiting = requests.get(cluster.balancer + moving[0], params={"auth": traffic.tokens[moving[0]]}, timeout=30)
+        assert (waiting.status_code, waiting.json()["error"]) == (503, "in_transit")
+        assert waiting.headers["Retry-After"] == "1"
+        answer = cluster.admin("/_cluster/nodes", {"url": added})
+        assert answer.status_code == 200 and "previous" not in answer.json(), answer.text
+        time.sleep(1)
+    finally:
+        traffic.stop()
+    checked = _check_copies(cluster, traffic)
+    _check_blobs(cluster, traffic)
+    assert traffic.problems == []
+    print(f"{checked} acknowledged writes checked after a balancer died in a move of {len(moving)} collections; "
+          f"refused on the way: {dict(traffic.refusals)}")
 
 
 # ---------------------------------------------------------------- the command line refuses what cannot be right

@@ -103,7 +103,8 @@ CHAPTER_CODES = (
     "bad_filter", "bad_object", "unauthorized", "assertion_rejected", "verifier_unavailable",
     "bad_json", "too_large", "bad_blob", "range_not_satisfiable", "too_many_collections",
     "overloaded", "storage_error", "internal_error",
-    "misdirected", "node_unavailable", "stale_cluster",     # from a cluster (SPEC.md chapter 4)
+    "misdirected", "node_unavailable", "stale_cluster", "backup_unavailable", "in_transit", "change_in_progress",
+    "behind", "blobs_missing",      # from a cluster (SPEC.md chapter 4)
 )
 
 
