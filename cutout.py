@@ -676,6 +676,13 @@ class Snapshot:
             self._mapping.close()
         self._files.close()
 
+    def hide_after(self, counter):
+        """Show the records up to counter only, as if those after it were not there."""
+        if counter < self.last_counter:
+            self.record_count = self._first_entry_after(counter)
+            self.last_counter = counter
+            self.last_record_counter = self._files.entry(self.record_count - 1)[0] if self.record_count else 0
+
     def records_after(self, since=0, limit=None):
         """Iterate (counter, record) for records with counter > since, oldest first."""
         first = self._first_entry_after(since)
@@ -802,6 +809,9 @@ class UnwrittenSnapshot:
         pass
 
     def close(self):
+        pass
+
+    def hide_after(self, counter):
         pass
 
     def records_after(self, since=0, limit=None):
@@ -2439,6 +2449,7 @@ def _cut(sock):
         sock.shutdown(socket.SHUT_RDWR)
 
 
+NODE_HEAD_BYTES = 1 << 20     # bytes a write's copy between nodes may add to the write: framing, blob names
 MAX_VERIFY_BYTES = 16 << 10  # bytes of a /verify form: an assertion (an ID token is 1-2 KB) and an origin
 
 
@@ -2568,21 +2579,9 @@ def _collection(query_string, *raw_parts, write=False):
         db = _config().data_dir.collection(domain, user, bucket)
     except ValueError as error:
         raise ProtocolError("bad_path", str(error)) from None
-    _check_node_holds(db, write)
+    if _config().cluster:
+        _config().cluster.check(db, write)      # CLUSTER-5, CLUSTER-10
     return db, pairs
-
-
-def _check_node_holds(db, write):
-    """[CLUSTER-5] Refuse a request this node must not answer, [CLUSTER-10] or not yet."""
-    cluster = _config().cluster
-    if cluster is None:
-        return
-    misdirected = cluster.misdirected(db, write)
-    if misdirected:
-        raise ProtocolError("misdirected", misdirected)
-    if cluster.in_transit(db):
-        raise ProtocolError("in_transit", "this collection is moving between nodes: try again soon",
-                            headers={"Retry-After": str(RETRY_AFTER)})
 
 
 def _room_for(db):
@@ -2641,6 +2640,8 @@ def get_collection(domain, user, bucket):
     db, pairs = _collection(bottle.request.query_string, domain, user, bucket)
     query = parse_sync_query(pairs)
     with db.snapshot() as snapshot:     # an empty poll was answered by Front.empty_poll, if it could
+        if _config().cluster:
+            _config().cluster.hide_unpublished(db, snapshot)       # CLUSTER-8
         return _answer(*read_collection(snapshot, query, _config().limits))
 
 
@@ -2656,16 +2657,18 @@ def post_collection(domain, user, bucket):
     # host or proxy a client reaches the server by.
     names = (urllib.parse.unquote(part) for part in (domain, user, bucket))
     blob_base = "/" + "/".join(urllib.parse.quote(name, safe="") for name in names) + "/+static/"
-    stored = []
-    answer = write_collection(db, query, objects, limits, blob_base, still_here=_still_owner, stored=stored.extend)
-    if stored:
-        replicate(db, after=stored[0] - 1)      # CLUSTER-8
+    cluster = _config().cluster
+    if not cluster:
+        return _answer(*write_collection(db, query, objects, limits, blob_base))
+    # [CLUSTER-8] Answered once it is on the backups too; checked again under the writer
+    # lock, in case the membership changed meanwhile (CLUSTER-5).
+    with cluster.writing(db) as copy:
+        stored = []
+        answer = write_collection(db, query, objects, limits, blob_base,
+                                  still_here=functools.partial(cluster.check, write=True), stored=stored.extend)
+        if stored:
+            copy(after=stored[0] - 1)
     return _answer(*answer)
-
-
-def _still_owner(db):
-    """Checked again under the writer lock: a write that began before a move must not land after it."""
-    _check_node_holds(db, write=True)
 
 
 @app.delete("/<domain>/<user>/<bucket>")
@@ -2674,8 +2677,12 @@ def delete_collection_route(domain, user, bucket):
     db, _ = _collection(bottle.request.query_string, domain, user, bucket, write=True)
     reason = parse_reason(bytes(_body()), _config().limits)
     _room_for(db)
-    answer = delete_collection(db, reason, still_here=_still_owner)
-    replicate(db)       # CLUSTER-8
+    cluster = _config().cluster
+    if not cluster:
+        return _answer(*delete_collection(db, reason))
+    with cluster.writing(db) as copy:       # CLUSTER-8, as a POST
+        answer = delete_collection(db, reason, still_here=functools.partial(cluster.check, write=True))
+        copy(deleted=True)
     return _answer(*answer)
 
 
@@ -2897,8 +2904,8 @@ class Front:
     The server below asks it for those two apart, so that it can answer
     empty polls on its event loop and the rest on threads; for the most a
     request's body may hold, so that it refuses a larger one before reading
-    it (body_limit); and for the 503 it answers when too many requests are
-    in progress (overloaded).
+    it (body_limit); for the 503 it answers when too many requests are
+    in progress (overloaded), and which requests that limit does not count (exempt).
     """
 
     def __init__(self, application):
@@ -2961,6 +2968,18 @@ class Front:
     def overloaded(self, environ):
         return _overloaded(environ)
 
+    def exempt(self, environ):
+        """Whether a request is one of the cluster's own, which the server does not count against
+        --max-concurrent and runs on threads of its own: nodes that wait on each other (a write's
+        copy, CLUSTER-8) must never wait for a place behind the clients' requests that wait on them."""
+        return _raw_path(environ).startswith("/_node/") and _authorized(environ, _config().secret)
+
+
+def _authorized(environ, secret):
+    """Whether a request carries the cluster's secret (CLUSTER-3); a client's token never does."""
+    scheme, _, given = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), secret)
+
 
 def _body_limit(environ):
     """The most bytes the body of this request may have, known from its head (LIMIT-1, AUTH-1)."""
@@ -2970,6 +2989,8 @@ def _body_limit(environ):
         return MAX_VERIFY_BYTES
     if environ["REQUEST_METHOD"] == "POST" and len(path[1:].split("/")) == 3:
         return limits.max_post_bytes        # the objects, and the base64 of one largest blob
+    if path.startswith("/_node/"):
+        return limits.max_post_bytes + NODE_HEAD_BYTES      # a write's copy, or a blob's file (CLUSTER-8)
     return limits.max_body_bytes
 
 
@@ -3034,7 +3055,7 @@ class Membership:
     version: int
     nodes: tuple
     backups: int = 0
-    own_url: str = None     # "self": the node's own URL, as the balancer reaches it; None at the balancer
+    own_url: str = None     # "self": the node's own URL, as the balancer reaches it (in no list once it left)
     previous: tuple = None
     gone: tuple = ()
 
@@ -3054,7 +3075,7 @@ class Membership:
                 and type(backups) is int and 0 <= backups < len(nodes)
                 and (previous is None or node_list(previous) and backups < len(previous))
                 and isinstance(gone, list) and set(gone) <= set(previous or []) - set(nodes)
-                and (self_url is None or self_url in nodes or self_url in (previous or []))):
+                and (self_url is None or _node_url(self_url) == self_url)):
             raise ValueError("a membership needs a version >= 1, distinct node URLs, and fewer backups than nodes")
         return cls(version, tuple(nodes), backups, self_url, previous and tuple(previous), tuple(gone))
 
@@ -3086,7 +3107,10 @@ def _node_url(text):
     return f"{parts.scheme}://{parts.netloc}"
 
 
-HANDED_OVER_FILE = "handed-over"    # in a collection directory: the membership version it was handed over in
+# In a collection directory on a node of a cluster:
+HANDED_OVER_FILE = "handed-over"    # the membership version in which it was handed to this node (CLUSTER-10)
+UNPUBLISHED_FILE = "unpublished"    # the owner shows no record after this counter: not on every backup yet
+REPLICA_LOCK_FILE = "replica.lock"  # held while the owner brings the backups up to date
 
 
 class NodeCluster:
@@ -3130,11 +3154,6 @@ class NodeCluster:
             _fsync_dir(os.path.dirname(self.path))
         return membership
 
-    def leave(self):
-        """Forget the membership: this node is in no cluster any more."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
     def misdirected(self, db, write):
         """Why this node must not answer a client's request to db's collection (CLUSTER-5), or None.
 
@@ -3144,6 +3163,8 @@ class NodeCluster:
         membership = self.membership()
         if membership is None or membership.own_url is None:
             return None
+        if membership.own_url not in _members(membership):
+            return f"this node left the cluster: ask {', '.join(membership.nodes)}"
         domain, user, _ = _escaped_names(db)
         replicas = membership.replicas(domain, user)
         if write and replicas[0] != membership.own_url:
@@ -3167,15 +3188,98 @@ class NodeCluster:
             return True
 
 
+    def check(self, db, write):
+        """Refuse a client's request this node must not answer (CLUSTER-5), or not yet (CLUSTER-10)."""
+        misdirected = self.misdirected(db, write)
+        if misdirected:
+            raise ProtocolError("misdirected", misdirected)
+        if self.in_transit(db):
+            raise ProtocolError("in_transit", "this collection is moving between nodes: try again soon",
+                                headers={"Retry-After": str(RETRY_AFTER)})
+
+    @contextlib.contextmanager
+    def writing(self, db):
+        """[CLUSTER-8] Around a client's write to db's collection; yields copy(after=None, deleted=False),
+        which brings every backup up to this owner's copy once the write is durable, or raises 503.
+
+        after: the counter the write came after (its records go to the backups);
+        deleted: the collection was deleted (the backups fetch it whole). Until
+        the backups hold a write, the owner does not show it (hide_unpublished),
+        so that no client reads what a backup might not hold; a write they did
+        not all store stays hidden until the next write brings them up to date
+        first. One write of a collection is made and copied at a time.
+        """
+        membership = self.membership()
+        if membership is None or membership.own_url is None or not membership.backups:
+            yield lambda after=None, deleted=False: None
+            return
+        backups = membership.replicas(*_escaped_names(db)[:2])[1:]
+        unpublished_path, lock_path = (os.path.join(db.path, name) for name in (UNPUBLISHED_FILE, REPLICA_LOCK_FILE))
+        existed = db.exists()
+        _make_dirs_durably(db.path)
+        copying, hiding = [], []
+        try:
+            with open(lock_path, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                earlier = _read_counter(unpublished_path)
+                if earlier is not None:
+                    self._copy(db, backups, membership.own_url, earlier)
+                if db.exists():
+                    with db.snapshot(create=False) as snapshot:
+                        shown = snapshot.last_counter
+                else:
+                    shown = 0
+                _write_counter(unpublished_path, shown)
+                hiding.append(True)
+
+                def copy(after=None, deleted=False):
+                    copying.append(True)
+                    self._copy(db, backups, membership.own_url, shown if deleted else after, deleted)
+                yield copy
+        finally:
+            if hiding and not copying:      # nothing was written: nothing to hide, and no collection made
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(unpublished_path)
+                if not existed and not db.exists():
+                    with contextlib.suppress(OSError):
+                        os.unlink(lock_path)
+                        os.rmdir(db.path)
+
+    def _copy(self, db, backups, own_url, after, deleted=False):
+        """Bring the backups up to this copy, from after on (or whole); then show what they hold."""
+        try:
+            for backup in backups:
+                _bring_up_to_date(backup, own_url, db, None if deleted else after)
+        except (OSError, http.client.HTTPException, RuntimeError) as error:
+            log.warning("%s: a backup did not store a write: %s", db.path, error)
+            raise ProtocolError("backup_unavailable", "a backup of this collection did not store it: try again",
+                                headers={"Retry-After": str(RETRY_AFTER)}) from None
+        os.unlink(os.path.join(db.path, UNPUBLISHED_FILE))
+
+    def hide_unpublished(self, db, snapshot):
+        """Show a read only what every backup holds (CLUSTER-8)."""
+        unpublished = _read_counter(os.path.join(db.path, UNPUBLISHED_FILE))
+        if unpublished is not None:
+            snapshot.hide_after(unpublished)
+
+
+def _read_counter(path):
+    try:
+        with open(path) as file:
+            return int(file.read())
+    except FileNotFoundError:
+        return None
+
+
+def _write_counter(path, counter):
+    with open(path + ".new", "w") as file:
+        file.write(str(counter))
+    os.rename(path + ".new", path)
+
+
 def _escaped_names(db):
     """(domain, user, bucket) of a collection directory, as escape_name gave them (DISK-1)."""
     return tuple(db.path.rsplit(os.sep, 3)[1:])
-
-
-def _authorized(environ, secret):
-    """Whether a request carries the cluster's secret (CLUSTER-3); a client's token never does."""
-    scheme, _, given = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), secret)
 
 
 def _node_route(handler):
@@ -3219,7 +3323,6 @@ def node_cluster():
 # A name as escape_name() makes it (DISK-1), in node routes' paths.
 ESCAPED_NAME = re.compile(r"(?!\.)[A-Za-z0-9._@+%~-]{1,200}\Z")
 REPLICATE_TIMEOUT = 10          # seconds a backup may take to store a write's copy
-REPLICATE_MAX_BYTES = 8 << 20   # of records sent at once; a backup further behind fetches the whole collection
 COPY_TIMEOUT = 600              # seconds a node may take to send or fetch a whole collection
 NUMBERED_RECORD = struct.Struct(">QI")      # counter, length; then the record's bytes
 
@@ -3236,26 +3339,6 @@ def _node_path(route, db):
     return f"/_node/{route}/" + "/".join(urllib.parse.quote(name, safe="") for name in _escaped_names(db))
 
 
-def replicate(db, after=None):
-    """[CLUSTER-8] Bring every backup of db's collection up to this copy, or raise 503.
-
-    after: the counter the write that calls this came after (None for a
-    delete): the backups get the records after it, or fetch the whole.
-    """
-    cluster = _config().cluster
-    membership = cluster and cluster.membership()
-    if membership is None or membership.own_url is None:
-        return
-    backups = membership.replicas(*_escaped_names(db)[:2])[1:]
-    try:
-        for backup in backups:
-            _bring_up_to_date(backup, membership.own_url, db, after)
-    except (OSError, http.client.HTTPException, RuntimeError) as error:
-        log.warning("%s: a backup did not store a write: %s", db.path, error)
-        raise ProtocolError("backup_unavailable", "a backup of this collection did not store it: try again",
-                            headers={"Retry-After": str(RETRY_AFTER)}) from None
-
-
 def _bring_up_to_date(backup, own_url, db, after):
     """Send backup the records after `after`, and the blobs they name that it lacks; or have it fetch all."""
     secret = _config().secret
@@ -3263,16 +3346,17 @@ def _bring_up_to_date(backup, own_url, db, after):
         if after is None:
             break
         with db.snapshot() as snapshot:
-            collection_id, numbered, size = snapshot.collection_id, [], 0
+            collection_id, numbered, names, size = snapshot.collection_id, [], [], 0
             for counter, record in snapshot.records_after(after):
                 numbered.append((counter, bytes(record)))
-                size += len(record)
-                if size > REPLICATE_MAX_BYTES:
+                name = _blob_name_of(numbered[-1][1])
+                if name and blob_info(db, name) is not None:
+                    names.append(name)
+                size += NUMBERED_RECORD.size + len(record) + (len(name) + 4 if name else 0)
+                if size > _config().limits.max_post_bytes:
                     break
-        if size > REPLICATE_MAX_BYTES:
-            break
-        names = [name for name in map(_blob_name_of, (record for _, record in numbered))
-                 if name and blob_info(db, name) is not None]
+        if size > _config().limits.max_post_bytes:
+            break       # more than one write's worth: the backup fetches the whole
         head = json.dumps({"after": after, "collection_id": collection_id, "blobs": names}).encode()
         body = b"".join([head, b"\n", *(NUMBERED_RECORD.pack(counter, len(record)) + record
                                          for counter, record in numbered)])
@@ -3314,7 +3398,7 @@ def _send_blob(backup, db, name):
 def node_replicate(domain, user, bucket):
     """[CLUSTER-8] A backup stores the records its owner sends, with their counters."""
     db = _copy_db(domain, user, bucket)
-    head, _, packed = bytes(_body(REPLICATE_MAX_BYTES + _config().limits.max_object_bytes + 65536)).partition(b"\n")
+    head, _, packed = bytes(_body(_config().limits.max_post_bytes + NODE_HEAD_BYTES)).partition(b"\n")
     try:
         head = json.loads(head)
         after, collection_id, names = head["after"], head["collection_id"], head["blobs"]
@@ -3350,6 +3434,7 @@ def node_replicate(domain, user, bucket):
         ended.prune(secret)
     try:
         last_counter = db.append_copied(numbered, after, collection_id, place_blobs, prune_blobs)
+        _forget_unpublished(db)
     except AppendConflict as behind:
         return _answer(ERRORS["behind"], json.dumps({"error": "behind", "last_counter": behind.last_counter,
                                                      "message": "fetch the whole collection"}).encode())
@@ -3363,7 +3448,7 @@ def node_blob(domain, user, bucket, name):
     db, match = _copy_db(domain, user, bucket), BLOB_NAME.match(name)
     if match is None:
         raise ProtocolError("bad_path", "not a blob's name")
-    body = _body(BLOB_HEADER_SIZE + _config().limits.max_blob_bytes)
+    body = _body(_config().limits.max_post_bytes + NODE_HEAD_BYTES)
     path = os.path.join(db.blobs_path, *match.groups())
     try:
         sent = BlobInfo.decode(bytes(body[:BLOB_HEADER_SIZE]), path)
@@ -3442,10 +3527,17 @@ def fetch_copy(db, source, last_counter):
         if answer.status != 200:
             raise ProtocolError("node_unavailable", f"{source} did not send the collection: {answer.status}")
         import_collection(db, answer, copy=True)
+        _forget_unpublished(db)
     except (OSError, http.client.HTTPException) as error:
         raise ProtocolError("node_unavailable", f"{source} did not send the collection: {error}") from None
     finally:
         connection.close()
+
+
+def _forget_unpublished(db):
+    """A copy this node was sent holds what it holds: what it left unpublished as an owner is past."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(db.path, UNPUBLISHED_FILE))
 
 
 def _mark_handed_over(db, version):
@@ -3485,7 +3577,8 @@ def node_hand_over():
             if target == after[0]:
                 query["version"] = membership.version
             if target == own:
-                _mark_handed_over(db, str(membership.version))
+                if "version" in query:
+                    _mark_handed_over(db, str(membership.version))
                 continue
             status, answer = _node_call(target, "POST", _node_path("fetch", db) + "?" + urllib.parse.urlencode(query),
                                         secret, timeout=COPY_TIMEOUT)
@@ -3512,8 +3605,16 @@ def node_clean():
 @app.post("/_node/leave")
 @_node_route
 def node_leave():
-    """[CLUSTER-10] Leave the cluster: forget the membership and delete every collection."""
-    _config().cluster.leave()
+    """[CLUSTER-10] Leave the cluster: keep its membership, which does not name this node, so that
+    every client request is refused (CLUSTER-5), and delete every collection."""
+    try:
+        given = Membership.from_json(parse_json_body(bytes(_body()), _config().limits))
+    except ValueError as error:
+        raise ProtocolError("bad_request", str(error)) from None
+    if given.own_url is None or given.own_url in _members(given):
+        raise ProtocolError("bad_request", "a node leaves with a membership that does not name it")
+    if _config().cluster.store(given) != given:
+        raise ProtocolError("stale_cluster", f"this node has version {_config().cluster.membership().version}")
     removed = 0
     for db in list(_config().data_dir.collections()):
         shutil.rmtree(db.path)
@@ -3576,6 +3677,7 @@ class Balancer:
         self._idle = collections.defaultdict(list)      # node -> [(connection, idle since)], none in use
         self._idle_lock = threading.Lock()
         self._admin_lock = threading.Lock()
+        self._membership_lock = threading.Lock()
 
     def empty_poll(self, environ):
         return None             # every request goes to a node
@@ -3585,6 +3687,11 @@ class Balancer:
 
     def overloaded(self, environ):
         return _overloaded(environ)
+
+    def exempt(self, environ):
+        """The admin API is exempt, as a node's routes are (Front.exempt): a change waits on the nodes."""
+        path = _raw_path(environ)
+        return (path == "/_cluster" or path.startswith("/_cluster/")) and _authorized(environ, self.secret)
 
     def dispatch(self, environ, start_response):
         path = _raw_path(environ)
@@ -3635,16 +3742,15 @@ class Balancer:
         return placement(self.membership.nodes, path, "")[:1]
 
     def refresh(self):
-        """Take the newest membership the nodes keep; its version."""
-        newest = self.membership
+        """Take the newest membership the nodes keep, if it is newer than the one served; its version."""
         for node in _members(self.membership):
             with contextlib.suppress(OSError, LookupError, RuntimeError, ValueError, http.client.HTTPException):
                 kept = Membership.from_json(_node_request(node, "GET", "/_node/cluster", self.secret,
                                                           timeout=REFRESH_TIMEOUT))
-                if kept.version > newest.version:
-                    newest = dataclasses.replace(kept, own_url=None)
-        self.membership = newest
-        return newest.version
+                with self._membership_lock:     # an admin change may have served a newer one meanwhile
+                    if kept.version > self.membership.version:
+                        self.membership = dataclasses.replace(kept, own_url=None)
+        return self.membership.version
 
     def send(self, node, environ):
         """Send the request to node: (the connection, the node's answer, its head read)."""
@@ -3763,7 +3869,9 @@ class Balancer:
         elif add == (url in membership.nodes):
             membership = None       # done before: only the old copies may be left to delete
         elif add:
-            self._ask(url, "POST", "/_node/leave")      # a node that joins holds nothing from an earlier time
+            # A node that joins holds nothing from an earlier time, and refuses every client until it
+            # is given the new membership, first of all the nodes.
+            self._ask(url, "POST", "/_node/leave", {**membership.to_json(), "self": url})
             membership = Membership(membership.version + 1, (*membership.nodes, url), membership.backups,
                                     previous=membership.nodes)
             self._give(membership)
@@ -3782,16 +3890,22 @@ class Balancer:
             self._give(final)
             for node in _members(membership):
                 if node not in final.nodes:
-                    self._ask(node, "POST", "/_node/leave")
+                    self._ask(node, "POST", "/_node/leave", {**final.to_json(), "self": node})
         for node in self.membership.nodes:
             self._ask(node, "POST", "/_node/clean")
         return handed
 
     def _give(self, membership):
-        """Give every node of membership the membership; then the balancer serves it."""
-        for node in _members(membership):
+        """Give every node of membership the membership; then the balancer serves it.
+
+        Nodes that join get it first: once another node has it, a balancer that
+        asks may send their collections' requests to them (CLUSTER-2).
+        """
+        joining = [node for node in membership.nodes if node not in (membership.previous or membership.nodes)]
+        for node in joining + [node for node in _members(membership) if node not in joining]:
             self._ask(node, "PUT", "/_node/cluster", {**membership.to_json(), "self": node})
-        self.membership = dataclasses.replace(membership, own_url=None)
+        with self._membership_lock:
+            self.membership = dataclasses.replace(membership, own_url=None)
 
     def _ask(self, node, method, path, value=None):
         try:
@@ -3918,6 +4032,7 @@ LINGER_TIMEOUT = 2            # seconds a refused client may go on sending befor
 STOP_TIMEOUT = 0.8            # seconds requests in progress get to finish when the server stops;
                               # an answer not ready by then is not sent (the client asks again)
 KILL_TIMEOUT = 3              # seconds a stopping worker gets before it is killed
+EXEMPT_THREADS = 32           # per worker, for the cluster's own requests (Front.exempt)
 MAX_CONNECTIONS = 10_000      # per worker process; each costs a few KB and one or two file descriptors
 FILES_PER_CONNECTION = 2      # its socket, and the blob file it may be downloading
 MIN_CONNECTIONS = 64          # per worker: fewer file descriptors than that allow is no server
@@ -4065,7 +4180,7 @@ class _Worker:
         self.in_progress, self.index = in_progress, index
         self.max_concurrent, self.max_connections = limits
         self.connections = set()
-        self.loop = self.threads = self.listener = None
+        self.loop = self.threads = self.exempt_threads = self.listener = None
         self.stopping = False
         self.date = email.utils.formatdate(usegmt=True)
 
@@ -4074,6 +4189,7 @@ class _Worker:
         self.parent = os.getppid()
         self.loop = asyncio.new_event_loop()
         self.threads = concurrent.futures.ThreadPoolExecutor(self.max_concurrent, thread_name_prefix="request")
+        self.exempt_threads = concurrent.futures.ThreadPoolExecutor(EXEMPT_THREADS, thread_name_prefix="cluster")
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(signum, self.stop)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
@@ -4138,6 +4254,7 @@ class _Connection(asyncio.Protocol):
         self.deadline = worker.loop.time() + IDLE_TIMEOUT
         self.request = self.body = self.answer = self.chunks = None
         self.admitted = False           # counted in progress (Worker.admit)
+        self.exempt = False             # a request of the cluster's own (Front.exempt)
         self.body_limit = 0             # bytes the body being read may have (Front.body_limit)
         self.writing_paused = False
         self.input_ended = False        # the client will send nothing more (it half-closed)
@@ -4269,11 +4386,13 @@ class _Connection(asyncio.Protocol):
         if request.length > self.body_limit:
             # [LIMIT-1] Refused before any of it is read; what follows cannot be read as a request.
             raise ProtocolError("too_large", f"the body is larger than {self.body_limit} bytes")
-        if not worker.admit():
-            self.unread_body = request.has_body
-            self._send(*worker.front.overloaded(request.environ))
-            return True
-        self.admitted = True
+        self.exempt = worker.front.exempt(request.environ)
+        if not self.exempt:
+            if not worker.admit():
+                self.unread_body = request.has_body
+                self._send(*worker.front.overloaded(request.environ))
+                return True
+            self.admitted = True
         if request.has_body:
             self._start_body()
         return False
@@ -4360,7 +4479,8 @@ class _Connection(asyncio.Protocol):
         else:
             request.environ["wsgi.input"] = io.BytesIO()
         self.state = "busy"
-        self.worker.threads.submit(self._call_application, request.environ)
+        threads = self.worker.exempt_threads if self.exempt else self.worker.threads
+        threads.submit(self._call_application, request.environ)
 
     def _call_application(self, environ):
         """Run the WSGI application on a thread, and hand its answer to the loop."""
