@@ -123,6 +123,7 @@ class Sizes:
     idle_sockets: int = 500         #    sockets that connect and send nothing
     slowloris: int = 200            #    sockets that trickle a request head
     fresh_every: float = 0.5        #    seconds between fresh clients' login + hello
+    move_mb: int = 100              # 11. megabytes of the collection moved to a node that joins
 
 
 FULL = Sizes()
@@ -130,7 +131,7 @@ QUICK = Sizes(big=100_000, small=100, newest_reads=500, append_batches=30,
               read_all=10_000, gc_keys=10_000,
               http_warmup=0.2, http_rounds=3, http_round=0.5,
               catchup_small=1_000, catchup_big=10_000, blob_bytes=1_000_000,
-              devices=200, device_users=50, device_seconds=8.0, idle_sockets=100, slowloris=40)
+              devices=200, device_users=50, device_seconds=8.0, idle_sockets=100, slowloris=40, move_mb=10)
 
 
 ###############################################################################
@@ -1153,42 +1154,127 @@ def many_devices(root, sizes):
 
 def through_the_balancer(root, sizes):
     n = sizes.http_connections
-    section("10. HTTP: through the balancer, vs straight to the node behind it")
-    log_dir, data_dir = os.path.join(root, "logs"), os.path.join(root, "http-10")
+    section("10. HTTP: through the balancer, vs straight to the node behind it, vs a node in no cluster")
+    log_dir = os.path.join(root, "logs")
     os.makedirs(log_dir, exist_ok=True)
-    secret_file = os.path.join(root, "cluster-secret")
-    with open(secret_file, "w") as file:
-        file.write(secrets.token_hex(32) + "\n")
-    node_port, balancer_port = unused_port(), unused_port()
+    secret_file = cluster_secret(root)
     with contextlib.ExitStack() as stack:
-        node = stack.enter_context(contextlib.closing(ServerProcess(
-            "a node", [sys.executable, cutout.__file__, "--host", HOST, "--port", str(node_port), "--data-dir",
-                       data_dir, "--secret-file", secret_file], node_port, os.path.join(log_dir, "node.log"))))
-        balancer = stack.enter_context(contextlib.closing(ServerProcess(
-            "the balancer", [sys.executable, cutout.__file__, "balancer", "--host", HOST, "--port", str(balancer_port),
-                             "--node", f"http://{HOST}:{node_port}", "--secret-file", secret_file],
-            balancer_port, os.path.join(log_dir, "balancer.log"))))
-        polls = interleaved([LoadSide("balancer", balancer, [{"request": empty_poll(balancer, "poll-b")}] * n, 204),
-                             LoadSide("node", node, [{"request": empty_poll(node, "poll-n")}] * n, 204)], sizes)
+        owner, backup, single = (stack.enter_context(contextlib.closing(start_node(root, name, secret_file)))
+                                 for name in ("node-a", "node-b", "single"))
+        nodes = [f"http://{HOST}:{owner.port}", f"http://{HOST}:{backup.port}"]
+        if cutout.placement(nodes, DOMAIN, USER)[0] != nodes[0]:
+            owner, backup = backup, owner       # the node every request of USER goes to
+        balancer = stack.enter_context(contextlib.closing(start_balancer(root, nodes, secret_file, backups=1)))
+        targets = ((balancer, "balancer"), (owner, "owner"), (single, "single node"))
+        polls = interleaved([LoadSide(name, server, [{"request": empty_poll(server, f"poll-{i}")}] * n, 204)
+                             for i, (server, name) in enumerate(targets)], sizes)
         sides = []
-        for server, name in ((balancer, "balancer"), (node, "node")):
+        for i, (server, name) in enumerate(targets):
             setup = Client(server.port)
-            buckets = [f"posts-{name}-{i}" for i in range(n)]
-            posts = post_plans(Api(server), setup, buckets, objects_body(0, 10).decode())
+            posts = post_plans(Api(server), setup, [f"posts-{i}-{j}" for j in range(n)], objects_body(0, 10).decode())
             setup.close()
             sides.append(LoadSide(name, server, posts, 200))
         posted = interleaved(sides, sizes)
-        print(f"  empty polls ({n} keep-alive connections, as in 5; CPU/req: the balancer's, or the node's):")
-        print(polls[0].line("balancer"))
-        print(polls[1].line("node"))
-        result("balancer/node req/s", polls[0].rate / polls[1].rate)
-        print("  POST of 10 objects (as in 6):")
-        print(posted[0].line("balancer", 10, "obj/s"))
-        print(posted[1].line("node", 10, "obj/s"))
-        result("balancer/node objects/s", posted[0].rate / posted[1].rate)
+        print(f"  empty polls ({n} keep-alive connections, as in 5; CPU/req: that server's):")
+        for figures, (_, name) in zip(polls, targets):
+            print(figures.line(name))
+        result("balancer/owner req/s", polls[0].rate / polls[1].rate)
+        print("  POST of 10 objects (as in 6), each stored on the owner and its backup before it is answered,")
+        print("  except on the single node:")
+        for figures, (_, name) in zip(posted, targets):
+            print(figures.line(name, 10, "obj/s"))
+        result("balancer/owner objects/s", posted[0].rate / posted[1].rate)
+        result("owner with a backup/single node objects/s", posted[1].rate / posted[2].rate)
         report_devices("through the balancer (as in 9; server CPU: the balancer's)",
                        devices_run(balancer, device_polls(balancer, sizes), 204, "cutout", sizes), sizes)
-    print("  The balancer, the node and the clients share this machine's cores.", flush=True)
+    print("  The balancer, the nodes and the clients share this machine's cores.", flush=True)
+
+
+def moving_a_collection(root, sizes):
+    section(f"11. A cluster: moving a collection of {sizes.move_mb} MB to a node that joins")
+    log_dir = os.path.join(root, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    secret_file = cluster_secret(root)
+    with contextlib.ExitStack() as stack:
+        first, second = (stack.enter_context(contextlib.closing(start_node(root, name, secret_file)))
+                         for name in ("move-a", "move-b"))
+        nodes = [f"http://{HOST}:{first.port}", f"http://{HOST}:{second.port}"]
+        joining_port = unused_port()
+        joining = f"http://{HOST}:{joining_port}"
+        # A user the joining node will own, and one that stays where it is.
+        mover = next(user for user in (f"mover{n}@example.com" for n in itertools.count())
+                     if cutout.placement([*nodes, joining], DOMAIN, user)[0] == joining)
+        stayer = next(user for user in (f"stayer{n}@example.com" for n in itertools.count())
+                      if cutout.placement([*nodes, joining], DOMAIN, user)[0] != joining)
+        balancer = stack.enter_context(contextlib.closing(start_balancer(root, nodes, secret_file, backups=1)))
+        client, api = Client(balancer.port), Api(balancer, mover)
+        collection_id, since = api.hello(client, "big")
+        records = (250 << 10) // RECORD_SIZE        # ~250 KB bodies
+        while since * RECORD_SIZE < sizes.move_mb << 20:
+            since = api.post(client, "big", collection_id, since, objects_body(since, records))
+        client.close()
+        stay = Api(balancer, stayer)
+        setup = Client(balancer.port)
+        stay_id, stay_since = stay.hello(setup, "notes")
+        stay_since = stay.post(setup, "notes", stay_id, stay_since, objects_body(0, 1))
+        setup.close()
+        stack.enter_context(contextlib.closing(start_node(root, "move-c", secret_file, joining_port)))
+        answers, stop = [], threading.Event()
+
+        def poll_elsewhere():       # another user's device, polling through the balancer during the move
+            device = Client(balancer.port)
+            while not stop.is_set():
+                began = time.perf_counter()
+                status, _ = device.request("GET", stay.path("notes", since=stay_since, collection_id=stay_id))
+                answers.append((status, time.perf_counter() - began))
+                time.sleep(0.01)
+            device.close()
+        poller = threading.Thread(target=poll_elsewhere)
+        poller.start()
+        admin = Client(balancer.port)
+        began = time.perf_counter()
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {read_secret(secret_file)}"}
+        status, body = admin.request("POST", "/_cluster/nodes", json.dumps({"url": joining}).encode(), headers)
+        took = time.perf_counter() - began
+        stop.set()
+        poller.join()
+        admin.close()
+        expect(status, body, 200, "adding a node")
+        latencies = sorted(seconds for status, seconds in answers if status == 204)
+        print(f"  {since * RECORD_SIZE / 1e6:.0f} MB in {since} records moved to the node that joined "
+              f"in {took:.1f} s: {since * RECORD_SIZE / 1e6 / took:.1f} MB/s")
+        print(f"  another user's device polling through the balancer meanwhile: {len(answers)} polls, "
+              f"{len(latencies)} answered 204, p50 {_at(latencies, 50):.1f} ms, "
+              f"max {max(latencies, default=0) * 1e3:.1f} ms, other answers: "
+              f"{sorted(status for status, _ in answers if status != 204) or 'none'}", flush=True)
+
+
+def cluster_secret(root):
+    path = os.path.join(root, "cluster-secret")
+    if not os.path.exists(path):
+        with open(path, "w") as file:
+            file.write(secrets.token_hex(32) + "\n")
+    return path
+
+
+def read_secret(path):
+    with open(path) as file:
+        return file.read().strip()
+
+
+def start_node(root, name, secret_file, port=None):
+    port = port or unused_port()
+    return ServerProcess(f"node {name}", [sys.executable, cutout.__file__, "--host", HOST, "--port", str(port),
+                                          "--data-dir", os.path.join(root, f"http-{name}"), "--secret-file",
+                                          secret_file], port, os.path.join(root, "logs", f"{name}.log"))
+
+
+def start_balancer(root, nodes, secret_file, backups):
+    port = unused_port()
+    return ServerProcess("the balancer", [sys.executable, cutout.__file__, "balancer", "--host", HOST, "--port",
+                                          str(port), "--backups", str(backups), "--secret-file", secret_file,
+                                          *itertools.chain.from_iterable(("--node", node) for node in nodes)],
+                         port, os.path.join(root, "logs", "balancer.log"))
 
 
 def device_polls(server, sizes):
@@ -1637,7 +1723,7 @@ def main(argv=None):
     parser.add_argument("--dir", default="./bench-data", help="where the collections go (default ./bench-data)")
     parser.add_argument("--quick", action="store_true", help="sizes 10x smaller and shorter runs, for a smoke run")
     parser.add_argument("--keep", action="store_true", help="leave DIR in place at the end")
-    parser.add_argument("--only", type=int, choices=range(1, 11), action="append",
+    parser.add_argument("--only", type=int, choices=range(1, 12), action="append",
                         help="run only workload N (repeatable)")
     parser.add_argument("--load", metavar="SPEC", help=argparse.SUPPRESS)      # the children that are clients
     parser.add_argument("--devices", metavar="SPEC", help=argparse.SUPPRESS)
@@ -1659,7 +1745,8 @@ def main(argv=None):
     started = time.perf_counter()
     try:
         workloads = (newest_of_big_vs_small, durable_appends, read_all, garbage_collection,
-                     empty_polls, newest_and_posts, catch_up, blobs, many_devices, through_the_balancer)
+                     empty_polls, newest_and_posts, catch_up, blobs, many_devices, through_the_balancer,
+                     moving_a_collection)
         for number, workload in enumerate(workloads, 1):
             if not args.only or number in args.only:
                 workload(root, sizes)

@@ -3064,7 +3064,7 @@ class Membership:
         """A Membership from its JSON form; ValueError if it is not one."""
         names = ("version", "nodes", "backups", "self", "previous", "gone")
         if not isinstance(value, dict) or set(value) - set(names):
-            raise ValueError("a membership is {\"version\", \"nodes\", \"backups\"[, \"self\", \"previous\", \"gone\"]}")
+            raise ValueError('a membership is {"version", "nodes", "backups"[, "self", "previous", "gone"]}')
         version, nodes, backups, self_url, previous, gone = (value.get(name) for name in names)
         gone = [] if gone is None else gone
 
