@@ -3028,6 +3028,7 @@ def _error_answer_parts(error, headers=()):
 # the collections that change nodes to their new owners (CLUSTER-10).
 
 CLUSTER_FILE = ".cluster.json"    # in a node's data directory: the membership it was last given
+PLACEMENTS_CACHED = 100_000         # users whose nodes a process remembers: each took 3 hashes and a sort
 
 
 def placement(nodes, domain, user):
@@ -3038,10 +3039,15 @@ def placement(nodes, domain, user):
     app share their nodes, so that a node can count them (LIMIT-2) and a user's data
     moves together.
     """
+    return _placement(tuple(nodes), domain, user)
+
+
+@functools.lru_cache(maxsize=PLACEMENTS_CACHED)
+def _placement(nodes, domain, user):
     def weight(node):
         key = json.dumps([node, domain, user], ensure_ascii=False).encode()
         return hashlib.sha256(key).digest()[:8]
-    return sorted(nodes, key=weight, reverse=True)
+    return tuple(sorted(nodes, key=weight, reverse=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3154,46 +3160,15 @@ class NodeCluster:
             _fsync_dir(os.path.dirname(self.path))
         return membership
 
-    def misdirected(self, db, write):
-        """Why this node must not answer a client's request to db's collection (CLUSTER-5), or None.
-
-        A node answers a write only to a collection it owns, and a read only of
-        one it owns or backs up; a node outside any cluster, all.
-        """
-        membership = self.membership()
-        if membership is None or membership.own_url is None:
-            return None
-        if membership.own_url not in _members(membership):
-            return f"this node left the cluster: ask {', '.join(membership.nodes)}"
-        domain, user, _ = _escaped_names(db)
-        replicas = membership.replicas(domain, user)
-        if write and replicas[0] != membership.own_url:
-            return f"this collection's writes go to {replicas[0]}"
-        if not write and membership.own_url not in replicas:
-            return f"this node holds no copy of this collection: ask {replicas[0]}"
-        return None
-
-    def in_transit(self, db):
-        """Whether db's collection is being handed to this node, and not yet here (CLUSTER-10)."""
-        membership = self.membership()
-        if membership is None or membership.previous is None:
-            return False
-        domain, user, _ = _escaped_names(db)
-        if membership.source(domain, user) == membership.own_url == membership.previous_replicas(domain, user)[0]:
-            return False        # the owner before the change, and after it: nothing moves
-        try:
-            with open(os.path.join(db.path, HANDED_OVER_FILE)) as marker:
-                return marker.read().strip() != str(membership.version)
-        except FileNotFoundError:
-            return True
-
-
     def check(self, db, write):
         """Refuse a client's request this node must not answer (CLUSTER-5), or not yet (CLUSTER-10)."""
-        misdirected = self.misdirected(db, write)
+        membership = self.membership()
+        if membership is None or membership.own_url is None:
+            return      # in no cluster: it answers everything
+        misdirected = _misdirected(membership, db, write)
         if misdirected:
             raise ProtocolError("misdirected", misdirected)
-        if self.in_transit(db):
+        if membership.previous is not None and _in_transit(membership, db):
             raise ProtocolError("in_transit", "this collection is moving between nodes: try again soon",
                                 headers={"Retry-After": str(RETRY_AFTER)})
 
@@ -3261,6 +3236,32 @@ class NodeCluster:
         unpublished = _read_counter(os.path.join(db.path, UNPUBLISHED_FILE))
         if unpublished is not None:
             snapshot.hide_after(unpublished)
+
+
+def _misdirected(membership, db, write):
+    """Why this node must not answer a client's request to db's collection (CLUSTER-5), or None:
+    it answers a write only to a collection it owns, and a read only of one it owns or backs up."""
+    own = membership.own_url
+    if own not in membership.nodes and own not in (membership.previous or ()) or own in membership.gone:
+        return f"this node left the cluster: ask {', '.join(membership.nodes)}"
+    replicas = membership.replicas(*_escaped_names(db)[:2])
+    if write and replicas[0] != own:
+        return f"this collection's writes go to {replicas[0]}"
+    if not write and own not in replicas:
+        return f"this node holds no copy of this collection: ask {replicas[0]}"
+    return None
+
+
+def _in_transit(membership, db):
+    """Whether db's collection is being handed to this node, and not yet here (CLUSTER-10)."""
+    domain, user, _ = _escaped_names(db)
+    if membership.source(domain, user) == membership.own_url == membership.previous_replicas(domain, user)[0]:
+        return False        # the owner before the change, and after it: nothing moves
+    try:
+        with open(os.path.join(db.path, HANDED_OVER_FILE)) as marker:
+            return marker.read().strip() != str(membership.version)
+    except FileNotFoundError:
+        return True
 
 
 def _read_counter(path):

@@ -2659,11 +2659,23 @@ def test_nodes_answer_only_for_their_collections_and_cluster_routes_need_the_sec
                 assert (read.status_code, read.json()["error"]) == (421, "misdirected")
                 assert (post.status_code, post.json()["error"]) == (421, "misdirected")
                 assert owner in post.json()["message"]
-        for url in [f"{node}/_node/cluster" for node in nodes] + [f"{balancer}/_cluster"]:
+        names = "app.example/ann@example.com/notes"
+        node_routes = [("GET", "cluster"), ("PUT", "cluster"), ("POST", f"replicate/{names}"),
+                       ("PUT", f"blob/{names}/{'0' * 32}-{'0' * 32}"), ("GET", f"copy/{names}"),
+                       ("GET", f"state/{names}"), ("POST", f"fetch/{names}?from={nodes[0]}&last_counter=1"),
+                       ("POST", "hand-over"), ("POST", "clean"), ("POST", "leave")]
+        routes = [(method, f"{node}/_node/{route}") for node in nodes for method, route in node_routes]
+        routes += [("GET", f"{balancer}/_cluster"), ("POST", f"{balancer}/_cluster/nodes"),
+                   ("POST", f"{balancer}/_cluster/remove")]
+        for method, url in routes:
             for headers, params in (({}, {}), ({"Authorization": f"Bearer {token}"}, {}), ({}, {"auth": token}),
                                     ({"Authorization": f"Bearer {secret}x"}, {})):
-                refused = requests.get(url, headers=headers, params=params, timeout=10)
-                assert (refused.status_code, refused.json()["error"]) == (401, "unauthorized"), url
+                refused = requests.request(method, url, headers=headers, params=params, timeout=10,
+                                           json={"url": nodes[0], "version": 9, "nodes": nodes, "backups": 0})
+                assert (refused.status_code, refused.json()["error"]) == (401, "unauthorized"), (method, url)
+        assert requests.get(f"{owner}{path}", params={"auth": token}, timeout=10).status_code == 200, \
+            "nothing the refused calls asked for was done"
+        for url in [f"{node}/_node/cluster" for node in nodes] + [f"{balancer}/_cluster"]:
             allowed = requests.get(url, headers={"Authorization": f"Bearer {secret}"}, timeout=10)
             assert allowed.status_code == 200 and allowed.json()["nodes"] == nodes
         through = requests.get(f"{balancer}/_node/cluster", headers={"Authorization": f"Bearer {secret}"}, timeout=10)
