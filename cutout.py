@@ -2185,8 +2185,8 @@ def write_collection(db, query, objects, limits, blob_base="/", still_here=None,
 
     query is parse_sync_query(..., post=True)'s, so it has a since (POST-1). blob_base is
     the path under which the collection's blobs are served (BLOB-2). still_here(db), if
-    given, is called under the writer lock and may raise to refuse the write; stored(counters)
-    once it is durable.
+    given, is called under the writer lock and may raise to refuse the write; stored([(counter,
+    record)]) once it is durable.
     """
     # [POST-7] Without a collection_id (as in the 2012 protocol) the objects go to the current
     # collection, and every answer says which that is.
@@ -2222,7 +2222,7 @@ def write_collection(db, query, objects, limits, blob_base="/", still_here=None,
     finally:
         blobs.discard()     # uploads of a refused POST
     if stored is not None and counters:
-        stored(counters)
+        stored(list(zip(counters, records)))
     # [POST-3] Stored, in order: one counter per object.
     answer = {"object_counters": counters}
     if query.collection_id is None:
@@ -2665,9 +2665,9 @@ def post_collection(domain, user, bucket):
     with cluster.writing(db) as copy:
         stored = []
         answer = write_collection(db, query, objects, limits, blob_base,
-                                  still_here=functools.partial(cluster.check, write=True), stored=stored.extend)
+                                  still_here=functools.partial(cluster.check, write=True), stored=stored.append)
         if stored:
-            copy(after=stored[0] - 1)
+            copy(after=stored[0][0][0] - 1, numbered=stored[0])
     return _answer(*answer)
 
 
@@ -3186,7 +3186,7 @@ class NodeCluster:
         """
         membership = self.membership()
         if membership is None or membership.own_url is None or not membership.backups:
-            yield lambda after=None, deleted=False: None
+            yield lambda after=None, deleted=False, numbered=None: None
             return
         backups = membership.replicas(*_escaped_names(db)[:2])[1:]
         unpublished_path, lock_path = (os.path.join(db.path, name) for name in (UNPUBLISHED_FILE, REPLICA_LOCK_FILE))
@@ -3207,9 +3207,9 @@ class NodeCluster:
                 _write_counter(unpublished_path, shown)
                 hiding.append(True)
 
-                def copy(after=None, deleted=False):
+                def copy(after=None, deleted=False, numbered=None):
                     copying.append(True)
-                    self._copy(db, backups, membership.own_url, shown if deleted else after, deleted)
+                    self._copy(db, backups, membership.own_url, shown if deleted else after, deleted, numbered)
                 yield copy
         finally:
             if hiding and not copying:      # nothing was written: nothing to hide, and no collection made
@@ -3220,11 +3220,14 @@ class NodeCluster:
                         os.unlink(lock_path)
                         os.rmdir(db.path)
 
-    def _copy(self, db, backups, own_url, after, deleted=False):
-        """Bring the backups up to this copy, from after on (or whole); then show what they hold."""
+    def _copy(self, db, backups, own_url, after, deleted=False, numbered=None):
+        """Bring the backups up to this copy, from after on (or whole); then show what they hold.
+
+        numbered: the records after `after` as [(counter, record)], if the caller has them.
+        """
         try:
             for backup in backups:
-                _bring_up_to_date(backup, own_url, db, None if deleted else after)
+                _bring_up_to_date(backup, own_url, db, None if deleted else after, numbered)
         except (OSError, http.client.HTTPException, RuntimeError) as error:
             log.warning("%s: a backup did not store a write: %s", db.path, error)
             raise ProtocolError("backup_unavailable", "a backup of this collection did not store it: try again",
@@ -3262,6 +3265,17 @@ def _in_transit(membership, db):
             return marker.read().strip() != str(membership.version)
     except FileNotFoundError:
         return True
+
+
+def _position(db):
+    """(collection_id, last counter) of db's collection, from its poll state if that holds (DISK-7)."""
+    state = db.poll_state()
+    if state is not None:
+        return state.collection_id, state.last_counter
+    if not db.exists():
+        return db.first_id, 0
+    with db.snapshot(create=False) as snapshot:
+        return snapshot.collection_id, snapshot.last_counter
 
 
 def _read_counter(path):
@@ -3321,11 +3335,13 @@ def node_cluster():
 # counter is the newer: every write, a delete included, raises it. Copies
 # are only ever replaced by newer ones, so every step below may be repeated.
 
-# A name as escape_name() makes it (DISK-1), in node routes' paths.
+# A name as escape_name() makes it (DISK-1), in node routes' paths:
+#   escaped-name = 1*200( ALPHA / DIGIT / "." / "_" / "@" / "+" / "%" / "~" / "-" ), not starting with "."
 ESCAPED_NAME = re.compile(r"(?!\.)[A-Za-z0-9._@+%~-]{1,200}\Z")
 REPLICATE_TIMEOUT = 10          # seconds a backup may take to store a write's copy
 COPY_TIMEOUT = 600              # seconds a node may take to send or fetch a whole collection
 NUMBERED_RECORD = struct.Struct(">QI")      # counter, length; then the record's bytes
+BLOB_NAME_BYTES = 70                        # a blob's name as JSON in a list, with its comma
 
 
 def _copy_db(domain, user, bucket):
@@ -3340,24 +3356,27 @@ def _node_path(route, db):
     return f"/_node/{route}/" + "/".join(urllib.parse.quote(name, safe="") for name in _escaped_names(db))
 
 
-def _bring_up_to_date(backup, own_url, db, after):
-    """Send backup the records after `after`, and the blobs they name that it lacks; or have it fetch all."""
+def _bring_up_to_date(backup, own_url, db, after, numbered=None):
+    """Send backup the records after `after` (numbered, if given: [(counter, record)]), and the blobs
+    they name that it lacks; or have it fetch the whole collection."""
     secret = _config().secret
     for _ in range(3):
         if after is None:
             break
-        with db.snapshot() as snapshot:
-            collection_id, numbered, names, size = snapshot.collection_id, [], [], 0
-            for counter, record in snapshot.records_after(after):
-                numbered.append((counter, bytes(record)))
-                name = _blob_name_of(numbered[-1][1])
-                if name and blob_info(db, name) is not None:
-                    names.append(name)
-                size += NUMBERED_RECORD.size + len(record) + (len(name) + 4 if name else 0)
-                if size > _config().limits.max_post_bytes:
-                    break
-        if size > _config().limits.max_post_bytes:
-            break       # more than one write's worth: the backup fetches the whole
+        if numbered is None:
+            with db.snapshot() as snapshot:
+                collection_id, numbered, size = snapshot.collection_id, [], 0
+                for counter, record in snapshot.records_after(after):
+                    numbered.append((counter, bytes(record)))
+                    size += NUMBERED_RECORD.size + len(record) + (BLOB_NAME_BYTES if b'"href"' in record else 0)
+                    if size > _config().limits.max_post_bytes:
+                        break       # more than one write's worth: the backup fetches the whole
+            if size > _config().limits.max_post_bytes:
+                break
+        else:
+            collection_id = _position(db)[0]
+        names = [name for name in map(_blob_name_of, (record for _, record in numbered))
+                 if name and blob_info(db, name) is not None]
         head = json.dumps({"after": after, "collection_id": collection_id, "blobs": names}).encode()
         body = b"".join([head, b"\n", *(NUMBERED_RECORD.pack(counter, len(record)) + record
                                          for counter, record in numbered)])
@@ -3368,6 +3387,7 @@ def _bring_up_to_date(backup, own_url, db, after):
         if status == 409 and answer.get("error") == "blobs_missing":
             for name in answer["blobs"]:
                 _send_blob(backup, db, name)
+            numbered = None     # read again: a blob deleted meanwhile is no longer named
             continue
         if status == 409 and answer.get("error") == "behind":
             break
@@ -3408,8 +3428,10 @@ def node_replicate(domain, user, bucket):
             counter, length = NUMBERED_RECORD.unpack_from(packed, offset)
             offset += NUMBERED_RECORD.size + length
             numbered.append((counter, packed[offset - length:offset]))
-        assert offset == len(packed) and all(map(BLOB_NAME.match, names))
-    except (ValueError, KeyError, TypeError, struct.error, AssertionError):
+        counters = [after] + [counter for counter, _ in numbered]
+        if offset != len(packed) or counters != sorted(set(counters)) or not all(map(BLOB_NAME.match, names)):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, struct.error):
         raise ProtocolError("bad_request", "not a copy of a write") from None
     paths = [os.path.join(db.blobs_path, *BLOB_NAME.match(name).groups()) for name in names]
     missing = [name for name, path in zip(names, paths)
@@ -3562,13 +3584,17 @@ def node_hand_over():
     for db in _config().data_dir.collections():
         domain, user, _ = _escaped_names(db)
         before, after = membership.previous_replicas(domain, user), membership.replicas(domain, user)
-        if membership.source(domain, user) != own or (before == after and not membership.gone):
+        if membership.source(domain, user) != own or before == after:
             continue
         if before[0] in membership.gone:
             # The owner left without handing over: the newest of the copies left goes on (CLUSTER-11).
             for other in before:
                 if other not in membership.gone and other != own:
-                    status, state = _node_call(other, "GET", _node_path("state", db), secret)
+                    try:
+                        status, state = _node_call(other, "GET", _node_path("state", db), secret)
+                    except (OSError, http.client.HTTPException) as error:
+                        log.warning("%s: no newer copy asked of %s: %s", db.path, other, error)
+                        continue
                     if status == 200:
                         fetch_copy(db, other, state["last_counter"])
         with db.snapshot(create=False) as snapshot:
@@ -3581,10 +3607,14 @@ def node_hand_over():
                 if "version" in query:
                     _mark_handed_over(db, str(membership.version))
                 continue
-            status, answer = _node_call(target, "POST", _node_path("fetch", db) + "?" + urllib.parse.urlencode(query),
-                                        secret, timeout=COPY_TIMEOUT)
+            try:
+                status, answer = _node_call(target, "POST", _node_path("fetch", db) + "?" +
+                                            urllib.parse.urlencode(query), secret, timeout=COPY_TIMEOUT)
+            except (OSError, http.client.HTTPException) as error:
+                status, answer = None, str(error)
             if status != 200:
-                raise ProtocolError("node_unavailable", f"{target} did not take {db.path}: {status} {answer}")
+                raise ProtocolError("node_unavailable", f"{target} did not take {'/'.join(_escaped_names(db))}: "
+                                    f"{status} {answer}")
         handed += 1
     return _answer(200, json.dumps({"handed_over": handed}).encode())
 
@@ -3651,22 +3681,62 @@ def _secret_header(secret):
 def _node_call(node, method, path, secret, body=None, timeout=NODE_TIMEOUT, length=None):
     """(status, JSON answer) of a node to one request of the cluster's own; OSError when it cannot be reached.
 
-    body: bytes, or a file of length bytes.
+    body: bytes, or a file of length bytes. Every such request may be sent twice
+    (CLUSTER-9), so one that meets a kept connection the node had closed is sent
+    again on a new one.
     """
-    connection = _node_connection(node, timeout)
     headers = _secret_header(secret)
     if length is not None:
         headers["Content-Length"] = str(length)
-    try:
-        connection.request(method, path, body=body, headers=headers)
-        answer = connection.getresponse()
-        text = answer.read()
-    finally:
-        connection.close()
+    for attempt in (1, 2):
+        connection = node_connections.take(node, timeout, new=attempt == 2)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            answer = connection.getresponse()
+            text = answer.read()
+            break
+        except (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine):
+            connection.close()
+            if attempt == 2 or not isinstance(body, (bytes, type(None))):
+                raise
+        except BaseException:
+            connection.close()
+            raise
+    node_connections.put_back(node, connection, answer)
     try:
         return answer.status, json.loads(text)
     except ValueError:
         raise http.client.HTTPException(f"{node} answered {method} {path} with {answer.status}, not JSON") from None
+
+
+class NodeConnections:
+    """Kept-alive connections to the nodes, in one process; each is used by one request at a time."""
+
+    def __init__(self):
+        self._idle = collections.defaultdict(list)      # node -> [(connection, idle since)]
+        self._lock = threading.Lock()
+
+    def take(self, node, timeout=NODE_TIMEOUT, new=False):
+        """A connection to node that no request is using: a kept one, else a new one."""
+        with self._lock:
+            while self._idle[node] and not new:
+                connection, idle_since = self._idle[node].pop()
+                if time.monotonic() - idle_since < NODE_IDLE_REUSE:
+                    connection.timeout = timeout
+                    connection.sock.settimeout(timeout)
+                    return connection
+                connection.close()
+        return _node_connection(node, timeout)
+
+    def put_back(self, node, connection, answer):
+        if answer.will_close or connection.sock is None:
+            connection.close()
+            return
+        with self._lock:
+            self._idle[node].append((connection, time.monotonic()))
+
+
+node_connections = NodeConnections()
 
 
 class Balancer:
@@ -3675,8 +3745,6 @@ class Balancer:
 
     def __init__(self, membership, secret):
         self.membership, self.secret = membership, secret
-        self._idle = collections.defaultdict(list)      # node -> [(connection, idle since)], none in use
-        self._idle_lock = threading.Lock()
         self._admin_lock = threading.Lock()
         self._membership_lock = threading.Lock()
 
@@ -3718,7 +3786,7 @@ class Balancer:
                 # A node with a newer membership than this balancer's (another balancer, or another
                 # worker of this one, changed it): asked again where the newer one says.
                 answer.read()
-                self._put_back(node, connection, answer)
+                node_connections.put_back(node, connection, answer)
                 return self.dispatch(environ, start_response)
             return self.pass_back(node, connection, answer, method, start_response)
         error = ProtocolError("node_unavailable", "the node that holds this collection did not answer")
@@ -3765,7 +3833,7 @@ class Balancer:
         if isinstance(body, mmap.mmap):
             body = memoryview(body)     # sent with its length, from its start every time, not as a stream
         for attempt in (1, 2):
-            connection = self._take(node) if attempt == 1 else self._connect(node)
+            connection = node_connections.take(node, new=attempt == 2)
             try:
                 connection.request(method, target, body=body, headers=headers)
                 return connection, connection.getresponse()
@@ -3793,7 +3861,7 @@ class Balancer:
             except BaseException:
                 connection.close()
                 raise
-            self._put_back(node, connection, answer)
+            node_connections.put_back(node, connection, answer)
             start_response(f"{answer.status} {answer.reason}", passed + [("X-Cutout-Node", node)])
             return [whole]
         spool = tempfile.TemporaryFile()        # a large blob: to a local file first, for the same reason
@@ -3803,30 +3871,10 @@ class Balancer:
             spool.close()
             connection.close()
             raise
-        self._put_back(node, connection, answer)
+        node_connections.put_back(node, connection, answer)
         spool.seek(0)
         start_response(f"{answer.status} {answer.reason}", passed + [("X-Cutout-Node", node)])
         return _file_chunks(spool)
-
-    def _take(self, node):
-        """A connection to node that no request is using: a kept one, else a new one."""
-        with self._idle_lock:
-            while self._idle[node]:
-                connection, idle_since = self._idle[node].pop()
-                if time.monotonic() - idle_since < NODE_IDLE_REUSE:
-                    return connection
-                connection.close()
-        return self._connect(node)
-
-    def _connect(self, node):
-        return _node_connection(node)
-
-    def _put_back(self, node, connection, answer):
-        if answer.will_close:
-            connection.close()
-            return
-        with self._idle_lock:
-            self._idle[node].append((connection, time.monotonic()))
 
     def admin(self, environ, path):
         """[CLUSTER-6] The admin API: GET /_cluster, POST /_cluster/nodes, POST /_cluster/remove."""
