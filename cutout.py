@@ -3715,10 +3715,14 @@ class NodeConnections:
     def __init__(self):
         self._idle = collections.defaultdict(list)      # node -> [(connection, idle since)]
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def take(self, node, timeout=NODE_TIMEOUT, new=False):
         """A connection to node that no request is using: a kept one, else a new one."""
         with self._lock:
+            if self._pid != os.getpid():
+                # Kept before the server forked its workers: each of them holds the same sockets.
+                self._idle, self._pid = collections.defaultdict(list), os.getpid()
             while self._idle[node] and not new:
                 connection, idle_since = self._idle[node].pop()
                 if time.monotonic() - idle_since < NODE_IDLE_REUSE:
