@@ -3453,7 +3453,7 @@ def node_replicate(domain, user, bucket):
         for _, record in numbered:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 obj = json.loads(record)
-                ended.owner(obj["type"], obj["id"], (_named_blob(obj) or "").partition("-")[2] or None)
+                ended.owner(obj["type"], obj["id"], _named_blob(obj))
         ended.prune(secret)
     try:
         last_counter = db.append_copied(numbered, after, collection_id, place_blobs, prune_blobs)

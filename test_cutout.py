@@ -2788,7 +2788,7 @@ class _Nodes:
         process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "cutout.py"), "--port", url.rsplit(":", 1)[1], "--workers", "1",
              "--data-dir", str(self.data[url]), "--secret-file", str(self.secret_file)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+            stdout=subprocess.PIPE, stderr=open(str(self.data[url]) + ".log", "a"), text=True, start_new_session=True)
         line = process.stdout.readline()
         assert line.startswith(f"The Cut-Out serving {url}/"), f"a node did not start: {line!r}"
         self.processes[url] = process
@@ -3022,7 +3022,11 @@ def _check_blobs(cluster, traffic):
             if "blob" in obj:
                 answer = requests.get(cluster.balancer + obj["blob"]["href"], params={"auth": traffic.tokens[path]},
                                       timeout=30)
-                assert answer.status_code == 200 and answer.content == f"blob {obj['data']}".encode(), path
+                assert answer.status_code == 200 and answer.content == f"blob {obj['data']}".encode(), (
+                    f"{path}: the blob of {obj['id']} at {counter}, from {answer.headers.get('X-Cutout-Node')}: "
+                    f"{answer.status_code} {answer.text[:200]}; on disk: "
+                    f"{[str(p) for p in cluster.tmp_path.glob('node*/*/*/*/blobs/*/' + obj['blob']['href'].split('-')[-1] + '*')]}"
+                    f" nodes: {cluster.data} membership {cluster.membership()}")
 
 
 def test_every_write_is_on_the_owner_and_its_backups_and_a_backup_answers_reads_while_the_owner_is_down(nodes):
@@ -3042,23 +3046,28 @@ def test_every_write_is_on_the_owner_and_its_backups_and_a_backup_answers_reads_
     assert set(copies) == {owner, backup} and copies[owner] == copies[backup]
     assert [counter for counter, _ in copies[backup][1]] == [1, 2]
     assert requests.get(backup + href, params={"auth": token}, timeout=30).content == b"hello"
-    replaced = requests.post(cluster.balancer + path, params={"auth": token, "since": 2}, timeout=30,
+    second = requests.post(cluster.balancer + path, params={"auth": token, "since": 2}, timeout=30, json=[
+        {"type": "photo", "id": 3, "data": 1, "blob": {"content_type": "text/plain", "data": "aGk="}}])
+    assert second.status_code == 200, second.text
+    assert requests.get(backup + second.json()["blob_hrefs"][0], params={"auth": token}, timeout=30).content == b"hi", \
+        "a blob sent with a write's copy (not with a whole collection) is kept on the backup"
+    replaced = requests.post(cluster.balancer + path, params={"auth": token, "since": 3}, timeout=30,
                              json=[{"type": "photo", "id": 2, "data": 2}])
     assert replaced.status_code == 200
     assert requests.get(backup + href, params={"auth": token}, timeout=30).status_code == 404, \
         "a blob its object no longer names is deleted on the backup too (BLOB-4)"
 
     cluster.kill(backup)
-    refused = requests.post(cluster.balancer + path, params={"auth": token, "since": 3}, timeout=30,
+    refused = requests.post(cluster.balancer + path, params={"auth": token, "since": 4}, timeout=30,
                             json=[{"type": "note", "id": 3, "data": "not acknowledged"}])
     assert (refused.status_code, refused.json()["error"]) == (503, "backup_unavailable")
     assert refused.headers["Retry-After"] == "1"
     cluster.start_node(backup)
-    caught_up = requests.post(cluster.balancer + path, params={"auth": token, "since": 4}, timeout=30,
+    caught_up = requests.post(cluster.balancer + path, params={"auth": token, "since": 5}, timeout=30,
                               json=[{"type": "note", "id": 4, "data": "after"}])
     assert caught_up.status_code == 200, caught_up.text
     copies = cluster.copies(path, token)
-    assert copies[owner] == copies[backup] and [c for c, _ in copies[backup][1]] == [1, 2, 3, 4, 5], \
+    assert copies[owner] == copies[backup] and [c for c, _ in copies[backup][1]] == [1, 2, 3, 4, 5, 6], \
         "the backup fetched what it missed, the write it refused included (it may appear later)"
 
     deleted = requests.delete(cluster.balancer + path, params={"auth": token}, json={"why": "test"}, timeout=30)
@@ -3070,7 +3079,7 @@ def test_every_write_is_on_the_owner_and_its_backups_and_a_backup_answers_reads_
     read = requests.get(cluster.balancer + path, params={"auth": token}, timeout=30)
     assert read.status_code == 200 and read.headers["X-Cutout-Node"] == backup
     assert read.json()["collection_id"] == deleted.json()["collection_id"]
-    write = requests.post(cluster.balancer + path, params={"auth": token, "since": 6}, json=[], timeout=30)
+    write = requests.post(cluster.balancer + path, params={"auth": token, "since": 7}, json=[], timeout=30)
     assert (write.status_code, write.json()["error"]) == (502, "node_unavailable"), "writes wait for the owner"
 
 
@@ -3083,38 +3092,39 @@ def test_no_acknowledged_write_is_lost_while_nodes_join_leave_and_die(nodes):
     cluster = nodes(4, backups=1)
     traffic = _Traffic(cluster.balancer, users=12)
     steps = []
-    try:
-        time.sleep(1)
+
+    def add():
         added = cluster.start_node()
         answer = cluster.admin("/_cluster/nodes", {"url": added})
         assert answer.status_code == 200 and added in answer.json()["nodes"], answer.text
-        steps.append(("added", answer.json()["handed_over"]))
-        time.sleep(1)
+        return answer
+
+    def remove_gracefully():
         leaving = cluster.urls[1]
         answer = cluster.admin("/_cluster/remove", {"url": leaving, "force": False})
         assert answer.status_code == 200 and leaving not in answer.json()["nodes"], answer.text
-        steps.append(("removed", answer.json()["handed_over"]))
         assert cluster.processes[leaving].poll() is None
         assert not any(path.is_dir() for path in cluster.data[leaving].glob("*/*/*")), "the node left empty"
-        time.sleep(1)
-        dead = cluster.urls[2]
-        cluster.kill(dead)
-        time.sleep(1)
-        answer = cluster.admin("/_cluster/remove", {"url": dead, "force": True})
-        assert answer.status_code == 200 and dead not in answer.json()["nodes"], answer.text
-        steps.append(("killed and removed", answer.json()["handed_over"]))
-        time.sleep(1)
-        victim = cutout.placement(cluster.membership()["nodes"], "app.example", "user0@example.com")[0]
-        cluster.kill(victim)         # in the middle of its writes: they go on all the time
+        return answer
+
+    def kill_and_remove(victim):
+        cluster.kill(victim)        # in the middle of the writes: they go on all the time
         time.sleep(1)
         answer = cluster.admin("/_cluster/remove", {"url": victim, "force": True})
-        assert answer.status_code == 200, answer.text
-        steps.append(("owner killed and removed", answer.json()["handed_over"]))
-        time.sleep(1)
-        traffic.pause()
-        assert traffic.problems == [], "\n".join(traffic.problems)
-        _check_copies(cluster, traffic, pollers_done=False)
-        traffic.resume()
+        assert answer.status_code == 200 and victim not in answer.json()["nodes"], answer.text
+        return answer
+    try:
+        for name, step in [
+                ("added", add), ("removed", remove_gracefully),
+                ("killed and removed", lambda: kill_and_remove(cluster.urls[2])),
+                ("owner killed and removed", lambda: kill_and_remove(cutout.placement(
+                    cluster.membership()["nodes"], "app.example", "user0@example.com")[0]))]:
+            time.sleep(1)
+            steps.append((name, step().json()["handed_over"]))
+            traffic.pause()
+            assert traffic.problems == [], "\n".join(traffic.problems)
+            _check_copies(cluster, traffic, pollers_done=False)
+            traffic.resume()
     finally:
         traffic.stop()
     checked = _check_copies(cluster, traffic)
