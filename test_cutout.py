@@ -3200,6 +3200,46 @@ def test_a_change_the_balancer_died_in_is_finished_by_asking_again(nodes):
           f"refused on the way: {dict(traffic.refusals)}")
 
 
+# ---------------------------------------------------------------- where it runs
+
+def test_each_platform_s_sync_call_is_chosen_and_used_for_every_append(db, monkeypatch):
+    """[DISK-7] fdatasync where there is one (Linux, the BSDs); fcntl(F_FULLFSYNC) where fcntl has
+    it (macOS, whose fsync leaves the bytes in the drive's cache); fsync where os has no fdatasync.
+    Each branch forced here, on Linux."""
+    assert cutout.durable_sync_of(fcntl, os) is os.fdatasync is cutout.sync_data
+    calls = []
+
+    class MacFcntl:
+        F_FULLFSYNC = 51
+
+        @staticmethod
+        def fcntl(fd, command):
+            calls.append((fd, command))
+    cutout.durable_sync_of(MacFcntl, os)(7)
+    assert calls == [(7, 51)]
+
+    class NoFdatasync:
+        fsync = staticmethod(os.fsync)
+    assert cutout.durable_sync_of(fcntl, NoFdatasync) is os.fsync
+
+    synced = []
+    monkeypatch.setattr(cutout, "sync_data", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or os.fsync(fd))
+    assert db.append([b"one"]) == [1]       # made: data.new and index.new synced, then renamed in
+    synced.clear()
+    assert db.append([b"two"]) == [2]
+    assert synced == [db.data_path], "the append's commit point is the platform's sync of the data file"
+
+
+def test_without_fcntl_it_says_in_one_line_to_use_wsl(tmp_path):
+    """On Windows `import fcntl` fails: cutout.py says so and where to run it, and exits."""
+    blocked = ("import runpy, sys; sys.modules['fcntl'] = None; sys.argv = ['cutout.py', '--port', '0']; "
+               f"runpy.run_path({os.path.join(HERE, 'cutout.py')!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", blocked], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "on Windows, run it in WSL" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 # ---------------------------------------------------------------- the command line refuses what cannot be right
 
 @pytest.mark.parametrize("arguments, says", [
