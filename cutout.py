@@ -1838,6 +1838,12 @@ class Limits:
         """A POST body may be max_body_bytes plus the base64 of one largest blob (LIMIT-1, BLOB-7)."""
         return self.max_body_bytes + 4 * -(-self.max_blob_bytes // 3)
 
+    def post_too_large(self):
+        """The words of the 413 for a POST body over max_post_bytes: which two limits make it."""
+        return (f"the body is larger than {self.max_post_bytes} bytes: {self.max_body_bytes} for the objects "
+                f"(--max-body-bytes), and the base64 of one blob of at most {self.max_blob_bytes} bytes "
+                "(--max-blob-bytes)")
+
 
 TOKEN_LIFETIME = 24 * 3600    # seconds a token from /verify is good for (AUTH-2)
 MAX_REASON_BYTES = 256        # bytes of JSON in a deletion's reason; it lives in the data header
@@ -1953,7 +1959,7 @@ def parse_objects(body, limits):
     string and decoded whole (that would hold four copies of it at once).
     """
     if len(body) > limits.max_post_bytes:
-        raise ProtocolError("too_large", f"the body is larger than {limits.max_post_bytes} bytes")
+        raise ProtocolError("too_large", limits.post_too_large())
     # Sizes are checked before anything is parsed: parsing a body of small
     # JSON values takes some 25 times its size in memory.
     reduced, lifted = _lift_long_base64(body)
@@ -2925,7 +2931,8 @@ class Front:
     empty polls on its event loop and the rest on threads; for the most a
     request's body may hold, so that it refuses a larger one before reading
     it (body_limit); for the 503 it answers when too many requests are
-    in progress (overloaded), and which requests that limit does not count (exempt).
+    in progress (overloaded), and which requests that limit does not count (exempt);
+    and for the 413 of a body over its limit (too_large).
     """
 
     def __init__(self, application):
@@ -2988,11 +2995,22 @@ class Front:
     def overloaded(self, environ):
         return _overloaded(environ)
 
+    def too_large(self, environ, limit):
+        return _too_large(environ, limit)
+
     def exempt(self, environ):
         """Whether a request is one of the cluster's own, which the server does not count against
         --max-concurrent and runs on threads of its own: nodes that wait on each other (a write's
         copy, CLUSTER-8) must never wait for a place behind the clients' requests that wait on them."""
         return _raw_path(environ).startswith("/_node/") and _authorized(environ, _config().secret)
+
+
+def _too_large(environ, limit):
+    """The 413 for a body over the limit body_limit gave (LIMIT-1), saying which limits make it."""
+    limits = _config().limits
+    if limit == limits.max_post_bytes and environ["REQUEST_METHOD"] == "POST":
+        return ProtocolError("too_large", limits.post_too_large())
+    return ProtocolError("too_large", f"the body is larger than {limit} bytes")
 
 
 def _authorized(environ, secret):
@@ -3781,6 +3799,9 @@ class Balancer:
     def overloaded(self, environ):
         return _overloaded(environ)
 
+    def too_large(self, environ, limit):
+        return _too_large(environ, limit)
+
     def exempt(self, environ):
         """The admin API is exempt, as a node's routes are (Front.exempt): a change waits on the nodes."""
         path = _raw_path(environ)
@@ -4458,7 +4479,7 @@ class _Connection(asyncio.Protocol):
         self.body_limit = worker.front.body_limit(request.environ) if request.has_body else 0
         if request.length > self.body_limit:
             # [LIMIT-1] Refused before any of it is read; what follows cannot be read as a request.
-            raise ProtocolError("too_large", f"the body is larger than {self.body_limit} bytes")
+            raise worker.front.too_large(request.environ, self.body_limit)
         self.exempt = worker.front.exempt(request.environ)
         if not self.exempt:
             if not worker.admit():
@@ -4533,7 +4554,7 @@ class _Connection(asyncio.Protocol):
                     raise ProtocolError("bad_request", "a chunk's size is not hexadecimal digits")
                 self.chunk_left, self.chunk_count = int(size.group(1), 16), self.chunk_count + 1
                 if len(body) + self.chunk_left > self.body_limit:
-                    raise ProtocolError("too_large", f"the body is larger than {self.body_limit} bytes")
+                    raise self.worker.front.too_large(self.request.environ, self.body_limit)
                 if self.chunk_count > MAX_CHUNKS:
                     raise ProtocolError("bad_request", f"a body may come in at most {MAX_CHUNKS} chunks")
                 if self.chunk_left == 0:        # the last chunk: the trailer section follows

@@ -1790,6 +1790,21 @@ def test_a_huge_request_line_or_token_is_refused_cheaply(tmp_path):
                             timeout=10).status_code == 200
 
 
+def test_a_post_over_the_limit_is_told_which_limits_make_it(tmp_path):
+    """[LIMIT-1] [BLOB-7] A 50 MB POST is refused before its body is read, in JSON, with the limits
+    the user set by name: README and --help speak of 1 MiB, the limit is that plus a blob's base64."""
+    with _server(tmp_path, "--max-body-bytes", "2000000") as base:
+        host, port = urllib.parse.urlsplit(base).netloc.split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as client:
+            client.sendall(f"POST /app.example/ann@example.com/b?auth={_token(base)}&since=0 HTTP/1.1\r\n"
+                           f"Host: x\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n[".encode())
+            status, headers, body = _read_answer(client)
+    assert (status, json.loads(body)["error"]) == (413, "too_large")
+    assert json.loads(body)["message"] == (
+        "the body is larger than 24369624 bytes: 2000000 for the objects (--max-body-bytes), and the base64 "
+        "of one blob of at most 16777216 bytes (--max-blob-bytes)")
+
+
 def _hold_requests(base, token, count, stack):
     """count connections that each sent a POST's head and one byte of its body, none of them
     answered after half a second; closing them (through stack) ends them."""
