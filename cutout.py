@@ -4125,6 +4125,7 @@ SEND_TIMEOUT = 30             # seconds an answer may wait for a client that doe
 LINGER_TIMEOUT = 2            # seconds a refused client may go on sending before it is cut off
 STOP_TIMEOUT = 0.8            # seconds requests in progress get to finish when the server stops;
                               # an answer not ready by then is not sent (the client asks again)
+ACCESS_LOG_LINES = 1000       # access log lines a worker keeps before it writes them, within the second
 KILL_TIMEOUT = 3              # seconds a stopping worker gets before it is killed
 EXEMPT_THREADS = 32           # per worker, for the cluster's own requests (Front.exempt)
 MAX_CONNECTIONS = 10_000      # per worker process; each costs a few KB and one or two file descriptors
@@ -4266,8 +4267,10 @@ def _error_bytes(error, date, retry_after=None, to_head=False):
 class _Worker:
     """One worker process's part of the server: its loop, its connections and its threads."""
 
-    def __init__(self, front, in_progress, index, limits):
+    def __init__(self, front, in_progress, index, limits, access_log=True):
         self.front = front
+        self.access = [] if access_log else None    # lines not yet written (see log_access)
+        self.log_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())     # kept by keep_time
         # Requests in progress, one count per worker, in memory the workers share: each
         # writes only its own and reads the sum. Two workers may both take the last
         # place at once; the limit is a bound on load, not a count of resources.
@@ -4306,11 +4309,35 @@ class _Worker:
         """Once a second: refresh the Date, end connections past their deadline, notice an orphaning."""
         self.loop.call_later(1, self.keep_time)
         self.date = email.utils.formatdate(usegmt=True)
+        self.log_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.write_access_log()
         now = self.loop.time()
         for connection in [c for c in self.connections if c.deadline < now]:
             connection.time_out()
         if os.getppid() != self.parent:
             self.stop()         # the supervisor is gone (killed): nobody would stop this worker
+
+    def log_access(self, request, status, size, began):
+        """Keep one line of the access log: who, what (the token left out), status, bytes, time taken.
+
+        Lines are written once a second (keep_time), not one write each: a
+        write per request would cost an empty poll a third more.
+        """
+        target = request.environ["PATH_INFO"]
+        query = request.environ.get("QUERY_STRING")
+        if query:
+            target += "?" + "&".join("auth=-" if urllib.parse.unquote_plus(pair.partition("=")[0]) == "auth"
+                                     else pair for pair in query.split("&"))
+        self.access.append(f'{self.log_time} {request.environ["REMOTE_ADDR"]} "{request.method} {target}" '
+                           f'{status[:3]} {size} {(self.loop.time() - began) * 1e3:.1f}ms\n')
+        if len(self.access) >= ACCESS_LOG_LINES:
+            self.write_access_log()
+
+    def write_access_log(self):
+        if self.access:
+            sys.stderr.write("".join(self.access))
+            sys.stderr.flush()
+            self.access.clear()
 
     def stop(self):
         """Stop accepting, let the requests in progress finish, and end the loop."""
@@ -4326,6 +4353,7 @@ class _Worker:
 
     def stopped_if_done(self):
         if self.stopping and not self.connections:
+            self.write_access_log()
             self.loop.stop()
 
 
@@ -4347,6 +4375,7 @@ class _Connection(asyncio.Protocol):
         self.state = "idle"
         self.deadline = worker.loop.time() + IDLE_TIMEOUT
         self.request = self.body = self.answer = self.chunks = None
+        self.began = 0.0                # loop time the request's head was read
         self.admitted = False           # counted in progress (Worker.admit)
         self.exempt = False             # a request of the cluster's own (Front.exempt)
         self.body_limit = 0             # bytes the body being read may have (Front.body_limit)
@@ -4459,6 +4488,7 @@ class _Connection(asyncio.Protocol):
         del buffer[:end + 4]
         self.scanned = 0
         self.request = parse_request_head(head, self.environ)
+        self.began = self.worker.loop.time()
         return True
 
     def _answered_at_once(self):
@@ -4646,6 +4676,9 @@ class _Connection(asyncio.Protocol):
         lines.append("\r\n")
         head = "".join(lines).encode("latin-1")
         self.close_after_answer = close
+        if self.worker.access is not None:
+            size = 0 if bodiless or request.method == "HEAD" else len(answer) if isinstance(answer, bytes) else length
+            self.worker.log_access(request, status, "-" if size is None else size, self.began)
         if bodiless or request.method == "HEAD":
             if hasattr(answer, "close"):
                 answer.close()
@@ -4786,7 +4819,7 @@ def _raise_open_files_limit(wanted):
     return soft
 
 
-def serve_http(front, host, port, workers, max_concurrent, announce):
+def serve_http(front, host, port, workers, max_concurrent, announce, access_log=True):
     """Serve front (see Front) on (host, port) with worker processes until SIGTERM or SIGINT.
 
     announce(port) is called once the port is listening and the signals
@@ -4818,7 +4851,7 @@ def serve_http(front, host, port, workers, max_concurrent, announce):
             try:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
                     signal.signal(signum, signal.SIG_DFL)
-                _Worker(front, in_progress, index, (max_concurrent, max_connections)).run(
+                _Worker(front, in_progress, index, (max_concurrent, max_connections), access_log).run(
                     sockets[index % len(sockets)])
                 code = 0
             except BaseException:
@@ -4926,7 +4959,7 @@ def serve(args):
             print(f"{rule}\n*  DEVELOPMENT VERIFIER at http://{host}:{port}/: anyone can log in as anyone.\n"
                   f"*  An assertion that is an email address logs in as that address. Fine on your\n"
                   f"*  own machine; start with --verifier-url for anything else.\n{rule}", file=sys.stderr, flush=True)
-    serve_http(Front(app), args.host, args.port, args.workers, max_concurrent, announce)
+    serve_http(Front(app), args.host, args.port, args.workers, max_concurrent, announce, not args.quiet)
     print("The Cut-Out stopped", flush=True)
 
 
@@ -4950,7 +4983,8 @@ def balancer_command(args):
     def announce(port):
         print(f"The Cut-Out balancer serving http://{host}:{port}/ in front of {', '.join(membership.nodes)} "
               f"({membership.backups} backups, membership version {membership.version})", flush=True)
-    serve_http(Balancer(membership, secret), args.host, args.port, args.workers, max_concurrent, announce)
+    serve_http(Balancer(membership, secret), args.host, args.port, args.workers, max_concurrent, announce,
+               not args.quiet)
     print("The Cut-Out balancer stopped", flush=True)
 
 
@@ -5046,6 +5080,7 @@ def parse_args(argv):
                         help=f"largest blob (default {Limits.max_blob_bytes})")
     parser.add_argument("--max-collections-per-user", type=count, default=Limits.max_collections_per_user,
                         help=f"collections one user may have in one app (default {Limits.max_collections_per_user})")
+    parser.add_argument("--quiet", action="store_true", help="print no access log line per request")
     parser.add_argument("--debug", action="store_true", help="log every request")
     parser.set_defaults(run=serve)
     commands = parser.add_subparsers(title="commands")
@@ -5079,6 +5114,7 @@ def parse_args(argv):
                           help="largest request body passed on: give it the nodes' --max-body-bytes")
     balancer.add_argument("--max-blob-bytes", type=size, default=Limits.max_blob_bytes,
                           help="largest blob passed on: give it the nodes' --max-blob-bytes")
+    balancer.add_argument("--quiet", action="store_true", help="print no access log line per request")
     balancer.set_defaults(run=balancer_command)
     return parser.parse_args(argv)
 

@@ -1517,12 +1517,13 @@ def _announced_port(process):
 
 
 @contextlib.contextmanager
-def _cutout_process(tmp_path, *options):
+def _cutout_process(tmp_path, *options, quiet=True):
     """cutout.py serving tmp_path/data on a port it picks (see _announced_port); killed at
-    the end if it has not stopped by then."""
+    the end if it has not stopped by then. quiet: without its access log, which nobody reads
+    here (a full pipe would stop it)."""
     # Port 0 and the port it announces: a port picked here could be taken before it binds.
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", "0",
-                                "--data-dir", str(tmp_path / "data"), *options],
+                                "--data-dir", str(tmp_path / "data"), *(["--quiet"] if quiet else []), *options],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         yield process
@@ -2616,7 +2617,7 @@ def _cluster(tmp_path, nodes=3, node_options=(), balancer_options=()):
 @contextlib.contextmanager
 def _balancer_process(nodes, secret_file, *options):
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "balancer", "--port", "0",
-                                "--secret-file", str(secret_file), "--workers", "1", *options,
+                                "--secret-file", str(secret_file), "--workers", "1", "--quiet", *options,
                                 *itertools.chain.from_iterable(("--node", node) for node in nodes)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -3290,6 +3291,36 @@ def test_what_stops_the_server_from_starting_is_said_in_one_line(tmp_path):
         assert second.returncode == 1 and "another server running there" in second.stderr
     for done in (unwritable, nowhere, second):
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_every_request_gets_an_access_line_without_its_token_and_quiet_prints_none(tmp_path):
+    """Each answer is one line: time, client, method and target with every auth value left out,
+    status, body bytes, time taken; never a token or a body. --quiet prints none."""
+    with _cutout_process(tmp_path, "--workers", "1", quiet=False) as process:
+        base = f"http://127.0.0.1:{_announced_port(process)}"
+        token = _token(base)
+        path = "/app.example/ann@example.com/notes"
+        requests.post(base + path, params={"auth": token, "since": 0}, json=[{"type": "n", "id": 1, "data": "secret"}],
+                      timeout=10)
+        requests.get(base + path + f"?since=1&%61uth={token}", timeout=10)      # auth spelled %61uth
+        requests.get(base + "/nowhere", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        process.terminate()
+        process.wait(timeout=10)
+        log = process.stderr.read()
+    lines = [line for line in log.splitlines() if '"' in line and "Z " in line]
+    assert token not in log and '"secret"' not in log
+    assert re.fullmatch(r'\S+Z 127\.0\.0\.1 "POST /verify" 200 \d+ [0-9.]+ms', lines[0]), lines
+    assert re.fullmatch(r'\S+Z 127\.0\.0\.1 "POST /app\.example/ann@example\.com/notes\?auth=-&since=0" 200 '
+                        r'\d+ [0-9.]+ms', lines[1]), lines
+    assert re.fullmatch(r'\S+Z 127\.0\.0\.1 "GET /app\.example/ann@example\.com/notes\?since=1&auth=-" 200 '
+                        r'\d+ [0-9.]+ms', lines[2]), lines
+    assert '"GET /nowhere" 404 ' in lines[3] and len(lines) == 4, lines
+    with _cutout_process(tmp_path / "quiet", "--workers", "1") as process:
+        base = f"http://127.0.0.1:{_announced_port(process)}"
+        requests.get(base + "/nowhere", timeout=10)
+        process.terminate()
+        process.wait(timeout=10)
+        assert '"GET /nowhere"' not in process.stderr.read()
 
 
 def test_the_development_verifier_is_announced_with_the_url_it_serves(tmp_path):
