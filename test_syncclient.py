@@ -819,3 +819,32 @@ def test_the_rest_of_the_interface(browser, app_origin, server):
     assert result["seen"] == ["in bo@example.com", "out", "in bo@example.com"]
     assert result["whileInactive"] == 0 and result["whileActive"] >= 2
     assert result["whileSlow"] == 0 and result["afterResetSchedule"] >= 2
+
+
+def test_the_status_line_tells_the_truth(browser, app_origin, server):
+    """The example app's status line: not logged in (before login, after Sync now, after
+    logout), N changes waiting, offline with N waiting, synced at HH:MM; and the page asks
+    for no favicon it does not have."""
+    device = Device(browser, app_origin, server, email=None)
+    assert device.status() == "not logged in"
+    device.page.click("#sync-now")
+    device.page.wait_for_timeout(300)
+    assert device.status() == "not logged in"
+    device.login("ann@example.com")
+    device.page.wait_for_function("/^synced at \\d\\d:\\d\\d$/.test(document.getElementById('status').textContent)",
+                                  timeout=WAIT_MS)
+    device.context.set_offline(True)
+    device.add("written offline")
+    device.page.wait_for_function("document.getElementById('status').textContent === 'offline, 1 waiting'",
+                                  timeout=WAIT_MS)
+    assert device.page.eval_on_selector("#notes li", "li => li.classList.contains('pending')")
+    device.context.set_offline(False)
+    device.page.evaluate("notesApp.sync.syncNow()")
+    device.page.wait_for_function("/^synced at /.test(document.getElementById('status').textContent)",
+                                  timeout=WAIT_MS)
+    assert device.pending() == 0
+    device.page.click("#logout")
+    device.page.wait_for_function("document.getElementById('status').textContent === 'not logged in'",
+                                  timeout=WAIT_MS)
+    assert not [url for _, _, status, url in device.responses if status == 404], "a request the app made was 404"
+    assert device.errors == []

@@ -152,8 +152,9 @@ const appData = {
   },
 
   status(state, detail) {
-    const text = detail && detail.message ? `${state}: ${detail.message}` : state;
-    document.getElementById("status").textContent = text;
+    lastSync.state = state;
+    lastSync.detail = detail || {};
+    showStatus();
   },
 
   async reportObjectErrors(errors) {
@@ -175,6 +176,49 @@ const appData = {
 
   onupdate: () => {},       // replaced by Sync: called below after every local change
 };
+
+// ------------------------------------------------------------------ the status line
+
+/* What the library last said; the line joins it to what is true here now: who is logged in,
+ * whether the browser is online, and how many changes wait to be sent. */
+const lastSync = {state: null, detail: {}};
+const BUSY = new Set(["login", "syncing", "merging", "reading_again", "reauthenticating", "collection_changed",
+                      "collection_deleted"]);
+
+let statusCalls = 0;
+
+async function showStatus() {
+  const line = document.getElementById("status"), call = ++statusCalls;
+  let text;
+  if (!databaseUser) {
+    text = "not logged in";
+  } else {
+    const waiting = (await allNotes()).filter(isPending).length;
+    const changes = `${waiting} ${waiting === 1 ? "change" : "changes"} waiting`;
+    const {state, detail} = lastSync;
+    if (!navigator.onLine || state === "offline") {
+      text = `offline, ${waiting} waiting`;
+    } else if (state === "error") {
+      text = `error: ${detail.message || detail.error}` + (waiting ? ` (${changes})` : "");
+    } else if (state === null) {
+      text = "connecting" + (waiting ? ` (${changes})` : "");
+    } else if (BUSY.has(state)) {
+      text = "syncing" + (waiting ? ` (${changes})` : "");
+    } else if (waiting) {
+      text = changes;
+    } else {
+      text = `synced at ${clock(sync && sync.lastSyncTime())}`;
+    }
+  }
+  if (call !== statusCalls) return;     // a later call knows better (it began after a change)
+  line.textContent = text;
+  line.dataset.state = text.split(/[ :,(]/)[0];
+}
+
+function clock(time) {
+  const at = time ? new Date(time) : new Date();
+  return `${String(at.getHours()).padStart(2, "0")}:${String(at.getMinutes()).padStart(2, "0")}`;
+}
 
 // ------------------------------------------------------------------ the app
 
@@ -229,6 +273,7 @@ async function render() {
     item.append(remove);
     return item;
   }));
+  await showStatus();
 }
 
 async function showUser(email) {
@@ -284,6 +329,8 @@ async function start() {
     sync.request().catch((error) => appData.status("error", {message: error.message}));
   });
   document.getElementById("logout").addEventListener("click", () => sync && sync.logout());
+  window.addEventListener("online", showStatus);
+  window.addEventListener("offline", showStatus);
   document.getElementById("sync-now").addEventListener("click", () => sync && sync.syncNow().catch(() => {}));
   document.getElementById("new-note").addEventListener("submit", async (event) => {
     event.preventDefault();
