@@ -17,7 +17,8 @@ the disk to the socket:
     The data directory  where each (domain, user, bucket) lives
     Protocol            chapter 2 on plain values: query and body in, (status, body) out
     HTTP                bottle routes: tokens, CORS, and the protocol's answers as HTTP
-    Balancer            collections spread over nodes by rendezvous hashing, and the proxy
+    Balancer            collections spread over nodes by rendezvous hashing, copied to backups
+                        and moved between nodes; and the proxy
     Server              HTTP/1.1 on asyncio, in one worker process per core
     Command line        python cutout.py [gc | token | balancer]
 
@@ -3237,17 +3238,12 @@ class NodeCluster:
                 earlier = _read_counter(unpublished_path)
                 if earlier is not None:
                     self._copy(db, backups, membership.own_url, earlier)
-                if db.exists():
-                    with db.snapshot(create=False) as snapshot:
-                        shown = snapshot.last_counter
-                else:
-                    shown = 0
-                _write_counter(unpublished_path, shown)
+                _write_counter(unpublished_path, _position(db)[1])     # what reads show until the copy is made
                 hiding.append(True)
 
                 def copy(after=None, deleted=False, numbered=None):
                     copying.append(True)
-                    self._copy(db, backups, membership.own_url, shown if deleted else after, deleted, numbered)
+                    self._copy(db, backups, membership.own_url, after, deleted, numbered)
                 yield copy
         finally:
             if hiding and not copying:      # nothing was written: nothing to hide, and no collection made
@@ -3528,17 +3524,16 @@ def node_blob(domain, user, bucket, name):
 @_node_route
 def node_copy(domain, user, bucket):
     """[CLUSTER-9] The whole collection, exported (DISK-12), for a node that fetches it."""
-    db = _copy_db(domain, user, bucket)
-    if not db.exists():
-        raise ProtocolError("not_found", "this node holds no copy of this collection")
+    db = _held_copy(domain, user, bucket)
     export = tempfile.TemporaryFile()
     try:
         export_collection(db, export)
         size = export.tell()
+        export.seek(0)
     except BaseException:
         export.close()
         raise
-    return bottle.HTTPResponse(body=_blob_bytes(export, -BLOB_HEADER_SIZE, size - BLOB_HEADER_SIZE),
+    return bottle.HTTPResponse(body=_file_chunks(export),
                                headers={"Content-Type": "application/x-tar", "Content-Length": str(size)})
 
 
@@ -3546,10 +3541,14 @@ def node_copy(domain, user, bucket):
 @_node_route
 def node_state(domain, user, bucket):
     """[CLUSTER-9] Which state of the collection this node's copy holds: its collection_id and last counter."""
+    return _state_answer(_held_copy(domain, user, bucket))
+
+
+def _held_copy(domain, user, bucket):
     db = _copy_db(domain, user, bucket)
     if not db.exists():
         raise ProtocolError("not_found", "this node holds no copy of this collection")
-    return _state_answer(db)
+    return db
 
 
 def _state_answer(db):
