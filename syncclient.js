@@ -44,6 +44,16 @@
   /* A failed sync step. `status` is the HTTP status (0 for no answer), `code`
    * the server's error code, `object` the position of the object it refused
    * (SPEC.md POST-1), `retryAfter` seconds to wait, if the server said. */
+  /* localStorage, or where it is disabled (reading it throws), one that keeps nothing. */
+  function browserStorage() {
+    try {
+      if (root.localStorage) return root.localStorage;
+    } catch (error) {
+      // fall through
+    }
+    return {getItem: () => null, setItem: () => { throw new Error("localStorage is disabled"); }};
+  }
+
   class SyncError extends Error {
     constructor(message, {status = 0, code = null, object = null, retryAfter = null} = {}) {
       super(message);
@@ -148,9 +158,10 @@
       }
       this.serverUrl = new URL(this.options.serverUrl, location && location.href).href.replace(/\/?$/, "/");
       this.audience = this.options.audience || (location && location.origin);
-      this.storage = this.options.storage || root.localStorage;
+      this.storage = this.options.storage || browserStorage();
       this.fetch = this.options.fetch || root.fetch.bind(root);
       this.storageKey = `cutout-sync ${this.serverUrl} ${this.options.bucket}`;
+      this._unstored = null;        // the SyncError of a state that could not be stored, until one is
       this._state = this._load();
       this._watchers = [];
       this._running = null;         // the sync in progress, if any
@@ -186,8 +197,19 @@
       return {};
     }
 
+    /* Keep the state in storage. One that cannot be stored (quota, private mode, storage
+     * disabled) does not stop the sync: it lives on in memory, the failure is reported once,
+     * as a SyncError through status, and every later save tries again. */
     _save() {
-      this.storage.setItem(this.storageKey, JSON.stringify(this._state));
+      try {
+        this.storage.setItem(this.storageKey, JSON.stringify(this._state));
+        this._unstored = null;
+      } catch (error) {
+        if (this._unstored) return;
+        this._unstored = new SyncError(`cannot store the sync state (${error.name}: ${error.message}): syncing on ` +
+                                       "in memory, and trying to store it again at every change", {code: "storage"});
+        this._status("error", {error: this._unstored, message: this._unstored.message});
+      }
     }
 
     _forgetCollection() {
@@ -534,8 +556,14 @@
             ? {...obj, blob: {content_type: obj.blob.content_type, href: hrefs[i]}} : obj);
           state.since = Math.max(state.since || 0, ...answer.object_counters);
           this._remember(saved);
-          this._save();
-          await callApp(this.appData, "objectsSaved", [saved]);
+          // The app hears first: if the page ended before the state was stored, the next
+          // sync reads these objects back, which is harmless; the other way round, they
+          // would still be pending, and be sent, and stored, twice.
+          try {
+            await callApp(this.appData, "objectsSaved", [saved]);
+          } finally {
+            this._save();
+          }
           return;
         }
         if (++merges >= this.options.maxMergeAttempts) {

@@ -848,3 +848,39 @@ def test_the_status_line_tells_the_truth(browser, app_origin, server):
                                   timeout=WAIT_MS)
     assert not [url for _, _, status, url in device.responses if status == 404], "a request the app made was 404"
     assert device.errors == []
+
+
+def test_a_state_that_cannot_be_stored_is_reported_once_and_nothing_is_sent_twice(browser, app_origin, server):
+    """The app fills localStorage to its quota: each acknowledged POST is still followed by
+    objectsSaved, so nothing is sent twice; the failure is one SyncError through status, with a
+    clear message, and the library syncs on in memory (a second edit is sent once too)."""
+    device = _page(browser, app_origin, server)
+    _new_sync(device, "api", server, "quota")
+    exchanges = _record_exchanges(device, "quota")
+    result = device.page.evaluate("""async () => {
+        const statuses = [];
+        api.app.status = (state, detail) => statuses.push([state, detail && detail.error ? detail.error.name : null,
+                                                           detail && detail.message || null]);
+        const block = "x".repeat(1 << 20);
+        for (let size = 1 << 20; size >= 1; size = Math.floor(size / 2)) {
+            for (let i = 0; ; i++) {
+                try { localStorage.setItem(`fill ${size} ${i}`, block.slice(0, size)); } catch (error) { break; }
+            }
+        }
+        api.app.put({type: "note", id: 1, data: "one"});
+        const first = await api.sync.syncNow().then(() => "resolved", (error) => `rejected: ${error.message}`);
+        api.app.put({type: "note", id: 2, data: "two"});
+        await api.sync.syncNow();
+        await api.sync.syncNow();
+        return {first, statuses, pending: api.app.pending.size,
+                saved: api.app.calls.filter((call) => call === "objectsSaved").length};
+    }""")
+    assert result["first"] == "resolved", result
+    errors = [status for status in result["statuses"] if status[0] == "error"]
+    assert len(errors) == 1 and errors[0][1] == "SyncError", result["statuses"]
+    assert errors[0][2].startswith("cannot store the sync state (QuotaExceededError"), errors
+    assert result["pending"] == 0 and result["saved"] == 2
+    posts = [sent for method, sent, status, _, _ in exchanges if method == "POST"]
+    assert posts == [[{"type": "note", "id": 1, "data": "one"}], [{"type": "note", "id": 2, "data": "two"}]], posts
+    stored = server_objects(server, "bo@example.com", app_origin, "quota")
+    assert sorted(obj["id"] for obj in stored.values()) == [1, 2], stored
