@@ -3181,10 +3181,12 @@ def test_a_change_the_balancer_died_in_is_finished_by_asking_again(nodes):
     adding = threading.Thread(target=_quietly, args=(cluster.admin, "/_cluster/nodes", {"url": added}))
     adding.start()
     headers = {"Authorization": f"Bearer {cluster.secret}"}
-    for _ in range(500):
+    for _ in range(3000):       # the balancer first waits 2 s for the stopped node's membership, in vain
         if "previous" in requests.get(cluster.urls[1] + "/_node/cluster", headers=headers, timeout=10).json():
             break
         time.sleep(0.01)
+    else:
+        raise AssertionError("the balancer never gave the nodes the membership of the change")
     cluster.balancer_process.kill()
     cluster.balancer_process.wait()
     adding.join()
