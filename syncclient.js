@@ -41,9 +41,6 @@
 
   const OBJECT_MEMBERS = new Set(["type", "id", "data", "deleted", "expires", "blob"]);
 
-  /* A failed sync step. `status` is the HTTP status (0 for no answer), `code`
-   * the server's error code, `object` the position of the object it refused
-   * (SPEC.md POST-1), `retryAfter` seconds to wait, if the server said. */
   /* localStorage, or where it is disabled (reading it throws), one that keeps nothing. */
   function browserStorage() {
     try {
@@ -54,6 +51,9 @@
     return {getItem: () => null, setItem: () => { throw new Error("localStorage is disabled"); }};
   }
 
+  /* A failed sync step. `status` is the HTTP status (0 for no answer), `code`
+   * the server's error code, `object` the position of the object it refused
+   * (SPEC.md POST-1), `retryAfter` seconds to wait, if the server said. */
   class SyncError extends Error {
     constructor(message, {status = 0, code = null, object = null, retryAfter = null} = {}) {
       super(message);
