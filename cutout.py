@@ -4309,12 +4309,12 @@ class _Worker:
         self.loop.call_later(1, self.keep_time)
         self.date = email.utils.formatdate(usegmt=True)
         self.log_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.write_access_log()
         now = self.loop.time()
         for connection in [c for c in self.connections if c.deadline < now]:
             connection.time_out()
         if os.getppid() != self.parent:
             self.stop()         # the supervisor is gone (killed): nobody would stop this worker
+        self.write_access_log()
 
     def log_access(self, request, status, size, began):
         """Keep one line of the access log: who, what (the token left out), status, bytes, time taken.
@@ -4334,9 +4334,13 @@ class _Worker:
 
     def write_access_log(self):
         if self.access:
-            sys.stderr.write("".join(self.access))
-            sys.stderr.flush()
+            lines = "".join(self.access)
             self.access.clear()
+            try:
+                sys.stderr.write(lines)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass        # standard error is closed or broken: the lines are lost, the server goes on
 
     def stop(self):
         """Stop accepting, let the requests in progress finish, and end the loop."""

@@ -3326,6 +3326,28 @@ def test_every_request_gets_an_access_line_without_its_token_and_quiet_prints_no
         assert '"GET /nowhere"' not in process.stderr.read()
 
 
+def test_a_server_whose_standard_error_is_gone_serves_on_and_stops_when_orphaned(tmp_path):
+    """Its access log cannot be written (the pipe's reader is gone): requests are still answered,
+    and once the supervisor is killed the worker still notices and stops (it checks once a
+    second, in the same turn that writes the log; a failed write stopped that check)."""
+    with _cutout_process(tmp_path, "--workers", "1", quiet=False) as process:
+        base = f"http://127.0.0.1:{_announced_port(process)}"
+        worker = _server_workers(process)[0]
+        process.stderr.close()
+        for _ in range(3):
+            assert requests.get(base + "/nowhere", timeout=10).status_code == 404
+            time.sleep(1.1)         # each second's write of the access log fails
+        process.kill()
+        process.wait()
+        for _ in range(50):
+            if not os.path.exists(f"/proc/{worker}") or open(f"/proc/{worker}/stat").read().split()[2] == "Z":
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            raise AssertionError("the worker went on after its supervisor was killed")
+
+
 def test_the_development_verifier_is_announced_with_the_url_it_serves(tmp_path):
     with _cutout_process(tmp_path) as process:
         port = _announced_port(process)
