@@ -4280,9 +4280,10 @@ class _Worker:
         self.stopping = False
         self.date = email.utils.formatdate(usegmt=True)
 
-    def run(self, sock):
-        """Serve sock until SIGTERM or SIGINT; in the worker's own process, with signals blocked."""
-        self.parent = os.getppid()
+    def run(self, sock, supervisor):
+        """Serve sock until SIGTERM or SIGINT, or until the supervisor (its pid) is gone; in the
+        worker's own process, with signals blocked."""
+        self.parent = supervisor
         self.loop = asyncio.new_event_loop()
         self.threads = concurrent.futures.ThreadPoolExecutor(self.max_concurrent, thread_name_prefix="request")
         self.exempt_threads = concurrent.futures.ThreadPoolExecutor(EXEMPT_THREADS, thread_name_prefix="cluster")
@@ -4848,6 +4849,7 @@ def serve_http(front, host, port, workers, max_concurrent, announce, access_log=
     def start(index):
         # Signals wait until the worker has its own handlers: the supervisor's would stop the others.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        supervisor = os.getpid()    # taken before the fork: one killed at once would leave the worker none to compare
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -4855,7 +4857,7 @@ def serve_http(front, host, port, workers, max_concurrent, announce, access_log=
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
                     signal.signal(signum, signal.SIG_DFL)
                 _Worker(front, in_progress, index, (max_concurrent, max_connections), access_log).run(
-                    sockets[index % len(sockets)])
+                    sockets[index % len(sockets)], supervisor)
                 code = 0
             except BaseException:
                 log.exception("worker %d failed", index)

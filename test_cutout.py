@@ -3348,6 +3348,38 @@ def test_a_server_whose_standard_error_is_gone_serves_on_and_stops_when_orphaned
             raise AssertionError("the worker went on after its supervisor was killed")
 
 
+def test_workers_stop_when_their_supervisor_is_killed_as_soon_as_it_starts(tmp_path):
+    """kill -9 of the server right after it says it serves, before its workers may have run a
+    line: each worker still stops (it compares its parent with the supervisor's pid taken before
+    the fork; reading its parent once started, it found init already and served on forever)."""
+    for attempt in range(5):
+        data_dir = tmp_path / f"data{attempt}"
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", "0", "--quiet",
+                                    "--workers", "2", "--data-dir", str(data_dir)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        process.stdout.readline()
+        process.kill()
+        process.wait()
+        process.stdout.close()
+
+        def left():
+            found = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                        if str(data_dir).encode() in cmdline.read():
+                            found.append(int(pid))
+            return found
+        for _ in range(50):
+            if not left():
+                break
+            time.sleep(0.1)
+        else:
+            for pid in left():
+                os.kill(pid, signal.SIGKILL)
+            raise AssertionError("a worker went on after its supervisor was killed at start")
+
+
 def test_the_development_verifier_is_announced_with_the_url_it_serves(tmp_path):
     with _cutout_process(tmp_path) as process:
         port = _announced_port(process)
