@@ -1072,9 +1072,7 @@ class AppendOnlyDB:
         """
         if not self.exists():
             raise AppendConflict(0, None)
-        files = _OpenCollection(self, exclusive=True)
-        view = Snapshot(files)
-        try:
+        with _OpenCollection(self, exclusive=True) as files:
             if files.header.collection_id != collection_id or files.last_counter < after:
                 raise AppendConflict(files.last_counter, files.header.collection_id)
             fresh = [(counter, record) for counter, record in numbered if counter > files.last_counter]
@@ -1086,8 +1084,6 @@ class AppendOnlyDB:
             if after_write is not None:
                 after_write(files.header.secret)
             return fresh[-1][0]
-        finally:
-            view.close()
 
     def delete(self, reason=None, before_write=None):
         """Replace the collection by an empty one with a new collection_id; return that id.
@@ -1127,7 +1123,6 @@ class AppendOnlyDB:
             os.close(fd)
 
 
-
 def _write_batch(files, numbered, appended_at, index_path):
     """Append [(counter, record)] to the open collection as one batch, durably (DISK-7)."""
     numbered = list(numbered)
@@ -1155,6 +1150,7 @@ def _write_batch(files, numbered, appended_at, index_path):
         log.warning("%s: counters %d..%d are stored but not yet indexed", index_path,
                     numbered[0][0], numbered[-1][0])
         raise
+
 
 ###############################################################################
 # Blobs: attachments kept beside the stream
@@ -3279,7 +3275,7 @@ def _misdirected(membership, db, write):
     """Why this node must not answer a client's request to db's collection (CLUSTER-5), or None:
     it answers a write only to a collection it owns, and a read only of one it owns or backs up."""
     own = membership.own_url
-    if own not in membership.nodes and own not in (membership.previous or ()) or own in membership.gone:
+    if own not in _members(membership):
         return f"this node left the cluster: ask {', '.join(membership.nodes)}"
     replicas = membership.replicas(*_escaped_names(db)[:2])
     if write and replicas[0] != own:
@@ -3294,11 +3290,7 @@ def _in_transit(membership, db):
     domain, user, _ = _escaped_names(db)
     if membership.source(domain, user) == membership.own_url == membership.previous_replicas(domain, user)[0]:
         return False        # the owner before the change, and after it: nothing moves
-    try:
-        with open(os.path.join(db.path, HANDED_OVER_FILE)) as marker:
-            return marker.read().strip() != str(membership.version)
-    except FileNotFoundError:
-        return True
+    return _read_counter(os.path.join(db.path, HANDED_OVER_FILE)) != membership.version
 
 
 def _position(db):
@@ -3320,10 +3312,16 @@ def _read_counter(path):
         return None
 
 
-def _write_counter(path, counter):
+def _write_counter(path, counter, durable=False):
+    """Replace the file at path by one holding counter; durable: synced, and its directory too."""
     with open(path + ".new", "w") as file:
         file.write(str(counter))
+        if durable:
+            file.flush()
+            sync_data(file.fileno())
     os.rename(path + ".new", path)
+    if durable:
+        _fsync_dir(os.path.dirname(path))
 
 
 def _escaped_names(db):
@@ -3426,8 +3424,7 @@ def _bring_up_to_date(backup, own_url, db, after, numbered=None):
         if status == 409 and answer.get("error") == "behind":
             break
         raise RuntimeError(f"{backup} answered a copy of a write with {status}: {answer}")
-    with db.snapshot() as snapshot:
-        last_counter = snapshot.last_counter
+    last_counter = _position(db)[1]
     status, answer = _node_call(backup, "POST", _node_path("fetch", db) + "?" + urllib.parse.urlencode(
         {"from": own_url, "last_counter": last_counter}), secret, timeout=COPY_TIMEOUT)
     if status != 200 or answer["last_counter"] < last_counter:
@@ -3552,9 +3549,9 @@ def _held_copy(domain, user, bucket):
 
 
 def _state_answer(db):
-    with db.snapshot(create=False) as snapshot:
-        state = {"collection_id": snapshot.collection_id, "last_counter": snapshot.last_counter}
-    return _answer(200, json.dumps(state).encode())
+    """{"collection_id", "last_counter"} of this node's copy (null and 0 without one)."""
+    collection_id, last_counter = _position(db)
+    return _answer(200, json.dumps({"collection_id": collection_id, "last_counter": last_counter}).encode())
 
 
 @app.post("/_node/fetch/<domain>/<user>/<bucket>")
@@ -3564,20 +3561,18 @@ def node_fetch(domain, user, bucket):
     db = _copy_db(domain, user, bucket)
     pairs = dict(_query_pairs(bottle.request.query_string))
     source, last_counter = _node_url(pairs.get("from", "")), pairs.get("last_counter", "")
-    if source is None or not last_counter.isdigit():
-        raise ProtocolError("bad_request", "fetch needs from=NODE and last_counter=N")
+    if source is None or not last_counter.isdigit() or not pairs.get("version", "0").isdigit():
+        raise ProtocolError("bad_request", "fetch needs from=NODE and last_counter=N, and a version is a number")
     fetch_copy(db, source, int(last_counter))
     if "version" in pairs:      # [CLUSTER-10] the last step of handing it to this node
-        _mark_handed_over(db, pairs["version"])
-    return _state_answer(db) if db.exists() else _answer(200, b'{"collection_id": null, "last_counter": 0}')
+        _mark_handed_over(db, int(pairs["version"]))
+    return _state_answer(db)
 
 
 def fetch_copy(db, source, last_counter):
     """Make db a copy of source's collection, if source's (at last_counter) is newer than db's."""
-    if db.exists():
-        with db.snapshot(create=False) as snapshot:
-            if snapshot.last_counter >= last_counter:
-                return
+    if db.exists() and _position(db)[1] >= last_counter:
+        return
     connection = _node_connection(source, COPY_TIMEOUT)
     try:
         connection.request("GET", _node_path("copy", db), headers=_secret_header(_config().secret))
@@ -3602,12 +3597,7 @@ def _forget_unpublished(db):
 
 def _mark_handed_over(db, version):
     _make_dirs_durably(db.path)
-    with open(os.path.join(db.path, HANDED_OVER_FILE + ".new"), "w") as marker:
-        marker.write(version)
-        marker.flush()
-        sync_data(marker.fileno())
-    os.rename(os.path.join(db.path, HANDED_OVER_FILE + ".new"), os.path.join(db.path, HANDED_OVER_FILE))
-    _fsync_dir(db.path)
+    _write_counter(os.path.join(db.path, HANDED_OVER_FILE), version, durable=True)
 
 
 @app.post("/_node/hand-over")
@@ -3634,15 +3624,14 @@ def node_hand_over():
                         continue
                     if status == 200:
                         fetch_copy(db, other, state["last_counter"])
-        with db.snapshot(create=False) as snapshot:
-            last_counter = snapshot.last_counter
+        last_counter = _position(db)[1]
         for target in [*after[1:], after[0]]:       # the new owner last: it is served from then on
             query = {"from": own, "last_counter": last_counter}
             if target == after[0]:
                 query["version"] = membership.version
             if target == own:
                 if "version" in query:
-                    _mark_handed_over(db, str(membership.version))
+                    _mark_handed_over(db, membership.version)
                 continue
             try:
                 status, answer = _node_call(target, "POST", _node_path("fetch", db) + "?" +
@@ -3803,12 +3792,11 @@ class Balancer:
 
     def exempt(self, environ):
         """The admin API is exempt, as a node's routes are (Front.exempt): a change waits on the nodes."""
-        path = _raw_path(environ)
-        return (path == "/_cluster" or path.startswith("/_cluster/")) and _authorized(environ, self.secret)
+        return _is_admin_path(_raw_path(environ)) and _authorized(environ, self.secret)
 
     def dispatch(self, environ, start_response):
         path = _raw_path(environ)
-        if path == "/_cluster" or path.startswith("/_cluster/"):
+        if _is_admin_path(path):
             status, headers, body = self.admin(environ, path)
             start_response(status, headers)
             return [body]
@@ -4006,6 +3994,10 @@ class Balancer:
         except (OSError, LookupError, RuntimeError, http.client.HTTPException) as error:
             raise ProtocolError("node_unavailable", f"{node} did not answer {method} {path} ({error}): ask again "
                                 "once it is back, or remove it by force") from None
+
+
+def _is_admin_path(path):
+    return path == "/_cluster" or path.startswith("/_cluster/")
 
 
 def _admin_change(body, removing):
@@ -4320,8 +4312,8 @@ class _Worker:
     def log_access(self, request, status, size, began):
         """Keep one line of the access log: who, what (the token left out), status, bytes, time taken.
 
-        Lines are written once a second (keep_time), not one write each: a
-        write per request would cost an empty poll a third more.
+        Lines are written once a second (keep_time), not each with a system
+        call of its own on the event loop.
         """
         target = request.environ["PATH_INFO"]
         query = request.environ.get("QUERY_STRING")
