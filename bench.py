@@ -57,8 +57,10 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import http.client
+import http.server
 import importlib.metadata
 import importlib.util
 import itertools
@@ -124,6 +126,7 @@ class Sizes:
     slowloris: int = 200            #    sockets that trickle a request head
     fresh_every: float = 0.5        #    seconds between fresh clients' login + hello
     move_mb: int = 100              # 11. megabytes of the collection moved to a node that joins
+    client_objects: tuple = (1_000, 10_000, 100_000, 1_000_000)   # 12. collections a fresh browser reads
 
 
 FULL = Sizes()
@@ -131,7 +134,8 @@ QUICK = Sizes(big=100_000, small=100, newest_reads=500, append_batches=30,
               read_all=10_000, gc_keys=10_000,
               http_warmup=0.2, http_rounds=3, http_round=0.5,
               catchup_small=1_000, catchup_big=10_000, blob_bytes=1_000_000,
-              devices=200, device_users=50, device_seconds=8.0, idle_sockets=100, slowloris=40, move_mb=10)
+              devices=200, device_users=50, device_seconds=8.0, idle_sockets=100, slowloris=40, move_mb=10,
+              client_objects=(1_000, 10_000))
 
 
 ###############################################################################
@@ -667,17 +671,17 @@ def expect(status, body, wanted, what):
 class Api:
     """The protocol as the benchmark's clients speak it, on one server."""
 
-    def __init__(self, server, user=USER):
-        self.server, self.user = server, user
+    def __init__(self, server, user=USER, audience=AUDIENCE):
+        self.server, self.user, self.domain = server, user, urllib.parse.urlsplit(audience).netloc
         client = Client(server.port)
-        body = expect(*client.request("POST", "/verify", login_form(user),
+        body = expect(*client.request("POST", "/verify", login_form(user, audience),
                                       {"Content-Type": "application/x-www-form-urlencoded"}), 200, "verify")
         self.token = json.loads(body)["auth"]["query"]["auth"]
         client.close()
 
     def path(self, bucket, **query):
         query = dict(auth=self.token, **query)
-        return (f"/{DOMAIN}/{urllib.parse.quote(self.user, safe='@')}/{bucket}?"
+        return (f"/{self.domain}/{urllib.parse.quote(self.user, safe='@')}/{bucket}?"
                 + urllib.parse.urlencode(query))
 
     def hello(self, client, bucket):
@@ -697,8 +701,8 @@ class Api:
         return answer["object_counters"][-1]
 
 
-def login_form(user):
-    return urllib.parse.urlencode({"assertion": user, "audience": AUDIENCE})
+def login_form(user, audience=AUDIENCE):
+    return urllib.parse.urlencode({"assertion": user, "audience": audience})
 
 
 def objects_body(first, count):
@@ -1249,6 +1253,199 @@ def moving_a_collection(root, sizes):
               f"{sorted(status for status, _ in answers if status != 204) or 'none'}", flush=True)
 
 
+CLIENT_USER = "device@example.com"
+CLIENT_BUCKET = "client"
+CLIENT_BATCH = 4_000        # objects per POST while building (~1 MB, the server's default body limit)
+CLIENT_UPDATED = 100        # of every this many objects written, one is written again (version 2)
+CLIENT_NO_CHANGE_SYNCS = 20
+
+
+def client_uuid(n):
+    """A UUID-shaped id (36 characters, what most apps use) that says which object it is."""
+    return f"{n >> 96 & 0xffffffff:08x}-0000-4000-8000-{n:012x}"
+
+
+def client_objects_body(first, count, version):
+    objects = [{"type": "note", "id": client_uuid(n), "data": {"v": version, "text": "x" * 130}}
+               for n in range(first, first + count)]
+    return json.dumps(objects, separators=(",", ":")).encode()
+
+
+# The app of the measured page: it keeps nothing but the newest version of each object
+# (by its index, in an Int32Array), so that the page's heap is the library's.
+CLIENT_PAGE_APP = """([count, serverUrl, bucket, email, audience]) => {
+  const versions = new Int32Array(count);
+  const figures = {received: 0, calls: 0, largestCall: 0, peakHeap: 0, storageErrors: []};
+  const sample = () => { figures.peakHeap = Math.max(figures.peakHeap, performance.memory.usedJSHeapSize); };
+  setInterval(sample, 5);
+  const app = {
+    getPendingObjects: () => [],
+    objectsSaved() {},
+    objectsReceived(objects) {
+      sample();
+      figures.calls += 1;
+      figures.largestCall = Math.max(figures.largestCall, objects.length);
+      for (const obj of objects) {
+        versions[parseInt(obj.id.slice(-12), 16)] = obj.deleted ? -1 : obj.data.v;
+        figures.received += 1;
+      }
+    },
+    resetSaved() {},
+    status(state, detail) {
+      const storage = state === "error" && detail.error && detail.error.code === "storage";
+      if (storage) figures.storageErrors.push(detail.message);
+    },
+  };
+  window.bench = {app, versions, figures, sync: new Sync(app, {serverUrl, bucket, audience, pollInterval: 3600000,
+                                                             getAssertion: async () => email})};
+  return bench.sync.request();
+}"""
+
+CLIENT_STATE_SIZE = """async () => {
+  const stored = Object.keys(localStorage).filter((key) => key.startsWith("cutout-sync "));
+  const chars = stored.reduce((sum, key) => sum + localStorage.getItem(key).length, 0);
+  const estimate = await navigator.storage.estimate();
+  return {chars, usage: estimate.usage};
+}"""
+
+CLIENT_NO_CHANGE = """async (times) => {
+  const took = [];
+  for (let i = 0; i < times; i++) {
+    const began = performance.now();
+    await bench.sync.syncNow();
+    took.push(performance.now() - began);
+  }
+  return took.sort((a, b) => a - b)[Math.floor(times / 2)];
+}"""
+
+
+def the_client_in_a_browser(root, sizes, baseline_file=None):
+    """12. syncclient.js in Chromium, as a fresh device of a user with 1,000 ... 1,000,000 objects,
+    beside another version of it (the baseline) if one is given, the two taking turns."""
+    sides = {"this": os.path.join(os.path.dirname(os.path.abspath(cutout.__file__)), "syncclient.js")}
+    if baseline_file:
+        sides["baseline"] = baseline_file
+    for name, path in sides.items():
+        with open(path, "rb") as source:
+            sides[name] = source.read().decode()
+    section("12. syncclient.js in Chromium: a fresh device reads a collection ("
+            + ", ".join(f"{name}: sha256 {hashlib.sha256(source.encode()).hexdigest()[:12]}"
+                        for name, source in sides.items()) + ")")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        print("  skipped: pip install playwright (and apt-get install chromium)")
+        return
+    chromium = os.environ.get("CUTOUT_CHROMIUM", "/usr/bin/chromium")
+    if not os.path.exists(chromium):
+        print(f"  skipped: no browser at {chromium} (apt-get install chromium)")
+        return
+    print(f"  objects of ~200 bytes with UUID ids, 1 in {CLIENT_UPDATED} written twice; the app keeps only their "
+          "versions, so the heap is the library's (sampled every 5 ms and at each objectsReceived)")
+    log_dir = os.path.join(root, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    # The app's page, served on loopback as the server is: Chromium lets no page of a public
+    # origin (nor one without an address) call a loopback server.
+    page_server = http.server.ThreadingHTTPServer((HOST, 0), _EmptyPage)
+    threading.Thread(target=page_server.serve_forever, daemon=True).start()
+    origin = f"http://localhost:{page_server.server_address[1]}"
+    with contextlib.ExitStack() as stack, \
+            contextlib.closing(start_ours("cutout", os.path.join(root, "client-data"), log_dir)) as server, \
+            sync_playwright() as playwright:
+        stack.callback(page_server.server_close)
+        stack.callback(page_server.shutdown)
+        browser = playwright.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--enable-precise-memory-info"])
+        api, client = Api(server, CLIENT_USER, origin), Client(server.port)
+        collection_id, since = api.hello(client, CLIENT_BUCKET)
+        written = 0
+        for count in sizes.client_objects:
+            first_new = written
+            while written < count:
+                batch = min(CLIENT_BATCH, count - written)
+                since = api.post(client, CLIENT_BUCKET, collection_id, since, client_objects_body(written, batch, 1))
+                written += batch
+            twice = [n for n in range(first_new, count) if n % CLIENT_UPDATED == 0]
+            for first in range(0, len(twice), CLIENT_BATCH):
+                again = [{"type": "note", "id": client_uuid(n), "data": {"v": 2, "text": "y" * 130}}
+                         for n in twice[first:first + CLIENT_BATCH]]
+                since = api.post(client, CLIENT_BUCKET, collection_id, since,
+                                 json.dumps(again, separators=(",", ":")).encode())
+            figures = {}
+            for name, source in sides.items():
+                try:
+                    edited_before = first_new > 0 or bool(figures)
+                    figures[name], since = _client_figures(name, browser, origin, server, source, count, api, client,
+                                                           collection_id, since, edited_before)
+                except Exception as error:      # a client that fails at a size is a figure too
+                    print(f"  {name:<8} {count:>9,} objects: FAILED: {str(error).splitlines()[0][:300]}", flush=True)
+            if len(figures) == 2:
+                ratios = {what: figures["this"][what] / max(figures["baseline"][what], 1e-9)
+                          for what in ("seconds", "peak_heap", "no_change")}
+                print(f"  {'ratios':<8} {count:>9,} objects: first full sync {ratios['seconds']:.2f}, peak heap "
+                      f"{ratios['peak_heap']:.2f}, no-change sync {ratios['no_change']:.2f} (this / baseline)",
+                      flush=True)
+        client.close()
+        browser.close()
+
+
+class _EmptyPage(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<!doctype html><title>the app</title>")
+
+    def log_message(self, *args):
+        pass
+
+
+def _client_figures(name, browser, origin, server, client_source, count, api, client, collection_id, since,
+                    edited_before):
+    """Measure one fresh device reading the collection: (figures, the newest counter after its edit from elsewhere)."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(origin + "/")
+        page.add_script_tag(content=client_source)
+        gets = []
+        page.on("request", lambda request: gets.append(request.url)
+                if request.method == "GET" and f"/{CLIENT_BUCKET}?" in request.url else None)
+        page.evaluate(CLIENT_PAGE_APP, [count, f"http://{HOST}:{server.port}/", CLIENT_BUCKET, CLIENT_USER, origin])
+        page.set_default_timeout(600_000)
+        began = time.perf_counter()
+        page.evaluate("bench.sync.syncNow()")
+        took = time.perf_counter() - began
+        full_gets = len(gets)
+        figures = page.evaluate("bench.figures")
+        wrong = page.evaluate("""([updated, edited]) => {
+            let wrong = 0;
+            for (let n = 0; n < bench.versions.length; n++) {
+              wrong += bench.versions[n] !== (n === 1 && edited ? 3 : n % updated === 0 ? 2 : 1);
+            }
+            return wrong;
+        }""", [CLIENT_UPDATED, edited_before])
+        state = page.evaluate(CLIENT_STATE_SIZE)
+        no_change = page.evaluate(CLIENT_NO_CHANGE, CLIENT_NO_CHANGE_SYNCS)
+        del gets[:]
+        since = api.post(client, CLIENT_BUCKET, collection_id, since, json.dumps(
+            [{"type": "note", "id": client_uuid(1), "data": {"v": 3, "text": "edited elsewhere"}}]).encode())
+        page.evaluate("bench.sync.syncNow()")
+        edit_arrived = page.evaluate("bench.versions[1]") == 3
+        print(f"  {name:<8} {count:>9,} objects: first full sync {took:6.2f} s, {full_gets:5,} GETs, "
+              f"{figures['received']:,} objects in {figures['calls']:,} calls (largest {figures['largestCall']:,}), "
+              f"{wrong:,} not in their newest version; peak heap {figures['peakHeap'] / 1e6:6.1f} MB; "
+              f"state: {state['chars']:,} chars in localStorage, {state['usage'] / 1e6:.1f} MB of origin storage; "
+              f"no-change sync {no_change:5.1f} ms (median of {CLIENT_NO_CHANGE_SYNCS}); an edit from elsewhere: "
+              f"{len(gets)} GET{'' if len(gets) == 1 else 's'}, {'arrived' if edit_arrived else 'NOT ARRIVED'}; "
+              f"storage failures said: {len(figures['storageErrors'])}"
+              + (f" ({figures['storageErrors'][0][:100]})" if figures["storageErrors"] else ""), flush=True)
+        return {"seconds": took, "peak_heap": figures["peakHeap"], "no_change": no_change}, since
+    finally:
+        context.close()
+
+
 def cluster_secret(root):
     path = os.path.join(root, "cluster-secret")
     if not os.path.exists(path):
@@ -1723,8 +1920,10 @@ def main(argv=None):
     parser.add_argument("--dir", default="./bench-data", help="where the collections go (default ./bench-data)")
     parser.add_argument("--quick", action="store_true", help="sizes 10x smaller and shorter runs, for a smoke run")
     parser.add_argument("--keep", action="store_true", help="leave DIR in place at the end")
-    parser.add_argument("--only", type=int, choices=range(1, 12), action="append",
+    parser.add_argument("--only", type=int, choices=range(1, 13), action="append",
                         help="run only workload N (repeatable)")
+    parser.add_argument("--baseline-client", metavar="FILE", help="another syncclient.js for workload 12 to "
+                        "measure beside the one beside cutout.py, e.g. from `git show REV:syncclient.js > old.js`")
     parser.add_argument("--load", metavar="SPEC", help=argparse.SUPPRESS)      # the children that are clients
     parser.add_argument("--devices", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1746,7 +1945,8 @@ def main(argv=None):
     try:
         workloads = (newest_of_big_vs_small, durable_appends, read_all, garbage_collection,
                      empty_polls, newest_and_posts, catch_up, blobs, many_devices, through_the_balancer,
-                     moving_a_collection)
+                     moving_a_collection,
+                     functools.partial(the_client_in_a_browser, baseline_file=args.baseline_client))
         for number, workload in enumerate(workloads, 1):
             if not args.only or number in args.only:
                 workload(root, sizes)

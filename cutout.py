@@ -49,6 +49,7 @@ import json
 import logging
 import mmap
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -1876,6 +1877,7 @@ class SyncQuery:
     limit: int = None
     include: tuple = ()
     exclude: tuple = ()
+    purge_horizon: int = 0      # the newest purge horizon the client knows of (PURGE-2)
 
     def wanted(self):
         """A test of a stored record against include/exclude, or None when all are wanted (GET-7)."""
@@ -1896,7 +1898,7 @@ def parse_sync_query(pairs, post=False):
     values = {}
     for name, value in pairs:
         values.setdefault(name, []).append(value)
-    for name in ("since", "collection_id", "limit", "auth"):
+    for name in ("since", "collection_id", "limit", "auth", "purge_horizon"):
         if len(values.get(name, ())) > 1:
             raise ProtocolError("bad_request", f"{name} may appear only once")
     # [GET-9] Other names are ignored, but the 2012 protocol's way of deleting must not be
@@ -1912,6 +1914,8 @@ def parse_sync_query(pairs, post=False):
         query.limit = _parse_integer(values["limit"][0], "limit", "bad_limit", minimum=1)
     if "collection_id" in values:
         query.collection_id = values["collection_id"][0]
+    if "purge_horizon" in values:
+        query.purge_horizon = _parse_integer(values["purge_horizon"][0], "purge_horizon", "bad_since", minimum=0)
     # [POST-1] "A POST MUST carry since (else 400, bad_request)."
     if post and query.since is None:
         raise ProtocolError("bad_request", "a POST needs since (and should carry collection_id)")
@@ -2183,11 +2187,18 @@ def _no_longer_current(snapshot, query, limits):
     since = query.since or 0
     if since > snapshot.last_counter:
         raise ProtocolError("bad_since", f"since {since} is newer than the newest counter, {snapshot.last_counter}")
-    # [PURGE-1] "If a GET or POST carries 0 < since < purge_horizon, the server MUST NOT
-    # answer normally: it MUST answer 200 with {"since_purged": true, "collection_id": C}."
-    if 0 < since < snapshot.purge_horizon:
-        return 200, json.dumps({"since_purged": True, "collection_id": snapshot.collection_id}).encode()
+    # [PURGE-1] "If a GET or POST carries 0 < since < purge_horizon, and no purge_horizon=P
+    # with P >= purge_horizon (PURGE-2), the server MUST NOT answer normally: it MUST answer 200
+    # with {"since_purged": true, "collection_id": C, "purge_horizon": H}."
+    if _purged_under(since, query, snapshot.purge_horizon):
+        return 200, json.dumps({"since_purged": True, "collection_id": snapshot.collection_id,
+                                "purge_horizon": snapshot.purge_horizon}).encode()
     return None
+
+
+def _purged_under(since, query, purge_horizon):
+    # [PURGE-2] A client reading again from since=0 pages on below the horizon it was told of.
+    return 0 < since < purge_horizon and query.purge_horizon < purge_horizon
 
 
 def nothing_new(state, query):
@@ -2200,7 +2211,7 @@ def nothing_new(state, query):
     since = query.since or 0     # a collection_id without since means since=0 (GET-2)
     return (query.collection_id == state.collection_id
             and state.last_record_counter <= since <= state.last_counter      # GET-5
-            and not 0 < since < state.purge_horizon)                          # PURGE-1
+            and not _purged_under(since, query, state.purge_horizon))         # PURGE-1
 
 
 def write_collection(db, query, objects, limits, blob_base="/", still_here=None, stored=None):
@@ -4117,6 +4128,8 @@ LINGER_TIMEOUT = 2            # seconds a refused client may go on sending befor
 STOP_TIMEOUT = 0.8            # seconds requests in progress get to finish when the server stops;
                               # an answer not ready by then is not sent (the client asks again)
 ACCESS_LOG_LINES = 1000       # access log lines a worker keeps before it writes them, within the second
+ACCESS_LOG_BACKLOG = 8        # batches of them waiting for standard error before newer lines are dropped
+ACCESS_LOG_LAST_WRITE = 0.5   # seconds (up to three times) a stopping worker waits to write its last lines
 KILL_TIMEOUT = 3              # seconds a stopping worker gets before it is killed
 EXEMPT_THREADS = 32           # per worker, for the cluster's own requests (Front.exempt)
 MAX_CONNECTIONS = 10_000      # per worker process; each costs a few KB and one or two file descriptors
@@ -4260,7 +4273,7 @@ class _Worker:
 
     def __init__(self, front, in_progress, index, limits, access_log=True):
         self.front = front
-        self.access = [] if access_log else None    # lines not yet written (see log_access)
+        self.access = _AccessLog() if access_log else None
         self.log_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())     # kept by keep_time
         # Requests in progress, one count per worker, in memory the workers share: each
         # writes only its own and reads the sum. Two workers may both take the last
@@ -4286,6 +4299,8 @@ class _Worker:
             self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=LISTEN_BACKLOG))
         self.loop.call_later(1, self.keep_time)
         self.loop.run_forever()
+        if self.access is not None:
+            self.access.close(ACCESS_LOG_LAST_WRITE)
 
     def admit(self):
         """Count one more request in progress, if there is room for it in the whole server (BACKOFF-1)."""
@@ -4320,20 +4335,14 @@ class _Worker:
         if query:
             target += "?" + "&".join("auth=-" if urllib.parse.unquote_plus(pair.partition("=")[0]) == "auth"
                                      else pair for pair in query.split("&"))
-        self.access.append(f'{self.log_time} {request.environ["REMOTE_ADDR"]} "{request.method} {target}" '
-                           f'{status[:3]} {size} {(self.loop.time() - began) * 1e3:.1f}ms\n')
-        if len(self.access) >= ACCESS_LOG_LINES:
-            self.write_access_log()
+        self.access.lines.append(f'{self.log_time} {request.environ["REMOTE_ADDR"]} "{request.method} {target}" '
+                                 f'{status[:3]} {size} {(self.loop.time() - began) * 1e3:.1f}ms\n')
+        if len(self.access.lines) >= ACCESS_LOG_LINES:
+            self.access.hand_over()
 
     def write_access_log(self):
-        if self.access:
-            lines = "".join(self.access)
-            self.access.clear()
-            try:
-                sys.stderr.write(lines)
-                sys.stderr.flush()
-            except (OSError, ValueError):
-                pass        # standard error is closed or broken: the lines are lost, the server goes on
+        if self.access is not None:
+            self.access.hand_over()
 
     def stop(self):
         """Stop accepting, let the requests in progress finish, and end the loop."""
@@ -4349,8 +4358,53 @@ class _Worker:
 
     def stopped_if_done(self):
         if self.stopping and not self.connections:
-            self.write_access_log()
             self.loop.stop()
+
+
+class _AccessLog:
+    """A worker's access log lines, written to standard error by a thread of their own.
+
+    The loop only hands lines over, never writes: a standard error that nobody
+    reads (a full pipe) blocks a write, and a loop blocked in one serves no
+    one. While the writer is stuck, newer lines are dropped, and a line says
+    how many once it moves again.
+    """
+
+    def __init__(self):
+        self.lines = []           # not yet handed over
+        self.dropped = 0
+        self.batches = queue.Queue(ACCESS_LOG_BACKLOG)
+        self.writer = threading.Thread(target=self._write, name="access-log", daemon=True)
+        self.writer.start()
+
+    def hand_over(self, wait=0):
+        """Give the writer the lines kept, waiting at most `wait` seconds for room."""
+        if not self.lines and not self.dropped:
+            return
+        batch = "".join(self.lines)
+        if self.dropped:
+            batch = f"{self.dropped} access log lines dropped: standard error was not being read\n" + batch
+        try:
+            self.batches.put(batch, timeout=wait) if wait else self.batches.put_nowait(batch)
+            self.dropped = 0
+        except queue.Full:
+            self.dropped += len(self.lines)
+        self.lines.clear()
+
+    def close(self, timeout):
+        """Write what is left, waiting at most about timeout seconds for a standard error that may never take it."""
+        self.hand_over(wait=timeout)
+        with contextlib.suppress(queue.Full):
+            self.batches.put(None, timeout=timeout)
+        self.writer.join(timeout)
+
+    def _write(self):
+        while (batch := self.batches.get()) is not None:
+            try:
+                sys.stderr.write(batch)
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass        # standard error is closed or broken: the lines are lost, the server goes on
 
 
 class _Connection(asyncio.Protocol):

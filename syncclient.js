@@ -10,9 +10,11 @@
  *     await sync.request();            // log in
  *
  * One file, no build step. The default server is the one this file was
- * loaded from (SPEC.md JS-1). Every Sync keeps its own
- * state (login, collection_id, since) in localStorage under a key made of its
- * server and bucket, so several can run side by side in one page.
+ * loaded from (SPEC.md JS-1). Every Sync keeps its own state (login,
+ * collection_id, since: a few hundred bytes, whatever the collection's size) in
+ * localStorage, and the keys of the objects it has handed the app in an
+ * IndexedDB database, both named after its server and bucket, so several can
+ * run side by side in one page.
  */
 (function (root) {
   "use strict";
@@ -29,6 +31,8 @@
     audience: null,              // the app's origin; default: this page's
     getAssertion: null,          // async () => an identity assertion (the dev verifier takes the email)
     storage: null,               // a localStorage-like object; default: localStorage
+    database: undefined,         // the IndexedDB database of the objects' keys; default: named as the state
+                                 // is; null: kept in memory
     pollInterval: 30000,         // ms between polls while the page is shown
     hiddenPollInterval: 300000,  // ms between polls while it is hidden
     slowPollInterval: 600000,    // ms between polls after scheduleSlowly()
@@ -40,6 +44,9 @@
   };
 
   const OBJECT_MEMBERS = new Set(["type", "id", "data", "deleted", "expires", "blob"]);
+  const TOMBSTONES_PER_CALL = 1000;  // objectsReceived's tombstones at the end of a read from the start
+  const KEEP_FAILED = Symbol("the keys could not be read or written");
+  const MAX_READS_AGAIN = 3;        // reads from the start one sync begins, a purge coming each time
 
   /* localStorage, or where it is disabled (reading it throws), one that keeps nothing. */
   function browserStorage() {
@@ -148,6 +155,182 @@
     return new Promise((resolve) => setTimeout(resolve, ms));
   }
 
+  // ------------------------------------------------------------------ the keys the app holds
+
+  /* The (type, id) of every object the app holds from the collection, each with the number of
+   * the last read from the start that saw it, so that such a read can tell the app which of its
+   * objects are gone: those it did not see (SPEC.md PURGE-1). Asking the app instead would make
+   * every app keep such a list; this way none has to.
+   *
+   * The list grows with the collection, so it lives in IndexedDB, never in localStorage (about
+   * 5 MB an origin, shared with the app, and written whole). IndexedDB's cost is per record, about
+   * 60 us, so one record a key would add a minute to a million objects. Instead the keys are spread
+   * over BUCKETS buckets by a hash, and each page adds one record to each bucket it touches: a log
+   * of [key, mark] entries (mark GONE: deleted). A bucket whose log has as many entries as its base
+   * is folded into a new base, so the log stays within twice the list, each entry is rewritten a
+   * few times at most, and whatever reads a bucket holds a BUCKETS-th of the keys in memory. */
+  const BUCKETS = 32;
+  const GONE = -1;
+  const FOLD_RECORDS = 256;         // a bucket with this many records is folded, however small they are
+
+  function bucketOf(key) {          // FNV-1a
+    let hash = 2166136261;
+    for (let i = 0; i < key.length; i++) hash = Math.imul(hash ^ key.charCodeAt(i), 16777619);
+    return (hash >>> 0) % BUCKETS;
+  }
+
+  /* key -> mark of the keys held, from a bucket's records in the order they were written. */
+  function replay(records) {
+    const held = new Map();
+    for (const {entries} of records) {
+      for (const [key, mark] of entries) {
+        if (mark === GONE) held.delete(key); else held.set(key, mark);
+      }
+    }
+    return held;
+  }
+
+  function noSizes() {
+    return {base: new Array(BUCKETS).fill(0), log: new Array(BUCKETS).fill(0), records: new Array(BUCKETS).fill(0)};
+  }
+
+  class KnownKeys {
+    constructor(database, sizes) {
+      this.database = database;
+      this.sizes = sizes;           // entries per bucket in its base and its log, and its records: when to fold
+    }
+
+    static open(name) {
+      return new Promise((resolve, reject) => {
+        const request = root.indexedDB.open(name, 1);
+        request.onupgradeneeded = () => {
+          request.result.createObjectStore("keys", {autoIncrement: true}).createIndex("bucket", "bucket");
+          request.result.createObjectStore("state");
+        };
+        request.onerror = () => reject(request.error);
+        request.onblocked = () => reject(new Error("the database is held open elsewhere"));
+        request.onsuccess = () => {
+          const database = request.result;
+          database.onversionchange = () => database.close();    // never block a deleteDatabase
+          const sizes = database.transaction("state").objectStore("state").get("sizes");
+          sizes.onsuccess = () => resolve(new KnownKeys(database, sizes.result || noSizes()));
+          sizes.onerror = () => reject(sizes.error);
+        };
+      });
+    }
+
+    /* Run work(transaction) in a transaction of both stores; resolves to what work returned once written. */
+    _transaction(mode, work) {
+      return new Promise((resolve, reject) => {
+        const transaction = this.database.transaction(["keys", "state"], mode);
+        const result = work(transaction);
+        transaction.oncomplete = () => resolve(result);
+        transaction.onerror = transaction.onabort = () => reject(transaction.error || new Error("aborted"));
+      });
+    }
+
+    /* Received or saved: these objects are held (seen by read `mark`), tombstones are not. */
+    async note(objects, mark) {
+      const buckets = new Map();
+      for (const obj of objects) {
+        const key = keyOf(obj), bucket = bucketOf(key);
+        if (!buckets.has(bucket)) buckets.set(bucket, []);
+        buckets.get(bucket).push([key, obj.deleted ? GONE : mark]);
+      }
+      const sizes = this.sizes;
+      await this._transaction("readwrite", (transaction) => {
+        for (const [bucket, entries] of buckets) {
+          transaction.objectStore("keys").add({bucket, entries});
+          sizes.log[bucket] += entries.length;
+          sizes.records[bucket] += 1;
+        }
+        transaction.objectStore("state").put(sizes, "sizes");
+      });
+      for (const bucket of buckets.keys()) {
+        if (sizes.log[bucket] >= sizes.base[bucket] || sizes.records[bucket] >= FOLD_RECORDS) {
+          await this.fold(bucket, 0);
+        }
+      }
+    }
+
+    /* Make the bucket's records one, leaving out the keys that read `seenBy` did not see. */
+    fold(bucket, seenBy) {
+      return this._transaction("readwrite", (transaction) => {
+        const store = transaction.objectStore("keys"), index = store.index("bucket");
+        const ids = index.getAllKeys(bucket);
+        index.getAll(bucket).onsuccess = (event) => {
+          const entries = [...replay(event.target.result)].filter(([, mark]) => mark >= seenBy);
+          ids.result.forEach((id) => store.delete(id));
+          if (entries.length) store.add({bucket, entries});
+          this.sizes.base[bucket] = entries.length;
+          this.sizes.log[bucket] = 0;
+          this.sizes.records[bucket] = entries.length ? 1 : 0;
+          transaction.objectStore("state").put(this.sizes, "sizes");
+        };
+      });
+    }
+
+    /* The keys of the bucket that read `seenBy` did not see. */
+    async unseen(bucket, seenBy) {
+      const records = await this._transaction("readonly",
+                                              (transaction) => transaction.objectStore("keys").index("bucket").getAll(bucket));
+      return [...replay(records.result)].filter(([, mark]) => mark < seenBy).map(([key]) => key);
+    }
+
+    clear() {
+      this.sizes = noSizes();
+      return this._transaction("readwrite", (transaction) => {
+        transaction.objectStore("keys").clear();
+        transaction.objectStore("state").put(this.sizes, "sizes");
+      });
+    }
+
+    /* The sync state, kept here only while localStorage refuses it. */
+    async readState() {
+      const request = await this._transaction("readonly", (transaction) => transaction.objectStore("state").get("sync"));
+      return request.result;
+    }
+
+    writeState(state) {
+      return this._transaction("readwrite", (transaction) => state ? transaction.objectStore("state").put(state, "sync")
+                                                                    : transaction.objectStore("state").delete("sync"));
+    }
+  }
+
+  /* The same, in memory: where IndexedDB cannot be had, or options.database is null. */
+  class KnownKeysInMemory {
+    constructor() {
+      this.marks = new Map();
+      this.state = undefined;
+    }
+
+    async note(objects, mark) {
+      for (const obj of objects) {
+        if (obj.deleted) this.marks.delete(keyOf(obj)); else this.marks.set(keyOf(obj), mark);
+      }
+    }
+
+    async fold(bucket, seenBy) {
+      for (const key of await this.unseen(bucket, seenBy)) this.marks.delete(key);
+    }
+
+    async unseen(bucket, seenBy) {
+      return [...this.marks].filter(([key, mark]) => mark < seenBy && bucketOf(key) === bucket).map(([key]) => key);
+    }
+
+    async clear() {
+      this.marks.clear();
+    }
+
+    async readState() {
+      return this.state;
+    }
+
+    async writeState(state) {
+      this.state = state || undefined;
+    }
+  }
+
   class Sync {
     constructor(appData, options = {}) {
       this.appData = appData;
@@ -161,8 +344,12 @@
       this.storage = this.options.storage || browserStorage();
       this.fetch = this.options.fetch || root.fetch.bind(root);
       this.storageKey = `cutout-sync ${this.serverUrl} ${this.options.bucket}`;
-      this._unstored = null;        // the SyncError of a state that could not be stored, until one is
+      this._reported = new Set();  // kinds of storage failure said through status (once, until one succeeds)
       this._state = this._load();
+      this._keys = null;            // KnownKeys (or KnownKeysInMemory) once _ready
+      this._stateElsewhere = false; // whether the state is kept in IndexedDB, localStorage having refused it
+      this._stateWrites = Promise.resolve();
+      this._ready = this._open();
       this._watchers = [];
       this._running = null;         // the sync in progress, if any
       this._again = false;          // a sync was asked for while one ran
@@ -175,6 +362,7 @@
       this._pollTime = 0;           // ms, the server's X-Sync-Poll-Time
       this._due = Infinity;         // Date.now() when the armed timer fires
       this._generation = 0;         // grows when the state is replaced under a running sync
+      this._readsAgain = 0;         // reads from the start in this sync (_readAgain)
       this._refused = new Map();    // key -> JSON of an object the server refused; not sent again as is
       this._listeners = [];
       // The app calls onupdate when its data changed (the 2012 client's slot, kept);
@@ -197,28 +385,99 @@
       return {};
     }
 
-    /* Keep the state in storage. One that cannot be stored (quota, private mode, storage
-     * disabled) does not stop the sync: it lives on in memory, the failure is reported once,
-     * as a SyncError through status, and every later save tries again. */
-    _save() {
+    /* Open the keys' database, take the state kept there if it is newer than localStorage's
+     * (it is there only while localStorage refuses it), and move the list of keys an older
+     * version of this library kept in the state into the database. Never fails: without
+     * IndexedDB the keys are kept in memory, and that is said once through status. */
+    async _open() {
+      const name = this.options.database === undefined ? this.storageKey : this.options.database;
       try {
-        this.storage.setItem(this.storageKey, JSON.stringify(this._state));
-        this._unstored = null;
+        this._keys = name === null ? new KnownKeysInMemory() : await KnownKeys.open(name);
       } catch (error) {
-        if (this._unstored) return;
-        this._unstored = new SyncError(`cannot store the sync state (${error.name}: ${error.message}): syncing on ` +
-                                       "in memory, and trying to store it again at every change", {code: "storage"});
-        this._status("error", {error: this._unstored, message: this._unstored.message});
+        this._keys = new KnownKeysInMemory();
+        this._storageFailed("keys", `cannot open IndexedDB (${error && error.name}: ${error && error.message}): ` +
+                            "the keys of the objects are kept in memory, so a read from the start after a purge " +
+                            "cannot tell the app which of them were deleted before this page was loaded");
+      }
+      const kept = await this._keys.readState().catch(() => undefined);
+      if (kept && (kept.saves || 0) > (this._state.saves || 0)) {
+        const wasIn = this.isLoggedIn();
+        this._state = kept;
+        this._stateElsewhere = true;
+        if (!wasIn && this.isLoggedIn()) {
+          for (const watcher of this._watchers) this._tell(watcher, "onlogin", [kept.email, null]);
+          this.scheduleImmediately();
+        }
+      }
+      if (Array.isArray(this._state.known)) {
+        const held = this._state.known.map((key) => JSON.parse(key)).map(([type, id]) => ({type, id}));
+        await this._keep((keys) => keys.note(held, this._state.mark || 0));
+        delete this._state.known;
+        this._save();
       }
     }
 
-    _forgetCollection() {
+    /* Keep the state in storage, a few hundred bytes. One that cannot be stored there (quota,
+     * private mode, storage disabled) does not stop the sync: it is kept in IndexedDB instead
+     * (or, failing that, in memory only), the failure is said once, as a SyncError through
+     * status, and every later save tries localStorage again. */
+    _save() {
+      const state = this._state;
+      state.saves = (state.saves || 0) + 1;      // which of two copies is newer
+      try {
+        this.storage.setItem(this.storageKey, JSON.stringify(state));
+        this._reported.delete("state");
+        if (this._stateElsewhere) {
+          this._stateElsewhere = false;
+          this._writeStateElsewhere(null);
+        }
+      } catch (error) {
+        this._stateElsewhere = true;
+        this._writeStateElsewhere(JSON.parse(JSON.stringify(state)));
+        this._storageFailed("state", `cannot store the sync state (${error.name}: ${error.message}) in ` +
+                            "localStorage: it is kept in IndexedDB meanwhile, and localStorage tried again " +
+                            "at every change");
+      }
+    }
+
+    _writeStateElsewhere(state) {
+      this._stateWrites = this._stateWrites.then(() => this._ready).then(() => this._keys.writeState(state)).then(
+        () => this._reported.delete("stateElsewhere"),
+        (error) => this._storageFailed("stateElsewhere", `cannot store the sync state in IndexedDB either ` +
+                                       `(${error && error.name}: ${error && error.message}): syncing on in memory`));
+    }
+
+    /* Do something with the keys; a failure is said once through status and does not stop the sync.
+     * Resolves to what it resolved to, or KEEP_FAILED. */
+    async _keep(operation) {
+      try {
+        const result = await operation(this._keys);
+        this._reported.delete("keys");
+        return result;
+      } catch (error) {
+        this._storageFailed("keys", `cannot keep the keys of the objects in IndexedDB (${error && error.name}: ` +
+                            `${error && error.message}): a read from the start after a purge may not tell the ` +
+                            "app of every object that was deleted");
+        return KEEP_FAILED;
+      }
+    }
+
+    _storageFailed(kind, message) {
+      if (this._reported.has(kind)) return;
+      this._reported.add(kind);
+      const error = new SyncError(message, {code: "storage"});
+      this._status("error", {error, message});
+    }
+
+    async _forgetCollection() {
       const state = this._state;
       delete state.collectionId;
       delete state.since;
-      delete state.known;
+      delete state.sweep;
+      delete state.purgeHorizon;
       this._generation += 1;
       this._save();
+      await this._keep((keys) => keys.clear());
     }
 
     /* Raises if the state was replaced (another user, a reset) since a sync step began. */
@@ -226,16 +485,6 @@
       if (generation !== this._generation) {
         throw new SyncError("the sync state was reset meanwhile: syncing again", {status: 0});
       }
-    }
-
-    /* The (type, id) keys the app holds from this collection, so that a full
-     * re-read can say which ones are gone (SPEC.md PURGE-1). */
-    _remember(objects) {
-      const known = new Set(this._state.known || []);
-      for (const obj of objects) {
-        if (obj.deleted) known.delete(keyOf(obj)); else known.add(keyOf(obj));
-      }
-      this._state.known = [...known];
     }
 
     _status(state, detail) {
@@ -262,6 +511,7 @@
       if (typeof this.options.getAssertion !== "function") {
         throw new SyncError("no options.getAssertion to log in with");
       }
+      await this._ready;
       const assertion = await this.options.getAssertion();
       if (!assertion) throw new SyncError("login cancelled: no assertion", {status: 401});
       const response = await this._fetch(this.serverUrl + "verify", {
@@ -277,8 +527,9 @@
       if (this._state.email && this._state.email !== body.email) {
         // Another user: their collection is another one. What the app holds is not
         // sent to it as if it were theirs; an app with several users keeps their data apart.
-        this._state = {};
+        this._state = {saves: this._state.saves};
         this._generation += 1;
+        await this._keep((keys) => keys.clear());
       }
       this._state.email = body.email;
       this._state.auth = body.auth.query || {};
@@ -420,6 +671,8 @@
       this._running = (async () => {
         try {
           this._status("syncing");
+          this._readsAgain = 0;
+          await this._ready;
           await this._receive();
           await this._send();
           this._state.lastSyncTime = Date.now();
@@ -438,56 +691,56 @@
       return this._running;
     }
 
-    /* GET everything after since, page by page (SPEC.md GET-2..GET-7). */
+    /* GET what is new, page by page (SPEC.md GET-2..GET-7). */
     async _receive() {
-      const state = this._state;
-      const params = state.collectionId ? {since: state.since || 0, collection_id: state.collectionId} : {};
-      const {status, answer} = await this._collectionRequest("GET", params);
-      if (status === 204) return;
-      if (answer.since_purged) {
-        await this._readAgain();
-      } else {
-        await this._takeFromStart(answer, Boolean(state.collectionId));
-      }
+      const {status, answer} = await this._collectionRequest("GET", this._position());
+      if (status !== 204) await this._read(answer);
+      else if (this._state.sweep) await this._sweep();
     }
 
-    /* An answer that may start the collection over (a hello, collection_changed, collection_deleted). */
-    async _takeFromStart(answer, hadOne) {
+    _position() {
       const state = this._state;
-      if (!hadOne || answer.collection_changed || answer.collection_deleted !== undefined) {
-        if (hadOne) await this._reset(answer);
-        state.collectionId = answer.collection_id;
-        state.since = 0;
-      }
-      await this._deliver(await this._collectPages(answer));
+      if (!state.collectionId) return {};
+      // The pages of a read from the start are below the horizon until the last (PURGE-2).
+      return {since: state.since || 0, collection_id: state.collectionId,
+              purge_horizon: state.sweep ? state.purgeHorizon : undefined};
     }
 
-    /* Follow "incomplete" through its pages: {pairs, since}, since being where the next GET starts. */
-    async _collectPages(answer, since = this._state.since || 0) {
+    /* Take an answer with objects (a GET's, or a refused POST's) and follow its pages. Each page
+     * goes to the app as it arrives, and only then does since move past it, so the page's memory
+     * is one answer, whatever the collection's size, and a page load in between goes on where
+     * it stopped. The newest version of an object is the last the app gets: a page holds one
+     * version of each object, its newest there, and pages come in the collection's order. */
+    async _read(answer) {
       const state = this._state;
-      const pairs = [];
       for (;;) {
-        pairs.push(...answer.objects);
-        if (answer.objects.length) since = Math.max(since, answer.objects[answer.objects.length - 1][0]);
-        if (answer.until !== undefined) since = Math.max(since, answer.until);
-        if (!answer.incomplete) return {pairs, since};
-        const page = await this._collectionRequest("GET", {since, collection_id: state.collectionId});
-        if (page.status === 204) return {pairs, since};
-        answer = page.answer;
-        if (answer.collection_changed || answer.since_purged) {
-          throw new SyncError("the collection changed while it was read: syncing again", {status: 0});
+        if (answer.since_purged) return this._readAgain(answer.purge_horizon);
+        if (answer.collection_changed || answer.collection_deleted !== undefined || !state.collectionId) {
+          if (state.collectionId) await this._reset(answer);
+          state.collectionId = answer.collection_id;
+          state.since = 0;
         }
+        await this._deliver(answer);
+        if (!answer.incomplete) break;
+        const page = await this._collectionRequest("GET", this._position());
+        if (page.status === 204) break;
+        answer = page.answer;
       }
+      if (state.sweep) await this._sweep();
     }
 
-    /* Hand the app the newest of each object (and `more`, tombstones), and only then move since on. */
-    async _deliver({pairs, since}, more = []) {
-      const generation = this._generation;
-      const objects = [...newestOnly(pairs), ...more];
+    /* Hand the app the newest of each object of one answer, note which it holds, and move since on. */
+    async _deliver(answer) {
+      const state = this._state, generation = this._generation;
+      let since = state.since || 0;
+      if (answer.objects.length) since = Math.max(since, answer.objects[answer.objects.length - 1][0]);
+      if (answer.until !== undefined) since = Math.max(since, answer.until);
+      const objects = newestOnly(answer.objects);
       if (objects.length) await callApp(this.appData, "objectsReceived", [objects]);
       this._stillCurrent(generation);
-      this._remember(objects);
-      this._state.since = since;
+      await this._keep((keys) => keys.note(objects, state.mark || 0));
+      this._stillCurrent(generation);
+      state.since = since;
       this._save();
     }
 
@@ -497,29 +750,47 @@
       this._status(answer.collection_deleted !== undefined ? "collection_deleted" : "collection_changed",
                    {reason: answer.collection_deleted});
       await callApp(this.appData, "resetSaved", [], true);
-      delete this._state.known;
+      delete this._state.sweep;
+      delete this._state.purgeHorizon;
+      await this._keep((keys) => keys.clear());
     }
 
-    /* Since is below the purge horizon (SPEC.md PURGE-1): read it all again from
-     * since=0; objects the app holds that are not there any more were deleted, and
-     * the app gets them as tombstones in the same call as the rest. */
-    async _readAgain() {
+    /* Since is below the purge horizon (SPEC.md PURGE-1): read it all again from since=0, as
+     * read number mark + 1; the objects the app holds that this read does not see were deleted,
+     * and the app gets them as tombstones at its end (_sweep). The state says a read from the
+     * start is going on, so a page load in between goes on with it. */
+    async _readAgain(purgeHorizon) {
+      if (++this._readsAgain > MAX_READS_AGAIN) {
+        throw new SyncError("the collection was purged again each time it was read again", {status: 0});
+      }
       this._status("reading_again");
       const state = this._state;
-      const known = new Set(state.known || []);
-      const {status, answer} = await this._collectionRequest("GET", {since: 0, collection_id: state.collectionId});
-      if (status === 204) return this._deliver({pairs: [], since: 0}, this._gone(known, []));
-      if (answer.collection_changed) return this._takeFromStart(answer, true);
-      const read = await this._collectPages(answer, 0);
-      return this._deliver(read, this._gone(known, read.pairs));
+      state.mark = (state.mark || 0) + 1;
+      state.sweep = true;
+      state.purgeHorizon = purgeHorizon;
+      state.since = 0;
+      this._save();
+      const {status, answer} = await this._collectionRequest("GET", this._position());
+      return status === 204 ? this._sweep() : this._read(answer);
     }
 
-    _gone(known, pairs) {
-      const held = new Set(pairs.map(([, obj]) => keyOf(obj)));
-      return [...known].filter((key) => !held.has(key)).map((key) => {
-        const [type, id] = JSON.parse(key);
-        return {type, id, deleted: true};
-      });
+    /* The end of a read from the start: what the app holds and the read did not see is gone. */
+    async _sweep() {
+      const state = this._state, generation = this._generation;
+      for (let bucket = 0; bucket < BUCKETS; bucket++) {
+        const gone = await this._keep((keys) => keys.unseen(bucket, state.mark));
+        if (gone === KEEP_FAILED) break;
+        for (let first = 0; first < gone.length; first += TOMBSTONES_PER_CALL) {
+          const tombstones = gone.slice(first, first + TOMBSTONES_PER_CALL).map((key) => JSON.parse(key))
+            .map(([type, id]) => ({type, id, deleted: true}));
+          await callApp(this.appData, "objectsReceived", [tombstones]);
+          this._stillCurrent(generation);
+        }
+        if (await this._keep((keys) => keys.fold(bucket, state.mark)) === KEEP_FAILED) break;
+      }
+      delete state.sweep;
+      delete state.purgeHorizon;
+      this._save();
     }
 
     /* POST what the app has pending; on since_invalid, hand it what it missed
@@ -555,13 +826,13 @@
           const saved = good.map((obj, i) => hrefs[i]
             ? {...obj, blob: {content_type: obj.blob.content_type, href: hrefs[i]}} : obj);
           state.since = Math.max(state.since || 0, ...answer.object_counters);
-          this._remember(saved);
           // The app hears first: if the page ended before the state was stored, the next
           // sync reads these objects back, which is harmless; the other way round, they
           // would still be pending, and be sent, and stored, twice.
           try {
             await callApp(this.appData, "objectsSaved", [saved]);
           } finally {
+            await this._keep((keys) => keys.note(saved, state.mark || 0));
             this._save();
           }
           return;
@@ -569,23 +840,20 @@
         if (++merges >= this.options.maxMergeAttempts) {
           throw new SyncError(`gave up after ${merges} attempts: the collection kept changing`, {status: 0});
         }
-        if (answer.since_purged) {
-          await this._readAgain();
-        } else if (answer.since_invalid) {
-          this._status("merging", {objects: answer.objects.length});
-          await this._deliver(await this._collectPages(answer));
-        } else if (answer.collection_changed || answer.collection_deleted !== undefined) {
-          await this._takeFromStart(answer, true);
-        } else {
+        if (!(answer.since_invalid || answer.since_purged || answer.collection_changed
+              || answer.collection_deleted !== undefined)) {
           throw new SyncError("the server's answer to a POST is not one the protocol knows", {status: 502});
         }
+        if (answer.since_invalid) this._status("merging", {objects: answer.objects.length});
+        await this._read(answer);
       }
     }
 
     /* Forget where this device is in the collection, so that the next sync reads it all
      * again and sends everything the app holds (the server keeps its copy). */
     async reset() {
-      this._forgetCollection();
+      await this._ready;
+      await this._forgetCollection();
       await callApp(this.appData, "resetSaved", [], true);
     }
 
@@ -593,8 +861,9 @@
      * the other devices. This device's objects count as unsaved: the next sync sends them
      * unless the app removes them first. */
     async deleteCollection(reason) {
+      await this._ready;
       const {answer} = await this._collectionRequest("DELETE", {}, reason === undefined ? null : reason);
-      this._forgetCollection();
+      await this._forgetCollection();
       this._state.collectionId = answer.collection_id;
       this._state.since = 0;
       this._save();

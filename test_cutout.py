@@ -3348,6 +3348,27 @@ def test_a_server_whose_standard_error_is_gone_serves_on_and_stops_when_orphaned
             raise AssertionError("the worker went on after its supervisor was killed")
 
 
+def test_a_server_whose_standard_error_nobody_reads_serves_on_and_says_what_it_dropped(tmp_path):
+    """Its access log fills the pipe (64 KiB) and nobody reads it: every request is still answered
+    (the log's writes block a thread of their own, never the loop, which once stopped serving
+    here), and once the pipe is read again a line says how many lines were dropped meanwhile."""
+    with _cutout_process(tmp_path, "--workers", "1", quiet=False) as process:
+        base = f"http://127.0.0.1:{_announced_port(process)}"
+        long_path = "/" + "x" * 2000        # ~2 KB a line: 64 KiB of log in about 30 requests
+        rounds = cutout.ACCESS_LOG_BACKLOG + 4  # the writer holds one batch, the backlog more; the rest is dropped
+        with requests.Session() as session:
+            for _ in range(rounds):
+                for _ in range(50):
+                    assert session.get(base + long_path, timeout=10).status_code == 404
+                time.sleep(1.1)     # the log is handed over once a second
+        process.terminate()
+        log = process.stderr.read()     # the pipe moves again: what was kept is written
+        process.wait(timeout=10)
+    dropped = re.findall(r"^(\d+) access log lines dropped: standard error was not being read$", log, re.M)
+    written = log.count(f'"GET {long_path}" 404 ')
+    assert dropped and written + sum(map(int, dropped)) == rounds * 50, (written, dropped)
+
+
 def test_workers_stop_when_their_supervisor_is_killed_as_soon_as_it_starts(tmp_path):
     """kill -9 of the server right after it says it serves, before its workers may have run a
     line: each worker still stops (it compares its parent with the supervisor's pid taken before

@@ -1551,9 +1551,10 @@ def test_DEL_2_a_reason_of_256_bytes_is_carried_as_sent(server):
 ###############################################################################
 
 def test_PURGE_1_a_since_below_the_purge_horizon_answers_since_purged(server):
-    """[PURGE-1] If a GET or POST carries 0 < since < purge_horizon, the server MUST NOT answer
-    normally: it MUST answer 200 with {"since_purged": true, "collection_id": C} (no objects,
-    and a POST stores nothing). (SPEC.md 2.5)"""
+    """[PURGE-1] If a GET or POST carries 0 < since < purge_horizon, and no purge_horizon=P with
+    P >= purge_horizon, the server MUST NOT answer normally: it MUST answer 200 with
+    {"since_purged": true, "collection_id": C, "purge_horizon": H} (no objects, and a POST
+    stores nothing). (SPEC.md 2.5)"""
     server.require_purge("PURGE-1")     # before writing anything, so that a missing setting is named first
     c = Collection(server)
     counters = c.write([note("a", 1), note("b", 2), note("c", 3)])
@@ -1564,9 +1565,11 @@ def test_PURGE_1_a_since_below_the_purge_horizon_answers_since_purged(server):
         response = c.get({"since": since, "collection_id": c.collection_id})
         body = expect_json(response, 200, "PURGE-1")
         check(body.get("since_purged") is True and body.get("collection_id") == c.collection_id
-              and "objects" not in body, "PURGE-1",
+              and "objects" not in body and isinstance(body.get("purge_horizon"), int)
+              and body["purge_horizon"] >= deleted_at, "PURGE-1",
               f'since={since} is below the purged tombstone {deleted_at}: expected only '
-              f'{{"since_purged": true, "collection_id": {c.collection_id!r}}}', response)
+              f'{{"since_purged": true, "collection_id": {c.collection_id!r}, "purge_horizon": H}}, '
+              f'H at least {deleted_at}', response)
     response = c.post([note("d", 4)], {"since": counters[2], "collection_id": c.collection_id})
     body = expect_json(response, 200, "PURGE-1")
     check(body.get("since_purged") is True and "object_counters" not in body, "PURGE-1",
@@ -1588,6 +1591,44 @@ def test_PURGE_1_a_since_below_the_purge_horizon_answers_since_purged(server):
           f"its next since would be {next_since}", response)
     response = c.get({"since": next_since, "collection_id": c.collection_id})
     check(response.status_code == 204, "PURGE-1", "after the re-read, polling from until must be normal", response)
+
+
+def test_PURGE_2_a_re_read_told_of_the_horizon_pages_on_below_it(server):
+    """[PURGE-2] A GET or POST carrying purge_horizon=P with P >= the collection's purge horizon
+    MUST be answered as if since were not below it; with a smaller P, PURGE-1 answers it.
+    purge_horizon follows since's rules (GET-8): at most once (bad_request), and a decimal
+    integer >= 0 (bad_since). (SPEC.md 2.5)"""
+    server.require_purge("PURGE-2")
+    c = Collection(server)
+    c.write([note(name, n) for n, name in enumerate("abcde")])
+    c.write([tombstone("a")])
+    server.purge_tombstones("PURGE-2")
+    told = c.get({"since": 1, "collection_id": c.collection_id})
+    horizon = expect_json(told, 200, "PURGE-2").get("purge_horizon")
+    check(isinstance(horizon, int) and horizon > 1, "PURGE-2", "since_purged must say the horizon (PURGE-1)", told)
+    # A re-read one object a page: each page's since is below the horizon, until the last.
+    since, seen = 0, []
+    for _ in range(10):
+        response = c.get({"since": since, "collection_id": c.collection_id, "limit": 1, "purge_horizon": horizon})
+        body = expect_json(response, 200, "PURGE-2")
+        check("since_purged" not in body, "PURGE-2",
+              f"a page of a re-read at since={since} carrying purge_horizon={horizon} must be answered", response)
+        pairs = entries(body, "PURGE-2", response)
+        seen += [obj["id"] for _, obj in pairs if not obj.get("deleted")]
+        since = body.get("until", max([since] + [counter for counter, _ in pairs]))
+        if not body.get("incomplete"):
+            break
+    check(sorted(seen) == ["b", "c", "d", "e"], "PURGE-2", f"the re-read must give b, c, d and e, gave {seen}")
+    check(since >= horizon, "PURGE-2", f"the re-read must end past the horizon {horizon}, at {since}")
+    stale = c.get({"since": 1, "collection_id": c.collection_id, "purge_horizon": horizon - 1})
+    check(expect_json(stale, 200, "PURGE-2").get("since_purged") is True, "PURGE-2",
+          "a purge_horizon below the collection's is told of the purge again (PURGE-1)", stale)
+    for value, code in (("-1", "bad_since"), ("1.5", "bad_since"), ("x", "bad_since")):
+        response = c.get({"since": 1, "collection_id": c.collection_id, "purge_horizon": value})
+        expect_error(response, 400, code, "PURGE-2")
+    response = c.get([("since", 1), ("collection_id", c.collection_id), ("purge_horizon", horizon),
+                      ("purge_horizon", horizon)])
+    expect_error(response, 400, "bad_request", "PURGE-2")
 
 
 ###############################################################################
