@@ -30,6 +30,13 @@ but answer):
      client logs in every half second: polls answered, p50/p99/max latency,
      connections the server closed, and the new clients' time to a hello.
 
+and, in Chromium (Debian's, with the Python package playwright):
+
+ 12. syncclient.js as a fresh device reading 1,000, 10,000, 100,000 and 1,000,000
+     objects: time to the first full sync, requests, peak heap, the state it
+     stores, a sync that finds nothing, and an edit from elsewhere; beside another
+     version of it (--baseline-client FILE), the two taking turns.
+
 The servers run in processes of their own on 127.0.0.1. The load of 5 and 9
 comes from a child process of asyncio clients on raw sockets (cheap, so that
 the clients are not what is measured); that of 6-8 from this process, threads
@@ -46,6 +53,7 @@ the baseline, their ratio and, where there is one, the target with "ok" or
     python bench.py                  # full sizes: about ten minutes; data in ./bench-data, removed after
     python bench.py --quick          # smaller sizes, shorter runs: a smoke run
     python bench.py --only 5 --only 9   # the empty polls and many devices alone
+    git show main~1:syncclient.js > old.js && python bench.py --only 12 --baseline-client old.js
     python bench.py --dir /mnt/disk/bench --keep
 
 Needs only the standard library and cutout.py (which imports bottle); the
