@@ -2534,19 +2534,21 @@ def oidc_verifier(issuers, client_ids):
     client_ids = frozenset(client_ids)
 
     def verify(assertion, audience):
-        issuer = None
+        issuer = "unknown"      # until the token names one of ours: what it says is not logged (OIDC-9)
         try:
             header = jwt.get_unverified_header(assertion)
-            issuer = jwt.decode(assertion, options={"verify_signature": False}).get("iss")
-            if issuer not in keys_of:
+            claimed = jwt.decode(assertion, options={"verify_signature": False}).get("iss")
+            # [OIDC-1] "the token's iss MUST be exactly one of those issuer URLs"
+            if not isinstance(claimed, str) or claimed not in keys_of:
                 raise _Refused("the ID token's issuer (iss) is not one this server accepts")
+            issuer = claimed
             claims = _checked_claims(jwt, assertion, header, keys_of[issuer], client_ids)
         except _Refused as refusal:
-            # [OIDC-9] "MUST log which check failed and the issuer, and nothing of the token"
-            log.warning("an ID token was refused (issuer %s): %s", issuer if issuer in keys_of else "unknown",
-                        refusal)
+            # [OIDC-9] "MUST log each refusal with the check that failed and the configured issuer
+            # it concerns, and MUST NOT log the token or the claims in it"
+            log.warning("an ID token was refused (issuer %s): %s", issuer, refusal)
             raise ProtocolError("assertion_rejected", str(refusal)) from None
-        except jwt.DecodeError:
+        except jwt.InvalidTokenError:      # not even a JWT's header and claims can be read
             log.warning("an assertion that is not an ID token (a JWT) was refused")
             raise ProtocolError("assertion_rejected", "the assertion is not an ID token (a signed JWT)") from None
         return claims["email"]
@@ -2561,11 +2563,14 @@ def _checked_claims(jwt, token, header, keys, client_ids):
     """The claims of token once every check of OIDC-2..OIDC-7 has passed; raises _Refused."""
     # [OIDC-2] "the algorithm MUST be one the issuer's key of that type signs with"
     algorithm = header.get("alg")
-    if not any(algorithm in allowed for allowed in OIDC_ALGORITHMS.values()):
+    if not isinstance(algorithm, str) or not any(algorithm in allowed for allowed in OIDC_ALGORITHMS.values()):
         # Named only when it is one of the usual ones: nothing else the token says is repeated.
         named = algorithm if algorithm in ("none", "HS256", "HS384", "HS512") else "of another kind"
         raise _Refused(f"the ID token's algorithm (alg) {named} is not allowed")
-    key = keys.key_for(header.get("kid"), algorithm)
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise _Refused("the ID token's key id (kid) is not a string")
+    key = keys.key_for(kid, algorithm)
     try:
         claims = jwt.decode(token, key, algorithms=[algorithm], audience=list(client_ids), issuer=keys.issuer,
                             leeway=OIDC_LEEWAY, options={"require": ["iss", "sub", "aud", "exp", "iat"]})
@@ -2585,7 +2590,8 @@ def _checked_claims(jwt, token, header, keys, client_ids):
         raise _Refused("the ID token's claims are malformed") from None
     # [OIDC-5] "an ID token for several audiences MUST name one of the client ids in azp"
     audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
-    if (len(audiences) > 1 or "azp" in claims) and claims.get("azp") not in client_ids:
+    azp = claims.get("azp")
+    if (len(audiences) > 1 or "azp" in claims) and not (isinstance(azp, str) and azp in client_ids):
         raise _Refused("the ID token's authorized party (azp) is not one of this server's clients")
     # [OIDC-6] "MUST carry email, and email_verified true"
     email = claims.get("email")
@@ -2611,8 +2617,13 @@ class _IssuerKeys:
         """The public key that kid (or, without one, the issuer's only key) names for algorithm."""
         with self._lock:
             now = time.monotonic()
-            if self._keys is None or now - self._fetched_at > OIDC_KEYS_MAX_AGE:
+            if self._keys is None:
                 self._fetch(now)
+            elif now - self._fetched_at > OIDC_KEYS_MAX_AGE:
+                # Old keys are still the issuer's keys while it cannot say otherwise: an issuer
+                # down for a while does not log everyone out (the failure is logged).
+                with contextlib.suppress(ProtocolError):
+                    self._fetch(now)
             found = self._matching(kid)
             # [OIDC-3] "a kid it does not hold MUST make it fetch the keys again, but not more often
             # than once a minute"
@@ -2625,7 +2636,7 @@ class _IssuerKeys:
                            "the ID token names no key (kid) and the issuer has several")
         if len(found) > 1:
             found = [candidate for candidate in found if algorithm in candidate[2]] or found
-        key_id, key, algorithms = found[0]
+        _, key, algorithms = found[0]
         if algorithm not in algorithms:
             raise _Refused(f"the ID token's algorithm (alg) {algorithm} does not fit the issuer's key")
         return key
@@ -2665,14 +2676,15 @@ class _IssuerKeys:
         """(kid, public key, algorithms) of a JWK that signs, or None for one that does not or is unknown here."""
         if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
             return None
-        algorithms = OIDC_ALGORITHMS.get((jwk.get("kty"), jwk.get("crv") if jwk.get("kty") != "RSA" else None))
-        if algorithms is None or "alg" in jwk and jwk["alg"] not in algorithms:
+        kind = tuple(value if isinstance(value, str) else None for value in (jwk.get("kty"), jwk.get("crv")))
+        algorithms = OIDC_ALGORITHMS.get((kind[0], None) if kind[0] == "RSA" else kind)
+        if algorithms is None or "alg" in jwk and not (isinstance(jwk["alg"], str) and jwk["alg"] in algorithms):
             return None
         if "alg" in jwk:
             algorithms = {jwk["alg"]}
         try:
             key = self._jwt.PyJWK(jwk, algorithm=min(algorithms)).key
-        except (self._jwt.PyJWKError, ValueError, TypeError):
+        except (self._jwt.PyJWTError, ValueError, TypeError, KeyError):     # a key PyJWT cannot read is no key
             return None
         kid = jwk.get("kid")
         return (kid if isinstance(kid, str) else None), key, frozenset(algorithms)
