@@ -47,6 +47,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import mmap
 import os
 import queue
@@ -2422,55 +2423,73 @@ def _token_claims(secret, token):
     return claims["email"], domain_of_origin(claims["audience"]), claims["expires"]
 
 
+# An email address as a verifier may return it, loosely: something @ something, no space.
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+\Z")
+MAX_EMAIL_LENGTH = 254        # characters (RFC 5321, 4.5.3.1.3: a path of 256 less its brackets)
+
+
 def development_verifier(assertion, audience):
     """Accepts an assertion that is an email address; for running on one's own machine."""
-    if not re.fullmatch(r"[^@\s]+@[^@\s]+", assertion) or len(assertion) > 254:
+    if not EMAIL.match(assertion) or len(assertion) > MAX_EMAIL_LENGTH:
         raise ProtocolError("assertion_rejected", "the development verifier takes an email address")
     return assertion
 
 
 FORM = "application/x-www-form-urlencoded"
-VERIFIER_TIMEOUT = 10         # seconds the whole call to a remote verifier may take
-VERIFIER_MAX_BYTES = 64 << 10 # bytes of a remote verifier's answer; its verdict is a few hundred
+VERIFIER_TIMEOUT = 10         # seconds the whole call to a remote verifier (or an issuer) may take
+VERIFIER_MAX_BYTES = 64 << 10 # bytes of a verifier's or an issuer's answer; a verdict is a few hundred,
+                              # a key set with certificates (x5c) a few dozen KB at most
+
+
+def _ask(url, method="GET", body=None, headers=None):
+    """The body of a 200 answer from url: one request, no redirect followed, one deadline
+    (VERIFIER_TIMEOUT) for the whole exchange, at most VERIFIER_MAX_BYTES with no content
+    coding. Raises OSError, http.client.HTTPException or ValueError, whose text names what
+    went wrong (for the log, not for the client)."""
+    parts = urllib.parse.urlsplit(url)
+    connect = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    connection = connect(parts.hostname, parts.port, timeout=VERIFIER_TIMEOUT)
+    try:
+        connection.connect()
+        # One deadline for all of it: a timeout per read never trips on an
+        # answer dribbled a byte at a time.
+        watchdog = threading.Timer(VERIFIER_TIMEOUT, _cut, [connection.sock])
+        watchdog.start()
+        try:
+            connection.request(method, target, body, headers or {})
+            answer = connection.getresponse()
+            content = answer.read(VERIFIER_MAX_BYTES + 1)
+        finally:
+            watchdog.cancel()
+    finally:
+        connection.close()
+    if answer.status != 200 or answer.getheader("Content-Encoding", "identity") != "identity":
+        raise ValueError(f"it answered {answer.status} {answer.getheader('Content-Encoding', '')}")
+    if len(content) > VERIFIER_MAX_BYTES:
+        raise ValueError(f"its answer is longer than {VERIFIER_MAX_BYTES} bytes")
+    return content
+
+
+def _cut(sock):
+    with contextlib.suppress(OSError):      # already closed: the exchange ended in time
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def remote_verifier(url):
     """A verifier that asks url, as a BrowserID verifier is asked (SPEC.md 2.6).
 
-    Its answer is trusted only so far: one request, no redirect followed, one
-    deadline for the whole exchange, at most VERIFIER_MAX_BYTES of answer with
-    no content coding, and nothing but a 200 counts. What went wrong is
-    logged; the client is told only that the verifier could not be asked.
+    Its answer is trusted only so far (_ask): nothing but a 200 within the
+    deadline counts. What went wrong is logged; the client is told only that
+    the verifier could not be asked.
     """
-    parts = urllib.parse.urlsplit(url)
-    connect = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
-
     def verify(assertion, audience):
         form = urllib.parse.urlencode({"assertion": assertion, "audience": audience})
-        connection = connect(parts.hostname, parts.port, timeout=VERIFIER_TIMEOUT)
         try:
-            connection.connect()
-            # One deadline for all of it: a timeout per read never trips on an
-            # answer dribbled a byte at a time.
-            watchdog = threading.Timer(VERIFIER_TIMEOUT, _cut, [connection.sock])
-            watchdog.start()
-            try:
-                connection.request("POST", target, form, {"Content-Type": FORM})
-                answer = connection.getresponse()
-                body = answer.read(VERIFIER_MAX_BYTES + 1)
-            finally:
-                watchdog.cancel()
-            if answer.status != 200 or answer.getheader("Content-Encoding", "identity") != "identity":
-                raise ValueError(f"it answered {answer.status} {answer.getheader('Content-Encoding', '')}")
-            if len(body) > VERIFIER_MAX_BYTES:
-                raise ValueError(f"its answer is longer than {VERIFIER_MAX_BYTES} bytes")
-            verdict = json.loads(body)
+            verdict = json.loads(_ask(url, "POST", form, {"Content-Type": FORM}))
         except (OSError, http.client.HTTPException, ValueError) as error:
             log.warning("the verifier %s could not be asked: %s", url, error)
             raise ProtocolError("verifier_unavailable", "the verifier could not be asked: try again later") from None
-        finally:
-            connection.close()
         if not (isinstance(verdict, dict) and verdict.get("status") == "okay"
                 and isinstance(verdict.get("email"), str) and verdict.get("audience") == audience):
             raise ProtocolError("assertion_rejected", "the verifier rejected the assertion")
@@ -2478,9 +2497,216 @@ def remote_verifier(url):
     return verify
 
 
-def _cut(sock):
-    with contextlib.suppress(OSError):      # already closed: the exchange ended in time
-        sock.shutdown(socket.SHUT_RDWR)
+# OpenID Connect: an assertion that is an ID token (OIDC-1..OIDC-9). An ID token is a JWT
+# (RFC 7519) signed by its issuer, whose public keys are a JWK set (RFC 7517) at the jwks_uri
+# of its discovery document (OpenID Connect Discovery 1.0, 4). The signature is checked by
+# PyJWT, never here; this code only decides which key and which algorithm PyJWT may use,
+# and which claims an ID token must carry (OpenID Connect Core 1.0, 3.1.3.7).
+#
+# The keys are fetched when a token first needs them, kept, and fetched again when a token
+# names a key (kid) they lack, as when the issuer rotates its keys; but not more than once
+# every OIDC_REFETCH_INTERVAL per issuer, so that tokens with made-up kids cannot make this
+# server hammer the issuer. Each worker process fetches its own.
+
+OIDC_LEEWAY = 60              # seconds of clock difference allowed on exp, nbf and iat (OIDC-4)
+OIDC_REFETCH_INTERVAL = 60    # seconds between fetches of an issuer's keys for an unknown kid (OIDC-3)
+OIDC_KEYS_MAX_AGE = 24 * 3600 # seconds before keys in use are fetched again anyway: a key the issuer
+                              # withdrew (leaked) is trusted no longer than this
+OIDC_RETRY_INTERVAL = 5       # seconds an issuer that could not be reached is not asked again (OIDC-8)
+
+# [OIDC-2] The algorithms each type of key may sign with: never "none", never an HMAC (whose
+# "key" would be the public key, which anyone has).
+OIDC_ALGORITHMS = {
+    ("RSA", None): {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"},
+    ("EC", "P-256"): {"ES256"}, ("EC", "P-384"): {"ES384"}, ("EC", "P-521"): {"ES512"},
+    ("OKP", "Ed25519"): {"EdDSA"}, ("OKP", "Ed448"): {"EdDSA"},
+}
+
+
+def load_pyjwt():
+    """PyJWT with its crypto extra, imported only when an OpenID issuer is configured."""
+    try:
+        import jwt
+        import jwt.algorithms
+    except ImportError:
+        jwt = None
+    if jwt is None or not jwt.algorithms.has_crypto:
+        raise ImportError("--oidc-issuer needs PyJWT with its crypto extra: pip install 'PyJWT[crypto]'")
+    return jwt
+
+
+def oidc_verifier(issuers, client_ids):
+    """A verifier that takes an OpenID Connect ID token from one of issuers for one of client_ids.
+
+    verify(assertion, audience) returns the token's email, or raises ProtocolError
+    assertion_rejected (401) naming the check that failed, or verifier_unavailable (502)
+    when the issuer's keys cannot be fetched. Implements OIDC-1..OIDC-9.
+    """
+    jwt = load_pyjwt()
+    keys_of = {issuer: _IssuerKeys(issuer, jwt) for issuer in issuers}
+    client_ids = frozenset(client_ids)
+
+    def verify(assertion, audience):
+        issuer = "unknown"      # until the token names one of ours: what it says is not logged (OIDC-9)
+        try:
+            header = jwt.get_unverified_header(assertion)
+            claimed = jwt.decode(assertion, options={"verify_signature": False}).get("iss")
+            # [OIDC-1] "the token's iss MUST be exactly one of those issuer URLs"
+            if not isinstance(claimed, str) or claimed not in keys_of:
+                raise _Refused("the ID token's issuer (iss) is not one this server accepts")
+            issuer = claimed
+            claims = _checked_claims(jwt, assertion, header, keys_of[issuer], client_ids)
+        except _Refused as refusal:
+            # [OIDC-9] "MUST log each refusal with the check that failed and the configured issuer
+            # it concerns, and MUST NOT log the token or the claims in it"
+            log.warning("an ID token was refused (issuer %s): %s", issuer, refusal)
+            raise ProtocolError("assertion_rejected", str(refusal)) from None
+        except jwt.InvalidTokenError:      # not even a JWT's header and claims can be read
+            log.warning("an assertion that is not an ID token (a JWT) was refused")
+            raise ProtocolError("assertion_rejected", "the assertion is not an ID token (a signed JWT)") from None
+        return claims["email"]
+    return verify
+
+
+class _Refused(Exception):
+    """Which check an ID token failed; the message is the client's and the log's."""
+
+
+def _checked_claims(jwt, token, header, keys, client_ids):
+    """The claims of token once every check of OIDC-2..OIDC-7 has passed; raises _Refused."""
+    # [OIDC-2] "the algorithm MUST be one the issuer's key of that type signs with"
+    algorithm = header.get("alg")
+    if not isinstance(algorithm, str) or not any(algorithm in allowed for allowed in OIDC_ALGORITHMS.values()):
+        # Named only when it is one of the usual ones: nothing else the token says is repeated.
+        named = algorithm if algorithm in ("none", "HS256", "HS384", "HS512") else "of another kind"
+        raise _Refused(f"the ID token's algorithm (alg) {named} is not allowed")
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise _Refused("the ID token's key id (kid) is not a string")
+    key = keys.key_for(kid, algorithm)
+    try:
+        claims = jwt.decode(token, key, algorithms=[algorithm], audience=list(client_ids), issuer=keys.issuer,
+                            leeway=OIDC_LEEWAY, options={"require": ["iss", "sub", "aud", "exp", "iat"]})
+    except jwt.InvalidSignatureError:
+        raise _Refused("the ID token's signature is not the issuer's (bad signature)") from None
+    except jwt.ExpiredSignatureError:
+        raise _Refused("the ID token has expired (exp)") from None
+    except jwt.ImmatureSignatureError:
+        raise _Refused("the ID token is not yet valid (nbf or iat in the future)") from None
+    except jwt.InvalidAudienceError:
+        raise _Refused("the ID token is for another client (wrong audience, aud)") from None
+    except jwt.InvalidIssuerError:
+        raise _Refused("the ID token's issuer (iss) is not the one whose key signed it") from None
+    except jwt.MissingRequiredClaimError as error:
+        raise _Refused(f"the ID token has no {error.claim} claim") from None
+    except jwt.InvalidTokenError:
+        raise _Refused("the ID token's claims are malformed") from None
+    # [OIDC-5] "an ID token for several audiences MUST name one of the client ids in azp"
+    audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+    azp = claims.get("azp")
+    if (len(audiences) > 1 or "azp" in claims) and not (isinstance(azp, str) and azp in client_ids):
+        raise _Refused("the ID token's authorized party (azp) is not one of this server's clients")
+    # [OIDC-6] "MUST carry email, and email_verified true"
+    email = claims.get("email")
+    if not isinstance(email, str) or not email:
+        raise _Refused("the ID token has no email claim (ask for the email scope)")
+    if claims.get("email_verified") is not True:
+        raise _Refused("the issuer has not verified the email (email_verified is not true)")
+    if len(email) > MAX_EMAIL_LENGTH or not EMAIL.match(email):
+        raise _Refused("the ID token's email is not an email address")
+    return claims
+
+
+class _IssuerKeys:
+    """The signing keys of one issuer, fetched as OIDC-3 says; safe to use from several threads."""
+
+    def __init__(self, issuer, jwt):
+        self.issuer, self._jwt = issuer, jwt
+        self._keys = None                 # [(kid, public key, algorithms it may sign with)], once fetched
+        self._fetched_at = self._refetched_at = self._failed_at = -math.inf    # time.monotonic()
+        self._lock = threading.Lock()     # one fetch at a time; the others wait for its keys
+
+    def key_for(self, kid, algorithm):
+        """The public key that kid (or, without one, the issuer's only key) names for algorithm."""
+        with self._lock:
+            now = time.monotonic()
+            if self._keys is None:
+                self._fetch(now)
+            elif now - self._fetched_at > OIDC_KEYS_MAX_AGE:
+                # Old keys are still the issuer's keys while it cannot say otherwise: an issuer
+                # down for a while does not log everyone out (the failure is logged).
+                with contextlib.suppress(ProtocolError):
+                    self._fetch(now)
+            found = self._matching(kid)
+            # [OIDC-3] "a kid it does not hold MUST make it fetch the keys again, but not more often
+            # than once a minute"
+            if not found and kid is not None and now - self._refetched_at >= OIDC_REFETCH_INTERVAL:
+                self._refetched_at = now
+                self._fetch(now)
+                found = self._matching(kid)
+        if not found:
+            raise _Refused("the ID token's key (kid) is not one of the issuer's" if kid is not None else
+                           "the ID token names no key (kid) and the issuer has several")
+        if len(found) > 1:
+            found = [candidate for candidate in found if algorithm in candidate[2]] or found
+        _, key, algorithms = found[0]
+        if algorithm not in algorithms:
+            raise _Refused(f"the ID token's algorithm (alg) {algorithm} does not fit the issuer's key")
+        return key
+
+    def _matching(self, kid):
+        if kid is None:
+            return self._keys if len(self._keys) == 1 else []
+        return [candidate for candidate in self._keys if candidate[0] == kid]
+
+    def _fetch(self, now):
+        # [OIDC-8] An issuer that cannot be reached: the client may try again later, but
+        # meanwhile each login does not wait for a connection that is known to fail.
+        if now - self._failed_at < OIDC_RETRY_INTERVAL:
+            raise ProtocolError("verifier_unavailable", "the ID token's issuer could not be reached: try again later")
+        try:
+            discovery = json.loads(_ask(self.issuer.rstrip("/") + "/.well-known/openid-configuration"))
+            # OpenID Connect Discovery 1.0, 4.3: "The issuer value returned MUST be identical to
+            # the Issuer URL that was used as the prefix to /.well-known/openid-configuration"
+            if not isinstance(discovery, dict) or discovery.get("issuer") != self.issuer:
+                raise ValueError("its discovery document names another issuer")
+            jwks_uri = discovery.get("jwks_uri")
+            if not isinstance(jwks_uri, str) or not issuer_url(jwks_uri):
+                raise ValueError("its discovery document has no https jwks_uri")
+            key_set = json.loads(_ask(jwks_uri))
+            if not isinstance(key_set, dict) or not isinstance(key_set.get("keys"), list):
+                raise ValueError("its jwks_uri holds no JWK set")
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            self._failed_at = time.monotonic()
+            log.warning("the keys of the issuer %s could not be fetched: %s", self.issuer, error)
+            raise ProtocolError("verifier_unavailable",
+                                "the ID token's issuer could not be reached: try again later") from None
+        self._keys = [key for key in map(self._signing_key, key_set["keys"]) if key is not None]
+        self._fetched_at = now
+        log.info("fetched %d signing keys of the issuer %s", len(self._keys), self.issuer)
+
+    def _signing_key(self, jwk):
+        """(kid, public key, algorithms) of a JWK that signs, or None for one that does not or is unknown here."""
+        if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
+            return None
+        kind = tuple(value if isinstance(value, str) else None for value in (jwk.get("kty"), jwk.get("crv")))
+        algorithms = OIDC_ALGORITHMS.get((kind[0], None) if kind[0] == "RSA" else kind)
+        if algorithms is None or "alg" in jwk and not (isinstance(jwk["alg"], str) and jwk["alg"] in algorithms):
+            return None
+        if "alg" in jwk:
+            algorithms = {jwk["alg"]}
+        try:
+            key = self._jwt.PyJWK(jwk, algorithm=min(algorithms)).key
+        except (self._jwt.PyJWTError, ValueError, TypeError, KeyError):     # a key PyJWT cannot read is no key
+            return None
+        kid = jwk.get("kid")
+        return (kid if isinstance(kid, str) else None), key, frozenset(algorithms)
+
+
+def issuer_url(text):
+    """Whether text is an https URL, or an http one on this machine (for development and tests)."""
+    parts = urllib.parse.urlsplit(text)
+    return bool(parts.hostname) and (parts.scheme == "https" or parts.scheme == "http" and is_loopback(parts.hostname))
 
 
 NODE_HEAD_BYTES = 1 << 20     # bytes a write's copy between nodes may add to the write: framing, blob names
@@ -4980,12 +5206,21 @@ def configure(args):
     except OSError as error:
         sys.exit(f"cutout.py: cannot write in the data directory {args.data_dir}: {error.strerror or error} "
                  "(pick another with --data-dir)")
+    if args.verifier_url and args.oidc_issuer:
+        sys.exit("cutout.py: --verifier-url and --oidc-issuer are two verifiers: give one of them")
+    if bool(args.oidc_issuer) != bool(args.oidc_client_id):
+        sys.exit("cutout.py: --oidc-issuer and --oidc-client-id go together: an ID token is checked against both")
     if args.verifier_url:
         verifier = remote_verifier(args.verifier_url)
+    elif args.oidc_issuer:
+        try:
+            verifier = oidc_verifier(args.oidc_issuer, args.oidc_client_id)
+        except ImportError as error:
+            sys.exit(f"cutout.py: {error}")
     elif is_loopback(args.host):
         verifier = development_verifier     # said loudly once the server's URL is known (serve)
     else:
-        sys.exit(f"cutout.py: refusing to listen on {args.host} without --verifier-url: "
+        sys.exit(f"cutout.py: refusing to listen on {args.host} without --verifier-url or --oidc-issuer: "
                  "the development verifier lets anyone log in as anyone")
     limits = Limits(max_body_bytes=args.max_body_bytes, max_object_bytes=args.max_object_bytes,
                     max_blob_bytes=args.max_blob_bytes, max_collections_per_user=args.max_collections_per_user)
@@ -5009,7 +5244,8 @@ def serve(args):
             rule = "*" * 78
             print(f"{rule}\n*  DEVELOPMENT VERIFIER at http://{host}:{port}/: anyone can log in as anyone.\n"
                   f"*  An assertion that is an email address logs in as that address. Fine on your\n"
-                  f"*  own machine; start with --verifier-url for anything else.\n{rule}", file=sys.stderr, flush=True)
+                  f"*  own machine; start with --oidc-issuer or --verifier-url for anything else.\n{rule}",
+                  file=sys.stderr, flush=True)
     serve_http(Front(app), args.host, args.port, args.workers, max_concurrent, announce, not args.quiet)
     print("The Cut-Out stopped", flush=True)
 
@@ -5102,6 +5338,14 @@ def _http_url(text):
     return text
 
 
+def _issuer_url(text):
+    """An argparse type: an OpenID issuer's URL, https unless it is on this machine (OIDC-1)."""
+    if not issuer_url(text) or urllib.parse.urlsplit(text).query or "#" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an https:// URL (http:// only on loopback) "
+                                         "without a query")
+    return text
+
+
 def parse_args(argv):
     port, count, size = _number(0, 65535), _number(1), _number(1)
     parser = argparse.ArgumentParser(prog="cutout.py", description="The Cut-Out sync server.")
@@ -5113,6 +5357,12 @@ def parse_args(argv):
                         "made at first start)")
     parser.add_argument("--verifier-url", type=_http_url, help="a BrowserID-style verifier to check assertions with "
                         "(without one: the development verifier, on loopback only)")
+    parser.add_argument("--oidc-issuer", action="append", default=[], type=_issuer_url, metavar="URL",
+                        help="take OpenID Connect ID tokens from this issuer as assertions (repeat for several; "
+                        "https, or http on loopback)")
+    parser.add_argument("--oidc-client-id", action="append", default=[], metavar="ID",
+                        help="a client id the app is registered with at the issuer: an ID token's audience "
+                        "(repeat for several)")
     parser.add_argument("--http-apps", action=argparse.BooleanOptionalAction,
                         help="log in apps served over plain http, whose pages anyone on the way can change "
                         "(default: only when listening on loopback)")

@@ -361,13 +361,13 @@ def test_append_syncs_its_frames_before_it_writes_the_index_or_returns(db, monke
     assert calls == [("pwrite", db.data_path), ("sync", db.data_path), ("pwrite", db.index_path)]
 
 
-def test_every_on_disk_and_cluster_statement_has_a_test():
-    """Each [DISK-n] and [CLUSTER-n] id in SPEC.md is named by a test in this file."""
+def test_every_on_disk_cluster_and_openid_statement_has_a_test():
+    """Each [DISK-n], [CLUSTER-n] and [OIDC-n] id in SPEC.md is named by a test in this file."""
     with open(os.path.join(HERE, "SPEC.md")) as spec:
-        specified = set(re.findall(r"\*\*\[((?:DISK|CLUSTER)-\d+)\]\*\*", spec.read()))
+        specified = set(re.findall(r"\*\*\[((?:DISK|CLUSTER|OIDC)-\d+)\]\*\*", spec.read()))
     with open(__file__) as tests:
-        tested = set(re.findall(r"\[((?:DISK|CLUSTER)-\d+)\]", tests.read()))
-    assert {spec_id.split("-")[0] for spec_id in specified} == {"DISK", "CLUSTER"}
+        tested = set(re.findall(r"\[((?:DISK|CLUSTER|OIDC)-\d+)\]", tests.read()))
+    assert {spec_id.split("-")[0] for spec_id in specified} == {"DISK", "CLUSTER", "OIDC"}
     assert sorted(specified - tested) == []
 
 
@@ -3406,3 +3406,387 @@ def test_the_development_verifier_is_announced_with_the_url_it_serves(tmp_path):
         port = _announced_port(process)
         banner = "".join(process.stderr.readline() for _ in range(5))
     assert f"DEVELOPMENT VERIFIER at http://127.0.0.1:{port}/: anyone can log in as anyone" in banner
+
+
+# ---------------------------------------------------------------- OpenID Connect ID tokens (SPEC.md 2.6, OIDC-n)
+# Against a real OpenID Provider on loopback: panva's oidc-provider, a certified implementation
+# from the npm registry, run by Node. .ci/run installs it into OIDC_PROVIDER_DIR; without it (or
+# without node) these tests are skipped, and CI fails on any skip. The tests make the provider's
+# signing keys themselves and hand them to it, so that the tokens they craft for each refusal are
+# signed with the provider's real key and checked against its real discovery document and keys.
+
+OIDC_PROVIDER_DIR = os.environ.get("CUTOUT_OIDC_PROVIDER_DIR",
+                                   os.path.join(os.path.expanduser("~"), ".cache", "cutout", "oidc-provider"))
+OIDC_CLIENT = "notes-app"               # the client id the app is registered with at the provider
+OIDC_OTHER_CLIENT = "calendar-app"      # another client of the same server (several --oidc-client-id)
+OIDC_CALLBACK = "http://127.0.0.1:9/callback"     # the redirect URI of logins made without a browser
+
+# Settings come as one JSON argument; each request for the keys is told on stdout ("jwks"), for
+# the tests that count them. The email is the login name; "unverified.NAME" is an unverified one.
+OIDC_PROVIDER_SCRIPT = r"""
+import { createRequire } from "node:module";
+import { pathToFileURL } from "node:url";
+
+const settings = JSON.parse(process.argv[2]);
+const packagePath = createRequire(settings.package_dir + "/").resolve("oidc-provider");
+const { default: Provider } = await import(pathToFileURL(packagePath).href);
+
+const provider = new Provider(settings.issuer, {
+  clients: settings.clients,
+  jwks: settings.jwks,
+  pkce: { required: () => true },
+  claims: { openid: ["sub"], email: ["email", "email_verified"] },
+  // The email in the ID token itself, as most providers put it, not only at the userinfo endpoint.
+  conformIdTokenClaims: false,
+  findAccount: (ctx, id) => ({
+    accountId: id,
+    claims: () => ({ sub: id, email: id.replace(/^unverified\./, ""), email_verified: !id.startsWith("unverified.") }),
+  }),
+  features: { devInteractions: { enabled: true } },
+});
+provider.use(async (ctx, next) => {
+  if (ctx.path === "/jwks") console.log("jwks");
+  await next();
+});
+const server = provider.listen(settings.port, "127.0.0.1", () => console.log(`listening ${server.address().port}`));
+server.on("error", (error) => { console.log(`cannot listen: ${error.message}`); process.exit(1); });
+process.on("SIGTERM", () => process.exit(0));
+"""
+
+
+def _new_signing_keys():
+    """{"rsa": ..., "ec": ...}: private keys, each with a kid of its own."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    return {"rsa": (f"rsa-{secrets.token_hex(4)}", rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+            "ec": (f"ec-{secrets.token_hex(4)}", ec.generate_private_key(ec.SECP256R1()))}
+
+
+class OpenIdProvider:
+    """oidc-provider in a Node process on 127.0.0.1; restarted on the same port with new keys to rotate them."""
+
+    def __init__(self, directory, redirect_uris=(OIDC_CALLBACK,)):
+        node = shutil.which("node")
+        if node is None or not os.path.isdir(os.path.join(OIDC_PROVIDER_DIR, "node_modules", "oidc-provider")):
+            pytest.skip(f"needs node and oidc-provider in {OIDC_PROVIDER_DIR} (npm install --prefix "
+                        f"{OIDC_PROVIDER_DIR} oidc-provider@9; CUTOUT_OIDC_PROVIDER_DIR names another place)")
+        import jwt
+        self.jwt, self.node, self.script = jwt, node, os.path.join(directory, "provider.mjs")
+        with open(self.script, "w") as script:
+            script.write(OIDC_PROVIDER_SCRIPT)
+        self.redirect_uris, self.keys, self.port, self.process = list(redirect_uris), _new_signing_keys(), 0, None
+        self.jwks_requests = 0
+
+    @property
+    def issuer(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        for attempt in range(3):
+            self.port = self.port or _free_port()
+            clients = [{"client_id": client_id, "redirect_uris": self.redirect_uris, "response_types": ["code"],
+                        "grant_types": ["authorization_code"], "token_endpoint_auth_method": "none"}
+                       for client_id in (OIDC_CLIENT, OIDC_OTHER_CLIENT)]
+            settings = {"package_dir": OIDC_PROVIDER_DIR, "issuer": self.issuer, "port": self.port,
+                        "clients": clients, "jwks": {"keys": [self._private_jwk(kind) for kind in ("rsa", "ec")]}}
+            self.process = subprocess.Popen([self.node, self.script, json.dumps(settings)], stdout=subprocess.PIPE,
+                                            stderr=subprocess.DEVNULL, text=True)
+            line = self.process.stdout.readline()
+            if line.startswith("listening"):
+                threading.Thread(target=self._count_key_requests, args=[self.process.stdout], daemon=True).start()
+                return self
+            self.stop()
+            if "in use" not in line or attempt == 2:
+                pytest.fail(f"oidc-provider did not start: {line!r}")
+            self.port = 0
+
+    def _count_key_requests(self, stdout):
+        for line in stdout:
+            if line.strip() == "jwks":
+                self.jwks_requests += 1
+
+    def stop(self):
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def rotate(self):
+        """Restart with new keys on the same port: the old keys are gone from its key set."""
+        self.stop()
+        self.keys = _new_signing_keys()
+        return self.start()
+
+    def _private_jwk(self, kind):
+        kid, key = self.keys[kind]
+        algorithm = self.jwt.algorithms.RSAAlgorithm if kind == "rsa" else self.jwt.algorithms.ECAlgorithm
+        return {**json.loads(algorithm.to_jwk(key)), "kid": kid, "use": "sig"}
+
+    def claims(self, **changes):
+        """The claims of a good ID token for OIDC_CLIENT, changed as given (None removes one)."""
+        now = int(time.time())
+        claims = {"iss": self.issuer, "sub": "ann", "aud": OIDC_CLIENT, "iat": now, "exp": now + 600,
+                  "email": "ann@example.com", "email_verified": True, **changes}
+        return {name: value for name, value in claims.items() if value is not None}
+
+    def sign(self, claims, kind="rsa", algorithm=None, kid=None):
+        """A token signed with the provider's own key of that kind, as it signs its ID tokens."""
+        own_kid, key = self.keys[kind]
+        return self.jwt.encode(claims, key, algorithm=algorithm or ("RS256" if kind == "rsa" else "ES256"),
+                               headers={"kid": kid or own_kid})
+
+    def log_in(self, login="ann@example.com", client_id=OIDC_CLIENT):
+        """An ID token got as an app gets one: the authorization-code flow with PKCE, through the
+        provider's own login and consent pages, and the code exchanged at its token endpoint."""
+        verifier = secrets.token_urlsafe(32)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+        with requests.Session() as browser:
+            discovery = browser.get(self.issuer + "/.well-known/openid-configuration", timeout=10).json()
+            answer = browser.get(discovery["authorization_endpoint"], allow_redirects=False, timeout=10, params={
+                "client_id": client_id, "response_type": "code", "scope": "openid email", "redirect_uri":
+                self.redirect_uris[0], "code_challenge": challenge, "code_challenge_method": "S256", "state": "s",
+                "nonce": secrets.token_hex(8)})
+            for _ in range(10):
+                location = urllib.parse.urljoin(answer.url, answer.headers.get("Location", ""))
+                if location.startswith(self.redirect_uris[0]):
+                    break
+                answer = browser.get(location, allow_redirects=False, timeout=10)
+                if answer.status_code == 200:       # a login or consent page: fill it in as a user would
+                    action = re.search(r'action="([^"]+)"', answer.text).group(1)
+                    prompt = re.search(r'name="prompt" value="(\w+)"', answer.text).group(1)
+                    answer = browser.post(urllib.parse.urljoin(location, action), allow_redirects=False, timeout=10,
+                                          data={"prompt": prompt, "login": login, "password": "any"})
+            code = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)["code"][0]
+            tokens = browser.post(discovery["token_endpoint"], timeout=10, data={
+                "grant_type": "authorization_code", "code": code, "redirect_uri": self.redirect_uris[0],
+                "client_id": client_id, "code_verifier": verifier})
+        assert tokens.status_code == 200, tokens.text
+        return tokens.json()["id_token"]
+
+
+@pytest.fixture
+def openid_provider(tmp_path):
+    provider = OpenIdProvider(str(tmp_path)).start()
+    yield provider
+    provider.stop()
+
+
+@contextlib.contextmanager
+def _oidc_server(tmp_path, provider, *options):
+    """(base URL, path of its log) of a cutout.py (one worker: one key cache) taking the provider's ID tokens."""
+    log_path = tmp_path / "cutout.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "cutout.py"), "--port", "0", "--workers", "1",
+                                    "--data-dir", str(tmp_path / "data"), "--oidc-issuer", provider.issuer,
+                                    "--oidc-client-id", OIDC_CLIENT, "--oidc-client-id", OIDC_OTHER_CLIENT, *options],
+                                   stdout=subprocess.PIPE, stderr=log_file, text=True)
+    try:
+        yield f"http://127.0.0.1:{_announced_port(process)}", log_path
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stdout.close()
+
+
+def _verify(base, assertion, audience="https://app.example"):
+    return requests.post(base + "/verify", data={"assertion": assertion, "audience": audience}, timeout=30)
+
+
+def _refusal(answer):
+    assert answer.status_code == 401 and answer.headers["Content-Type"] == "application/json", answer.text
+    assert answer.json()["error"] == "assertion_rejected"
+    return answer.json()["message"]
+
+
+def test_an_id_token_from_a_login_at_the_provider_logs_the_user_in(tmp_path, openid_provider):
+    """[OIDC-1] [OIDC-2] An ID token that an app got through the authorization-code flow with PKCE
+    logs in its email, whose collections the token /verify gives then opens; one signed with the
+    issuer's EC key (ES256) too. [OIDC-5] An ID token for several audiences is taken when its azp
+    is one of the server's clients."""
+    with _oidc_server(tmp_path, openid_provider) as (base, _):
+        answer = _verify(base, openid_provider.log_in("ann@example.com"))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["email"] == "ann@example.com"
+        token = answer.json()["auth"]["query"]["auth"]
+        hello = requests.get(base + "/app.example/ann@example.com/notes", params={"auth": token}, timeout=10)
+        assert hello.status_code == 200 and "collection_id" in hello.json()
+        other = requests.get(base + "/app.example/bob@example.com/notes", params={"auth": token}, timeout=10)
+        assert other.status_code == 401
+        assert _verify(base, openid_provider.log_in("cy@example.com", OIDC_OTHER_CLIENT)).json()["email"] == \
+            "cy@example.com"
+        signed_ec = openid_provider.sign(openid_provider.claims(email="dee@example.com"), kind="ec")
+        assert _verify(base, signed_ec).json()["email"] == "dee@example.com"
+        several = openid_provider.claims(aud=[OIDC_CLIENT, "https://api.example"], azp=OIDC_CLIENT)
+        assert _verify(base, openid_provider.sign(several)).status_code == 200
+        # Within the leeway on each side, a clock a little off is no refusal.
+        skewed = openid_provider.claims(iat=int(time.time()) + 30, nbf=int(time.time()) + 30,
+                                        exp=int(time.time()) - 30)
+        assert _verify(base, openid_provider.sign(skewed)).status_code == 200
+
+
+def _unsigned(claims, algorithm="none"):
+    def part(value):
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+    return part({"alg": algorithm, "typ": "JWT"}) + "." + part(claims) + "."
+
+
+def _hmac_with_public_key(provider, claims):
+    """HS256 whose secret is the provider's public key, which anyone can fetch from its jwks_uri."""
+    from cryptography.hazmat.primitives import serialization
+    kid, key = provider.keys["rsa"]
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    unsigned = _unsigned(claims, "HS256").rstrip(".")
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "HS256", "kid": kid}).encode()).rstrip(b"=").decode()
+    signing_input = header + "." + unsigned.split(".")[1]
+    signature = base64.urlsafe_b64encode(hmac.new(public, signing_input.encode(), "sha256").digest()).rstrip(b"=")
+    return signing_input + "." + signature.decode()
+
+
+def _tampered(provider, claims):
+    """A good token whose email was changed after it was signed."""
+    header, payload, signature = provider.sign(claims).split(".")
+    changed = base64.urlsafe_b64encode(json.dumps({**claims, "email": "mallory@example.com"}).encode()).rstrip(b"=")
+    return f"{header}.{changed.decode()}.{signature}"
+
+
+# (name, the token, words the refusal's message must hold)
+OIDC_REFUSALS = [
+    ("expired", lambda p: p.sign(p.claims(iat=int(time.time()) - 7200, exp=int(time.time()) - 3600)), "expired"),
+    ("not_yet_valid_nbf", lambda p: p.sign(p.claims(nbf=int(time.time()) + 600)), "not yet valid"),
+    ("not_yet_valid_iat", lambda p: p.sign(p.claims(iat=int(time.time()) + 600)), "not yet valid"),
+    ("no_exp", lambda p: p.sign(p.claims(exp=None)), "exp"),
+    ("wrong_audience", lambda p: p.sign(p.claims(aud="someone-else")), "wrong audience"),
+    ("wrong_issuer", lambda p: p.sign(p.claims(iss=p.issuer + "/other")), "issuer"),
+    ("tampered_signature", lambda p: _tampered(p, p.claims()), "bad signature"),
+    ("alg_none", lambda p: _unsigned(p.claims()), "algorithm (alg) none is not allowed"),
+    ("hmac_with_the_public_key", lambda p: _hmac_with_public_key(p, p.claims()), "algorithm (alg) HS256"),
+    ("rsa_algorithm_on_the_ec_key", lambda p: p.sign(p.claims(), kid=p.keys["ec"][0]), "does not fit"),
+    ("unknown_kid", lambda p: p.sign(p.claims(), kid="made-up"), "key (kid)"),
+    ("email_not_verified", lambda p: p.sign(p.claims(email_verified=False)), "not verified"),
+    ("email_verified_as_a_string", lambda p: p.sign(p.claims(email_verified="true")), "not verified"),
+    ("email_missing", lambda p: p.sign(p.claims(email=None)), "no email"),
+    ("email_not_an_address", lambda p: p.sign(p.claims(email="ann")), "not an email address"),
+    ("azp_wrong_with_several_audiences",
+     lambda p: p.sign(p.claims(aud=[OIDC_CLIENT, "other"], azp="other")), "authorized party (azp)"),
+    ("azp_missing_with_several_audiences", lambda p: p.sign(p.claims(aud=[OIDC_CLIENT, "other"])), "(azp)"),
+    ("not_a_jwt", lambda p: "ann@example.com", "not an ID token"),
+]
+
+
+@pytest.fixture(scope="module")
+def oidc_login(tmp_path_factory):
+    """A provider and a server taking its ID tokens, shared by the refusal cases (each only reads)."""
+    tmp_path = tmp_path_factory.mktemp("oidc")
+    provider = OpenIdProvider(str(tmp_path)).start()
+    try:
+        with _oidc_server(tmp_path, provider) as (base, _):
+            yield provider, base
+    finally:
+        provider.stop()
+
+
+@pytest.mark.parametrize("name, make, reason", OIDC_REFUSALS, ids=[case[0] for case in OIDC_REFUSALS])
+def test_an_id_token_failing_a_check_is_refused_naming_the_check(oidc_login, name, make, reason):
+    """[OIDC-2] [OIDC-4] [OIDC-5] [OIDC-6] [OIDC-7] Each check an ID token fails is a 401
+    assertion_rejected whose message names it, signature, algorithm and key (OIDC-2), times
+    (OIDC-4), audience and authorized party (OIDC-5), email (OIDC-6); the tokens are signed with
+    the provider's own keys, so only the check named fails."""
+    provider, base = oidc_login
+    assert reason in _refusal(_verify(base, make(provider)))
+
+
+def test_a_key_rotated_at_the_provider_is_fetched_at_its_first_unknown_kid(tmp_path, openid_provider):
+    """[OIDC-3] The keys are kept once fetched, and fetched again when a token names a kid they
+    lack: after the provider rotates its keys, a login signed with the new key is taken at once,
+    and one signed with the old key, gone from the key set, is refused naming the key."""
+    with _oidc_server(tmp_path, openid_provider) as (base, _):
+        old_token = openid_provider.log_in()
+        assert _verify(base, old_token).status_code == 200
+        assert _verify(base, openid_provider.log_in()).status_code == 200
+        assert openid_provider.jwks_requests == 1           # kept: not fetched for each login
+        openid_provider.rotate()
+        new_token = openid_provider.log_in()
+        assert jwt_header(new_token)["kid"] != jwt_header(old_token)["kid"]
+        answer = _verify(base, new_token)
+        assert answer.status_code == 200, answer.text
+        assert openid_provider.jwks_requests == 2          # once more, for the new kid
+        assert "key (kid)" in _refusal(_verify(base, old_token))
+
+
+def jwt_header(token):
+    return json.loads(_unpadded_b64(token.split(".")[0]))
+
+
+def test_tokens_with_made_up_kids_do_not_make_the_server_hammer_the_provider(tmp_path, openid_provider):
+    """[OIDC-3] A kid the server does not hold makes it fetch the keys again, but not more than
+    once every OIDC_REFETCH_INTERVAL: fifty tokens with made-up kids cost the provider one fetch."""
+    with _oidc_server(tmp_path, openid_provider) as (base, _):
+        assert _verify(base, openid_provider.log_in()).status_code == 200
+        for n in range(50):
+            made_up = openid_provider.sign(openid_provider.claims(), kid=f"made-up-{n}")
+            assert "key (kid)" in _refusal(_verify(base, made_up))
+        assert _verify(base, openid_provider.log_in()).status_code == 200
+    assert cutout.OIDC_REFETCH_INTERVAL >= 60
+    assert openid_provider.jwks_requests == 2, f"{openid_provider.jwks_requests} fetches of the keys"
+
+
+def test_an_issuer_that_cannot_be_reached_is_a_502_not_a_refusal(tmp_path, openid_provider):
+    """[OIDC-8] A provider that is down, or whose discovery document names another issuer, is
+    502 verifier_unavailable: the user did nothing wrong, and may try again."""
+    token = openid_provider.sign(openid_provider.claims())
+    with _oidc_server(tmp_path, openid_provider) as (base, log_path):
+        openid_provider.stop()
+        answer = _verify(base, token)
+        assert (answer.status_code, answer.json()["error"]) == (502, "verifier_unavailable"), answer.text
+        assert str(openid_provider.port) not in answer.text        # where it failed is for the log
+    assert f"the keys of the issuer {openid_provider.issuer} could not be fetched" in log_path.read_text()
+    openid_provider.start()
+    # The same provider named with a trailing slash too: its discovery document names it without.
+    with _oidc_server(tmp_path, openid_provider, "--oidc-issuer", openid_provider.issuer + "/") as (base, log_path):
+        answer = _verify(base, openid_provider.sign(openid_provider.claims(iss=openid_provider.issuer + "/")))
+        assert (answer.status_code, answer.json()["error"]) == (502, "verifier_unavailable"), answer.text
+    assert "names another issuer" in log_path.read_text()
+
+
+def test_refusals_are_logged_with_the_check_and_the_issuer_and_nothing_of_the_token(tmp_path, openid_provider):
+    """[OIDC-9] Each refusal is logged with the check that failed and the issuer; no part of any
+    token, nor any claim in it, is in the log (the access log line included)."""
+    marker = f"secret-{secrets.token_hex(6)}"
+    tokens = [make(openid_provider) for _, make, _ in OIDC_REFUSALS if _ != "not_a_jwt"]
+    tokens = [openid_provider.sign(openid_provider.claims(sub=marker, email_verified=False, nonce=marker)),
+              openid_provider.sign(openid_provider.claims(sub=marker, aud=marker)), *tokens]
+    with _oidc_server(tmp_path, openid_provider) as (base, log_path):
+        for token in tokens:
+            _refusal(_verify(base, token))
+        assert _verify(base, openid_provider.log_in()).status_code == 200
+    log_text = log_path.read_text()
+    assert f"an ID token was refused (issuer {openid_provider.issuer}): the issuer has not verified the email" \
+        in log_text
+    assert "wrong audience" in log_text and '"POST /verify" 401' in log_text and '"POST /verify" 200' in log_text
+    assert marker not in log_text
+    for token in tokens:
+        for part in token.split("."):
+            assert len(part) < 8 or part not in log_text
+        assert "eyJ" not in log_text        # the start of every JSON part of a JWT
+
+
+def test_an_openid_issuer_is_a_verifier_and_the_options_are_checked(tmp_path):
+    """[OIDC-1] With --oidc-issuer the server may listen on a public address (here it goes on to
+    bind 192.0.2.1, a documentation address it does not have); an issuer over plain http is only
+    taken on loopback, and an issuer needs a client id."""
+    def run(*options):
+        return subprocess.run([sys.executable, os.path.join(HERE, "cutout.py"), "--data-dir", str(tmp_path / "data"),
+                               "--port", str(_free_port()), *options], capture_output=True, text=True, timeout=30)
+    public = run("--host", "192.0.2.1", "--oidc-issuer", "https://accounts.example", "--oidc-client-id", "x")
+    assert "refusing" not in public.stderr and "The Cut-Out serving" not in public.stdout
+    assert "Cannot assign requested address" in public.stderr or "192.0.2.1" in public.stderr, public.stderr
+    plain = run("--oidc-issuer", "http://accounts.example", "--oidc-client-id", "x")
+    assert plain.returncode == 2 and "http:// only on loopback" in plain.stderr
+    alone = run("--oidc-issuer", "https://accounts.example")
+    assert alone.returncode != 0 and "--oidc-client-id" in alone.stderr
+    both = run("--oidc-issuer", "https://accounts.example", "--oidc-client-id", "x",
+               "--verifier-url", "https://v.example")
+    assert both.returncode != 0 and "give one of them" in both.stderr

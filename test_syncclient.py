@@ -1081,3 +1081,48 @@ def test_the_keys_an_earlier_version_kept_in_local_storage_move_to_indexeddb(bro
     }""")
     assert result["tombstones"] == [3]
     assert "known" not in result["stored"] and len(json.dumps(result["stored"])) < 400, result["stored"]
+
+
+# ---------------------------------------------------------------- logging in at an OpenID Provider
+
+
+def test_the_example_app_logs_in_at_an_openid_provider_and_syncs(browser, app_origin, tmp_path):
+    """The example app's "Log in with ..." button: the authorization-code flow with PKCE in the
+    browser, through the provider's own login and consent pages (oidc-provider on loopback, as
+    test_cutout.py runs it), and the ID token it ends with posted to /verify by syncclient.js as
+    the assertion; the note then synced is the provider's user's, on a server that takes only
+    ID tokens from that provider."""
+    from test_cutout import OIDC_CLIENT, OpenIdProvider
+    provider = OpenIdProvider(str(tmp_path), redirect_uris=[f"{app_origin}/index.html"]).start()
+    server = CutoutServer(tmp_path / "data", "--oidc-issuer", provider.issuer,
+                          "--oidc-client-id", OIDC_CLIENT)
+    try:
+        server.start()
+        device = Device(browser, app_origin, server, email=None)
+        device.url += "&" + urllib.parse.urlencode({"issuer": provider.issuer, "client_id": OIDC_CLIENT})
+        device.open()
+        assert device.page.inner_text("#login-provider") == f"Log in with 127.0.0.1:{provider.port}"
+        device.page.click("#login-provider")
+        device.page.wait_for_selector("input[name=login]")          # the provider's own sign-in page
+        assert device.page.url.startswith(provider.issuer)
+        device.page.fill("input[name=login]", "ida@example.com")
+        device.page.fill("input[name=password]", "anything")
+        device.page.click("button[type=submit]")
+        device.page.click("button:has-text('Continue')")            # its consent page
+        device.page.wait_for_selector("#who:not([hidden])")
+        assert device.page.inner_text("#who") == "ida@example.com"
+        assert device.page.url.startswith(f"{app_origin}/index.html?server=")   # the app's own URL again
+        device.add("written after logging in at the provider")
+        device.wait_for(["written after logging in at the provider"], "synced")
+        token = cutout.make_token(server.secret(), "ida@example.com", app_origin, time.time())
+        stored = requests.get(f"{server.url}localhost:{urllib.parse.urlsplit(app_origin).port}/ida@example.com/notes",
+                              params={"auth": token}, timeout=10).json()["objects"]
+        assert [obj["data"]["text"] for _, obj in stored] == ["written after logging in at the provider"]
+        # The development login is refused by this server: an email is no ID token.
+        refused = requests.post(server.url + "verify", data={"assertion": "ida@example.com", "audience": app_origin},
+                                timeout=10)
+        assert refused.status_code == 401 and "not an ID token" in refused.json()["message"]
+        assert not device.errors
+    finally:
+        server.stop()
+        provider.stop()

@@ -9,14 +9,26 @@
  * image, version, savedVersion}; it is pending (not yet on the server) while
  * version !== savedVersion. Each user's notes are a database of their own, and
  * the last user's open at once, offline too. Query parameters: server (the sync
- * server's URL), bucket, poll (ms between polls).
+ * server's URL), bucket, poll (ms between polls); and issuer and client_id, for a
+ * "Log in with ..." button that logs in at an OpenID Provider (beside the development
+ * login, where the email is the assertion):
+ *
+ *     python cutout.py --oidc-issuer https://accounts.example --oidc-client-id notes-app
+ *     open http://localhost:8000/index.html?issuer=https://accounts.example&client_id=notes-app
  */
 "use strict";
 
-const params = new URLSearchParams(location.search);
+// Back from an OpenID Provider, the page's query is the provider's answer (code, state); the
+// app's own parameters are those it had when it left, kept in sessionStorage meanwhile.
+const OIDC_LOGIN_KEY = "notes-oidc-login";
+const callback = new URLSearchParams(location.search);
+const leftFor = callback.has("state") ? JSON.parse(sessionStorage.getItem(OIDC_LOGIN_KEY) || "null") : null;
+const params = leftFor ? new URLSearchParams(leftFor.query) : callback;
 const SERVER = params.get("server") || "http://127.0.0.1:8088/";
 const BUCKET = params.get("bucket") || "notes";
 const POLL = Number(params.get("poll")) || 10000;
+const ISSUER = params.get("issuer");
+const CLIENT_ID = params.get("client_id");
 
 // ------------------------------------------------------------------ IndexedDB, one database per user
 
@@ -220,9 +232,66 @@ function clock(time) {
   return `${String(at.getHours()).padStart(2, "0")}:${String(at.getMinutes()).padStart(2, "0")}`;
 }
 
+// ------------------------------------------------------------------ logging in with OpenID Connect
+// The authorization-code flow with PKCE (RFC 7636), as a public client: a page can keep no
+// secret, so none is registered; the code verifier, made here and sent only to the token
+// endpoint, is what proves that this page asked for the code. The ID token it ends with is the
+// assertion for /verify, where the server checks its signature and claims (SPEC.md OIDC-1..9).
+
+const base64url = (bytes) => btoa(String.fromCharCode(...new Uint8Array(bytes)))
+  .replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+const randomText = () => base64url(crypto.getRandomValues(new Uint8Array(32)));
+const redirectUri = () => location.origin + location.pathname;     // registered at the provider as it is
+
+async function discover() {
+  const response = await fetch(ISSUER.replace(/\/$/, "") + "/.well-known/openid-configuration");
+  if (!response.ok) throw new Error(`${ISSUER} has no discovery document (${response.status})`);
+  return response.json();
+}
+
+async function leaveForProvider() {
+  const provider = await discover();
+  const login = {state: randomText(), nonce: randomText(), verifier: randomText(), query: location.search};
+  const challenge = base64url(await crypto.subtle.digest("SHA-256", new TextEncoder().encode(login.verifier)));
+  sessionStorage.setItem(OIDC_LOGIN_KEY, JSON.stringify(login));
+  const url = new URL(provider.authorization_endpoint);
+  url.search = new URLSearchParams({response_type: "code", client_id: CLIENT_ID, redirect_uri: redirectUri(),
+                                    scope: "openid email", state: login.state, nonce: login.nonce,
+                                    code_challenge: challenge, code_challenge_method: "S256"});
+  location.assign(url.href);
+}
+
+/* Back from the provider: its code exchanged for an ID token. Resolves to the ID token, or null
+ * when the page was not opened by the provider. */
+async function backFromProvider() {
+  if (!leftFor) return null;
+  sessionStorage.removeItem(OIDC_LOGIN_KEY);
+  history.replaceState(null, "", redirectUri() + leftFor.query);       // the app's own URL again
+  if (callback.get("state") !== leftFor.state) throw new Error("the provider answered another login (state)");
+  if (callback.has("iss") && callback.get("iss") !== ISSUER) throw new Error("another provider answered (iss)");
+  if (callback.has("error")) {
+    throw new Error(`login refused: ${callback.get("error_description") || callback.get("error")}`);
+  }
+  const provider = await discover();
+  const response = await fetch(provider.token_endpoint, {
+    method: "POST",
+    headers: {"Content-Type": "application/x-www-form-urlencoded"},
+    body: new URLSearchParams({grant_type: "authorization_code", code: callback.get("code"),
+                               redirect_uri: redirectUri(), client_id: CLIENT_ID, code_verifier: leftFor.verifier}),
+  });
+  const tokens = await response.json();
+  if (!response.ok || !tokens.id_token) throw new Error(`no ID token: ${tokens.error_description || response.status}`);
+  // The server checks everything else; only this page knows the nonce it sent, which proves
+  // that the token was issued for this login and not replayed from another.
+  const claims = JSON.parse(atob(tokens.id_token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/")));
+  if (claims.nonce !== leftFor.nonce) throw new Error("the ID token is not for this login (nonce)");
+  return tokens.id_token;
+}
+
 // ------------------------------------------------------------------ the app
 
 let sync = null;
+let idToken = null;     // from the provider, until it is posted to /verify: an assertion is used once
 
 async function change(id, update) {
   if (!database) throw new Error("log in first");
@@ -285,6 +354,7 @@ async function showUser(email) {
   }
   localStorage.setItem("notes-email", email || "");
   document.getElementById("login-form").hidden = Boolean(email);
+  document.getElementById("login-provider").hidden = Boolean(email) || !(ISSUER && CLIENT_ID);
   document.getElementById("who").hidden = document.getElementById("logout").hidden = !email;
   document.getElementById("who").textContent = email || "";
   document.getElementById("new-note").hidden = !email;
@@ -316,8 +386,15 @@ async function connect() {
   }
   sync = new Sync(appData, {
     serverUrl: SERVER, bucket: BUCKET, pollInterval: POLL,
-    // With the server's development verifier, the assertion is just the email.
-    getAssertion: async () => document.getElementById("email").value || localStorage.getItem("notes-email"),
+    // An ID token, after a login at the OpenID Provider; with the server's development
+    // verifier, the assertion is just the email. A login at the provider is not renewed
+    // silently: when the server's token expires, the user logs in there again.
+    getAssertion: async () => {
+      const assertion = idToken;
+      idToken = null;
+      if (assertion || localStorage.getItem("notes-login-with") === "provider") return assertion;
+      return document.getElementById("email").value || localStorage.getItem("notes-email");
+    },
   });
   sync.watch({onlogin: (email) => showUser(email), onlogout: () => showUser(null)});
 }
@@ -326,8 +403,16 @@ async function start() {
   document.getElementById("login-form").addEventListener("submit", (event) => {
     event.preventDefault();
     if (!sync) return appData.status("offline", {message: "the sync server cannot be reached to log in"});
+    localStorage.setItem("notes-login-with", "email");
     sync.request().catch((error) => appData.status("error", {message: error.message}));
   });
+  if (ISSUER && CLIENT_ID) {
+    const button = document.getElementById("login-provider");
+    button.textContent = `Log in with ${new URL(ISSUER).host}`;
+    button.addEventListener("click", () => leaveForProvider().catch((error) => {
+      appData.status("error", {message: `${ISSUER} cannot be reached: ${error.message}`});
+    }));
+  }
   document.getElementById("logout").addEventListener("click", () => sync && sync.logout());
   window.addEventListener("online", showStatus);
   window.addEventListener("offline", showStatus);
@@ -342,7 +427,16 @@ async function start() {
   await showUser(localStorage.getItem("notes-email") || null);
   window.notesApp = notesApp;       // for the console, and for the browser tests
   document.body.dataset.ready = "true";
+  const returned = await backFromProvider().catch((error) => {
+    appData.status("error", {message: error.message});
+    return null;
+  });
   await connect();
+  if (returned) {
+    idToken = returned;
+    localStorage.setItem("notes-login-with", "provider");
+    sync.request().catch((error) => appData.status("error", {message: error.message}));
+  }
   document.body.dataset.connected = "true";
 }
 
