@@ -272,8 +272,8 @@
 
     /* The keys of the bucket that read `seenBy` did not see. */
     async unseen(bucket, seenBy) {
-      const records = await this._transaction("readonly",
-                                              (transaction) => transaction.objectStore("keys").index("bucket").getAll(bucket));
+      const records = await this._transaction(
+        "readonly", (transaction) => transaction.objectStore("keys").index("bucket").getAll(bucket));
       return [...replay(records.result)].filter(([, mark]) => mark < seenBy).map(([key]) => key);
     }
 
@@ -287,7 +287,8 @@
 
     /* The sync state, kept here only while localStorage refuses it. */
     async readState() {
-      const request = await this._transaction("readonly", (transaction) => transaction.objectStore("state").get("sync"));
+      const request = await this._transaction("readonly",
+                                              (transaction) => transaction.objectStore("state").get("sync"));
       return request.result;
     }
 
@@ -349,7 +350,6 @@
       this._keys = null;            // KnownKeys (or KnownKeysInMemory) once _ready
       this._stateElsewhere = false; // whether the state is kept in IndexedDB, localStorage having refused it
       this._stateWrites = Promise.resolve();
-      this._ready = this._open();
       this._watchers = [];
       this._running = null;         // the sync in progress, if any
       this._again = false;          // a sync was asked for while one ran
@@ -370,6 +370,7 @@
       const attached = appData[ATTACHED] || (appData[ATTACHED] = new Set());
       attached.add(this);
       appData.onupdate = () => attached.forEach((sync) => sync.scheduleImmediately());
+      this._ready = this._open();   // what needs the keys or the state kept elsewhere waits for it
       this.activate();
     }
 
