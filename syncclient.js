@@ -721,21 +721,30 @@
           state.collectionId = answer.collection_id;
           state.since = 0;
         }
+        // The next page is asked for while the app takes this one: the two overlap.
+        const next = answer.incomplete
+          ? this._collectionRequest("GET", {...this._position(), since: this._end(answer)}) : null;
+        if (next) next.catch(() => {});     // a delivery that fails leaves it unread
         await this._deliver(answer);
-        if (!answer.incomplete) break;
-        const page = await this._collectionRequest("GET", this._position());
+        if (!next) break;
+        const page = await next;
         if (page.status === 204) break;
         answer = page.answer;
       }
       if (state.sweep) await this._sweep();
     }
 
-    /* Hand the app the newest of each object of one answer, note which it holds, and move since on. */
-    async _deliver(answer) {
-      const state = this._state, generation = this._generation;
-      let since = state.since || 0;
+    /* Where the next GET after this answer starts. */
+    _end(answer) {
+      let since = this._state.since || 0;
       if (answer.objects.length) since = Math.max(since, answer.objects[answer.objects.length - 1][0]);
       if (answer.until !== undefined) since = Math.max(since, answer.until);
+      return since;
+    }
+
+    /* Hand the app the newest of each object of one answer, note which it holds, and move since on. */
+    async _deliver(answer) {
+      const state = this._state, generation = this._generation, since = this._end(answer);
       const objects = newestOnly(answer.objects);
       if (objects.length) await callApp(this.appData, "objectsReceived", [objects]);
       this._stillCurrent(generation);
