@@ -167,11 +167,13 @@
    * 60 us, so one record a key would add a minute to a million objects. Instead the keys are spread
    * over BUCKETS buckets by a hash, and each page adds one record to each bucket it touches: a log
    * of [key, mark] entries (mark GONE: deleted). A bucket whose log has as many entries as its base
-   * is folded into a new base, so the log stays within twice the list, each entry is rewritten a
-   * few times at most, and whatever reads a bucket holds a BUCKETS-th of the keys in memory. */
+   * (and FOLD_ENTRIES at least) is folded into a new base, so the log stays within twice the list,
+   * the entries rewritten add up to about twice the list too, and whatever reads a bucket holds
+   * a BUCKETS-th of the keys in memory. */
   const BUCKETS = 32;
   const GONE = -1;
-  const FOLD_RECORDS = 256;         // a bucket with this many records is folded, however small they are
+  const FOLD_ENTRIES = 1000;        // a bucket's log is not folded before it has this many entries ...
+  const FOLD_RECORDS = 256;         // ... or this many records, however small they are
 
   function bucketOf(key) {          // FNV-1a
     let hash = 2166136261;
@@ -229,8 +231,9 @@
       });
     }
 
-    /* Received or saved: these objects are held (seen by read `mark`), tombstones are not. */
-    async note(objects, mark) {
+    /* Received or saved: these objects are held (seen by read `mark`), tombstones are not. One
+     * transaction, the folds it makes due included: a transaction costs about a millisecond. */
+    note(objects, mark) {
       const buckets = new Map();
       for (const obj of objects) {
         const key = keyOf(obj), bucket = bucketOf(key);
@@ -238,36 +241,35 @@
         buckets.get(bucket).push([key, obj.deleted ? GONE : mark]);
       }
       const sizes = this.sizes;
-      await this._transaction("readwrite", (transaction) => {
+      return this._transaction("readwrite", (transaction) => {
         for (const [bucket, entries] of buckets) {
           transaction.objectStore("keys").add({bucket, entries});
           sizes.log[bucket] += entries.length;
           sizes.records[bucket] += 1;
+          const due = sizes.log[bucket] >= Math.max(sizes.base[bucket], FOLD_ENTRIES);
+          if (due || sizes.records[bucket] >= FOLD_RECORDS) this._fold(transaction, bucket, 0);
         }
         transaction.objectStore("state").put(sizes, "sizes");
       });
-      for (const bucket of buckets.keys()) {
-        if (sizes.log[bucket] >= sizes.base[bucket] || sizes.records[bucket] >= FOLD_RECORDS) {
-          await this.fold(bucket, 0);
-        }
-      }
     }
 
     /* Make the bucket's records one, leaving out the keys that read `seenBy` did not see. */
     fold(bucket, seenBy) {
-      return this._transaction("readwrite", (transaction) => {
-        const store = transaction.objectStore("keys"), index = store.index("bucket");
-        const ids = index.getAllKeys(bucket);
-        index.getAll(bucket).onsuccess = (event) => {
-          const entries = [...replay(event.target.result)].filter(([, mark]) => mark >= seenBy);
-          ids.result.forEach((id) => store.delete(id));
-          if (entries.length) store.add({bucket, entries});
-          this.sizes.base[bucket] = entries.length;
-          this.sizes.log[bucket] = 0;
-          this.sizes.records[bucket] = entries.length ? 1 : 0;
-          transaction.objectStore("state").put(this.sizes, "sizes");
-        };
-      });
+      return this._transaction("readwrite", (transaction) => this._fold(transaction, bucket, seenBy));
+    }
+
+    _fold(transaction, bucket, seenBy) {
+      const store = transaction.objectStore("keys"), index = store.index("bucket");
+      const ids = index.getAllKeys(bucket);
+      index.getAll(bucket).onsuccess = (event) => {
+        const entries = [...replay(event.target.result)].filter(([, mark]) => mark >= seenBy);
+        ids.result.forEach((id) => store.delete(id));
+        if (entries.length) store.add({bucket, entries});
+        this.sizes.base[bucket] = entries.length;
+        this.sizes.log[bucket] = 0;
+        this.sizes.records[bucket] = entries.length ? 1 : 0;
+        transaction.objectStore("state").put(this.sizes, "sizes");
+      };
     }
 
     /* The keys of the bucket that read `seenBy` did not see. */

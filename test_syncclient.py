@@ -12,6 +12,7 @@ another) and the Python package playwright; without them they are skipped, and
 """
 
 import base64
+import contextlib
 import functools
 import http.server
 import json
@@ -428,13 +429,15 @@ def _record_exchanges(device, bucket, before_post=None):
             before_post()
         try:
             answer = route.fetch()
-        except playwright_api.Error:        # the server is gone: a poll that outlived its test
-            route.abort()
-            return
-        sent = json.loads(request.post_data) if request.post_data else None
-        body = answer.json() if answer.headers.get("content-type", "").startswith("application/json") else None
-        exchanges.append((request.method, sent, answer.status, body, request.url))
-        route.fulfill(response=answer)
+            sent = json.loads(request.post_data) if request.post_data else None
+            body = answer.json() if answer.headers.get("content-type", "").startswith("application/json") else None
+            exchanges.append((request.method, sent, answer.status, body, request.url))
+            route.fulfill(response=answer)
+        except playwright_api.Error:
+            # A poll that outlived its test: its server is gone, or its page is closing (which
+            # disposes of the fetched answer). The test that wanted it has its answer already.
+            with contextlib.suppress(playwright_api.Error):
+                route.abort()
     device.page.route(lambda url: f"/{bucket}?" in url and "/+static/" not in url, handle)
     return exchanges
 
