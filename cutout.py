@@ -5238,14 +5238,17 @@ def serve(args):
     host = f"[{args.host}]" if ":" in args.host else args.host
 
     def announce(port):     # once listening, so that whoever reads this can connect
-        print(f"The Cut-Out serving http://{host}:{port}/ (data in {args.data_dir}, "
-              f"{args.workers} worker processes)", flush=True)
+        # The warning first: whoever waits for the address may close standard error once it has it,
+        # and a server must not die of a warning it could not print.
         if _config().verifier is development_verifier:
             rule = "*" * 78
-            print(f"{rule}\n*  DEVELOPMENT VERIFIER at http://{host}:{port}/: anyone can log in as anyone.\n"
-                  f"*  An assertion that is an email address logs in as that address. Fine on your\n"
-                  f"*  own machine; start with --oidc-issuer or --verifier-url for anything else.\n{rule}",
-                  file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                print(f"{rule}\n*  DEVELOPMENT VERIFIER at http://{host}:{port}/: anyone can log in as anyone.\n"
+                      f"*  An assertion that is an email address logs in as that address. Fine on your\n"
+                      f"*  own machine; start with --oidc-issuer or --verifier-url for anything else.\n{rule}",
+                      file=sys.stderr, flush=True)
+        print(f"The Cut-Out serving http://{host}:{port}/ (data in {args.data_dir}, "
+              f"{args.workers} worker processes)", flush=True)
     serve_http(Front(app), args.host, args.port, args.workers, max_concurrent, announce, not args.quiet)
     print("The Cut-Out stopped", flush=True)
 

@@ -2923,9 +2923,14 @@ class _Traffic:
             self.idle[name].clear()
 
     def write(self, path):
+        """Write until stopped, and then until a write is acknowledged: a write that failed but was
+        stored stays hidden until the next one brings the backups up to date (CLUSTER-8), and the
+        pollers, which stop at the first 204 after the writers, must be able to see it."""
         token, since, collection_id, n = self.tokens[path], 0, None, 0
+        acknowledged = False
         with requests.Session() as session:
-            while not self.stopping.is_set():
+            while not (self.stopping.is_set() and acknowledged):
+                acknowledged = False
                 self._wait_if_paused(path)
                 obj = {"type": "note", "id": f"{path}-{n}", "data": n}
                 if n % self.blob_every == 0:
@@ -2953,6 +2958,7 @@ class _Traffic:
                         obj["blob"] = {"content_type": "text/plain", "href": body["blob_hrefs"][0]}
                     self.acked[path].append((counter, obj))
                     since, collection_id = counter, body.get("collection_id", collection_id)
+                    acknowledged = True
                 elif body.get("since_invalid"):         # a write that failed but was stored
                     since = max([since] + [counter for counter, _ in body["objects"]] + [body.get("until", 0)])
                 else:
