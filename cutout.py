@@ -4548,7 +4548,8 @@ class _Worker:
             connection.time_out()
         if os.getppid() != self.parent:
             self.stop()         # the supervisor is gone (killed): nobody would stop this worker
-        self.write_access_log()
+        if self.access is not None:
+            self.access.hand_over()
 
     def log_access(self, request, status, size, began):
         """Keep one line of the access log: who, what (the token left out), status, bytes, time taken.
@@ -4561,14 +4562,8 @@ class _Worker:
         if query:
             target += "?" + "&".join("auth=-" if urllib.parse.unquote_plus(pair.partition("=")[0]) == "auth"
                                      else pair for pair in query.split("&"))
-        self.access.lines.append(f'{self.log_time} {request.environ["REMOTE_ADDR"]} "{request.method} {target}" '
-                                 f'{status[:3]} {size} {(self.loop.time() - began) * 1e3:.1f}ms\n')
-        if len(self.access.lines) >= ACCESS_LOG_LINES:
-            self.access.hand_over()
-
-    def write_access_log(self):
-        if self.access is not None:
-            self.access.hand_over()
+        self.access.add(f'{self.log_time} {request.environ["REMOTE_ADDR"]} "{request.method} {target}" '
+                        f'{status[:3]} {size} {(self.loop.time() - began) * 1e3:.1f}ms\n')
 
     def stop(self):
         """Stop accepting, let the requests in progress finish, and end the loop."""
@@ -4602,6 +4597,11 @@ class _AccessLog:
         self.batches = queue.Queue(ACCESS_LOG_BACKLOG)
         self.writer = threading.Thread(target=self._write, name="access-log", daemon=True)
         self.writer.start()
+
+    def add(self, line):
+        self.lines.append(line)
+        if len(self.lines) >= ACCESS_LOG_LINES:
+            self.hand_over()
 
     def hand_over(self, wait=0):
         """Give the writer the lines kept, waiting at most `wait` seconds for room."""

@@ -141,6 +141,12 @@
     return JSON.stringify([obj.type, obj.id]);
   }
 
+  /* {type, id} of the object a key (keyOf) names. */
+  function namedBy(key) {
+    const [type, id] = JSON.parse(key);
+    return {type, id};
+  }
+
   /* The newest version of each (type, id) among [counter, object] pairs, oldest first. */
   function newestOnly(pairs) {
     const newest = new Map();
@@ -413,7 +419,7 @@
         }
       }
       if (Array.isArray(this._state.known)) {
-        const held = this._state.known.map((key) => JSON.parse(key)).map(([type, id]) => ({type, id}));
+        const held = this._state.known.map(namedBy);
         await this._keep((keys) => keys.note(held, this._state.mark || 0));
         delete this._state.known;
         this._save();
@@ -724,10 +730,10 @@
           state.since = 0;
         }
         // The next page is asked for while the app takes this one: the two overlap.
-        const next = answer.incomplete
-          ? this._collectionRequest("GET", {...this._position(), since: this._end(answer)}) : null;
+        const end = this._end(answer);
+        const next = answer.incomplete ? this._collectionRequest("GET", {...this._position(), since: end}) : null;
         if (next) next.catch(() => {});     // a delivery that fails leaves it unread
-        await this._deliver(answer);
+        await this._deliver(answer, end);
         if (!next) break;
         const page = await next;
         if (page.status === 204) break;
@@ -745,8 +751,8 @@
     }
 
     /* Hand the app the newest of each object of one answer, note which it holds, and move since on. */
-    async _deliver(answer) {
-      const state = this._state, generation = this._generation, since = this._end(answer);
+    async _deliver(answer, since) {
+      const state = this._state, generation = this._generation;
       const objects = newestOnly(answer.objects);
       if (objects.length) await callApp(this.appData, "objectsReceived", [objects]);
       this._stillCurrent(generation);
@@ -793,8 +799,8 @@
         const gone = await this._keep((keys) => keys.unseen(bucket, state.mark));
         if (gone === KEEP_FAILED) break;
         for (let first = 0; first < gone.length; first += TOMBSTONES_PER_CALL) {
-          const tombstones = gone.slice(first, first + TOMBSTONES_PER_CALL).map((key) => JSON.parse(key))
-            .map(([type, id]) => ({type, id, deleted: true}));
+          const tombstones = gone.slice(first, first + TOMBSTONES_PER_CALL)
+            .map((key) => ({...namedBy(key), deleted: true}));
           await callApp(this.appData, "objectsReceived", [tombstones]);
           this._stillCurrent(generation);
         }

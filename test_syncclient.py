@@ -527,6 +527,12 @@ def test_pages_go_to_the_app_as_they_come_and_the_newest_version_comes_last(brow
     assert state["since"] == last
 
 
+def _purge(server):
+    """Every tombstone purged now, as an operator does with cutout.py gc."""
+    subprocess.run([sys.executable, os.path.join(HERE, "cutout.py"), "gc", "--data-dir", server.data_dir,
+                    "--purge-tombstones-days", "0"], check=True, capture_output=True)
+
+
 def test_purged_tombstones_lead_to_a_full_read_that_says_what_is_gone(browser, app_origin, server):
     _write(server, app_origin, [{"type": "n", "id": i, "data": i} for i in range(5)], "purged")
     device = _page(browser, app_origin, server)
@@ -536,8 +542,7 @@ def test_purged_tombstones_lead_to_a_full_read_that_says_what_is_gone(browser, a
     assert device.page.evaluate("reader.app.objects.size") == 5
     _write(server, app_origin, [{"type": "n", "id": 1, "deleted": True}, {"type": "n", "id": 2, "data": "new"}],
            "purged")
-    subprocess.run([sys.executable, os.path.join(HERE, "cutout.py"), "gc", "--data-dir", server.data_dir,
-                    "--purge-tombstones-days", "0"], check=True, capture_output=True)
+    _purge(server)
     device.page.evaluate("reader.sync.syncNow()")
     held = device.page.evaluate("[...reader.app.objects.values()].map(o => [o.id, o.data]).sort()")
     assert held == [[0, 0], [2, "new"], [3, 3], [4, 4]], "the purged delete of id 1 was missed"
@@ -1024,11 +1029,6 @@ def test_a_device_whose_local_storage_is_full_keeps_its_place_across_a_reload(br
     }""")
     assert again == {"loggedIn": True, "received": 0}, again
     assert _gets(exchanges)[gets_before:] == [204], "after the reload, the device must go on where it was"
-
-
-def _purge(server):
-    subprocess.run([sys.executable, os.path.join(HERE, "cutout.py"), "gc", "--data-dir", server.data_dir,
-                    "--purge-tombstones-days", "0"], check=True, capture_output=True)
 
 
 def test_a_read_from_the_start_after_a_reload_names_every_object_that_is_gone(browser, app_origin, server):
